@@ -1,0 +1,1 @@
+"""Ray actors: thin shells around fedsim's plain objects (filled by the Ray runtime)."""

@@ -1,0 +1,344 @@
+"""Server strategies: how the server turns client deltas into the next global adapter.
+
+Every strategy keeps a running weighted sum of the deltas of the current round (memory does not grow
+with the number of updates), and on ``finalize`` applies its rule to the weighted mean delta Δ.
+All server arithmetic is float32 on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from fedsim.config import ServerAlgoConfig
+from fedsim.messages import ClientUpdate, NamedTensors
+
+SERVER_STRATEGIES: dict[str, type[ServerStrategy]] = {}
+
+WEIGHTINGS = ("samples", "uniform")
+
+
+def register(cls: type[ServerStrategy]) -> type[ServerStrategy]:
+    """Class decorator: make a server strategy selectable as ``algorithm.server.name: <cls.name>``."""
+    if cls.name in SERVER_STRATEGIES:
+        raise ValueError(f"server strategy {cls.name!r} is registered twice")
+    SERVER_STRATEGIES[cls.name] = cls
+    return cls
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """A float32 CPU copy that shares no storage with ``t``."""
+    return t.detach().to("cpu", torch.float32, copy=True)
+
+
+class ServerStrategy:
+    """Running weighted mean of client deltas plus a server rule applied by ``finalize``.
+
+    Subclasses implement ``apply(mean_delta)``, which updates ``self.weights`` (and their optimizer
+    slots in ``self.slots``) in place, and optionally ``init_slots()``.
+    """
+
+    name: ClassVar[str] = ""
+    default_lr: ClassVar[float] = 1.0
+    default_weighting: ClassVar[str] = "samples"
+    personalized: ClassVar[bool] = False  # the engine keeps each client's own adapter
+    trains: ClassVar[bool] = True  # False: clients are never trained (zero-shot evaluation)
+
+    def __init__(self, cfg: ServerAlgoConfig, num_clients: int) -> None:
+        self.cfg = cfg
+        self.num_clients = num_clients
+        self.lr = cfg.lr if cfg.lr is not None else self.default_lr
+        self.weighting = self.default_weighting if cfg.weighting == "auto" else cfg.weighting
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"config key 'algorithm.server.weighting' has invalid value "
+                             f"{cfg.weighting!r}: expected auto, samples or uniform")
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        self.version = 0
+        self.weights: NamedTensors = {}
+        self.slots: dict[str, NamedTensors] = {}  # optimizer state, e.g. {"m": {...}, "v": {...}}
+        self._reset_round()
+
+    # ----------------------------------------------------------------- lifecycle
+    def init(self, global_weights: NamedTensors) -> None:
+        """Start from ``global_weights`` (copied) with fresh optimizer state and version 0."""
+        if not global_weights:
+            raise ValueError("init() needs at least one global tensor")
+        self.weights = {k: _f32(v) for k, v in global_weights.items()}
+        self.slots = self.init_slots()
+        self.version = 0
+        self._reset_round()
+
+    def init_slots(self) -> dict[str, NamedTensors]:
+        """Fresh optimizer state for ``self.weights``; none by default."""
+        return {}
+
+    @property
+    def global_weights(self) -> NamedTensors:
+        """A copy of the current global weights."""
+        return {k: v.clone() for k, v in self.weights.items()}
+
+    def broadcast_extras(self) -> NamedTensors:
+        """Tensors sent to clients together with the global weights."""
+        return {}
+
+    # ----------------------------------------------------------------- aggregation
+    def weight_of(self, update: ClientUpdate) -> float:
+        """Aggregation weight: the client's sample count, or 1 under uniform weighting."""
+        return float(update.num_samples) if self.weighting == "samples" else 1.0
+
+    def accumulate(self, update: ClientUpdate, weight: float) -> None:
+        """Add ``weight * update.delta`` to the round's running sum."""
+        self._check_update(update)
+        if not weight >= 0:
+            raise ValueError(f"update from client {update.client_id}: weight must be >= 0, got {weight}")
+        if not self._sum:
+            self._sum = {k: torch.zeros_like(v) for k, v in self.weights.items()}
+        for k, d in update.delta.items():
+            self._sum[k].add_(d.detach().to("cpu", torch.float32), alpha=weight)
+        self._total += weight
+        self._count += 1
+
+    @property
+    def pending(self) -> int:
+        """Number of updates accumulated since the last ``finalize``."""
+        return self._count
+
+    def finalize(self) -> NamedTensors:
+        """Apply the server rule to the weighted mean delta; return (a copy of) the new global weights.
+
+        With nothing accumulated the weights, optimizer state and version are left unchanged.
+        """
+        if self._count == 0:
+            return self.global_weights
+        if self._total <= 0:
+            raise ValueError(f"{self._count} updates accumulated with total weight {self._total}; "
+                             "cannot take their weighted mean (all clients had 0 samples?)")
+        mean = {k: s / self._total for k, s in self._sum.items()}
+        self.apply(mean)
+        self._reset_round()
+        self.version += 1
+        return self.global_weights
+
+    def apply(self, mean_delta: NamedTensors) -> None:
+        """The server rule: update ``self.weights`` in place from the mean delta Δ."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> NamedTensors:
+        """Global weights (``global/<name>``), optimizer slots (``<slot>/<name>``) and ``version``."""
+        self._require_init()
+        if self._count:
+            raise RuntimeError(f"state_dict() called with {self._count} pending updates; "
+                               "call finalize() first (checkpoints are taken between rounds)")
+        state = {f"global/{k}": v.clone() for k, v in self.weights.items()}
+        for slot, tensors in self.slots.items():
+            state.update({f"{slot}/{k}": v.clone() for k, v in tensors.items()})
+        state["version"] = torch.tensor(self.version, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: NamedTensors) -> None:
+        """Restore what ``state_dict`` returned (works on a fresh, un-initialised strategy)."""
+        if "version" not in state:
+            raise ValueError("server state has no 'version' entry")
+        weights = {k[len("global/"):]: v for k, v in state.items() if k.startswith("global/")}
+        self.init(weights)
+        expected = {"version"} | {f"global/{k}" for k in weights}
+        for slot, tensors in self.slots.items():
+            for k, v in tensors.items():
+                key = f"{slot}/{k}"
+                if key not in state:
+                    raise ValueError(f"server state for {self.name!r} lacks {key!r}")
+                if state[key].shape != v.shape:
+                    raise ValueError(f"server state {key!r} has shape {tuple(state[key].shape)}, "
+                                     f"expected {tuple(v.shape)}")
+                v.copy_(state[key])
+                expected.add(key)
+        unknown = sorted(set(state) - expected)
+        if unknown:
+            raise ValueError(f"server state for {self.name!r} has unexpected entries: {unknown[:5]}")
+        self.version = int(state["version"])
+
+    # ----------------------------------------------------------------- helpers
+    def _reset_round(self) -> None:
+        # Zeroed lazily on the first accumulate so an idle strategy holds no second copy.
+        self._sum: NamedTensors = {}
+        self._total = 0.0
+        self._count = 0
+
+    def _require_init(self) -> None:
+        if not self.weights:
+            raise RuntimeError(f"server strategy {self.name!r} used before init(global_weights)")
+
+    def _check_update(self, update: ClientUpdate) -> None:
+        """Raise ValueError unless the delta has exactly the global tensors' names and shapes."""
+        self._require_init()
+        _check_named(update.delta, self.weights, f"update from client {update.client_id}: delta")
+
+
+def _check_named(tensors: NamedTensors, like: NamedTensors, what: str, prefix: str = "") -> None:
+    missing = [k for k in like if prefix + k not in tensors]
+    if missing:
+        raise ValueError(f"{what} lacks tensor {prefix + missing[0]!r} "
+                         f"({len(missing)} of {len(like)} missing)")
+    for key, t in tensors.items():
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        if name not in like:
+            raise ValueError(f"{what} has tensor {key!r}, which is not a trainable global tensor")
+        if t.shape != like[name].shape:
+            raise ValueError(f"{what} tensor {key!r} has shape {tuple(t.shape)}, "
+                             f"expected {tuple(like[name].shape)}")
+
+
+@register
+class FedAvg(ServerStrategy):
+    """FedAvg: x ← x + η Δ, with Δ the sample-weighted mean delta."""
+
+    name = "fedavg"
+
+    def apply(self, mean_delta: NamedTensors) -> None:
+        for k, d in mean_delta.items():
+            self.weights[k].add_(d, alpha=self.lr)
+
+
+@register
+class FedAvgM(ServerStrategy):
+    """FedAvg with server momentum: v ← β1 v + Δ;  x ← x + η v  (v0 = 0)."""
+
+    name = "fedavgm"
+
+    def init_slots(self) -> dict[str, NamedTensors]:
+        return {"v": {k: torch.zeros_like(w) for k, w in self.weights.items()}}
+
+    def apply(self, mean_delta: NamedTensors) -> None:
+        for k, d in mean_delta.items():
+            v = self.slots["v"][k].mul_(self.cfg.beta1).add_(d)
+            self.weights[k].add_(v, alpha=self.lr)
+
+
+class AdaptiveServer(ServerStrategy):
+    """Reddi et al.'s adaptive server optimizers, without bias correction:
+
+        m ← β1 m + (1−β1) Δ;   v ← second_moment(v, Δ²);   x ← x + η m / (√v + τ)
+
+    with m0 = 0 and v0 = τ² (as in the FedMLLM / OpenFedLLM code), default η = 1e-3, and client
+    deltas averaged with equal weights.
+    """
+
+    default_lr = 1e-3
+    default_weighting = "uniform"
+
+    def init_slots(self) -> dict[str, NamedTensors]:
+        tau2 = self.cfg.tau ** 2
+        return {"m": {k: torch.zeros_like(w) for k, w in self.weights.items()},
+                "v": {k: torch.full_like(w, tau2) for k, w in self.weights.items()}}
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        """Return the new second moment from the old ``v`` and ``d2 = Δ²``."""
+        raise NotImplementedError
+
+    def apply(self, mean_delta: NamedTensors) -> None:
+        b1, tau = self.cfg.beta1, self.cfg.tau
+        for k, d in mean_delta.items():
+            m = self.slots["m"][k].mul_(b1).add_(d, alpha=1 - b1)
+            v = self.slots["v"][k] = self.second_moment(self.slots["v"][k], d * d)
+            self.weights[k].add_(self.lr * m / (v.sqrt() + tau))
+
+
+@register
+class FedAdagrad(AdaptiveServer):
+    """FedAdagrad: v ← v + Δ²."""
+
+    name = "fedadagrad"
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        return v + d2
+
+
+@register
+class FedYogi(AdaptiveServer):
+    """FedYogi: v ← v − (1−β2) Δ² sign(v − Δ²)  (v grows when Δ² > v, shrinks when Δ² < v)."""
+
+    name = "fedyogi"
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        return v - (1 - self.cfg.beta2) * d2 * torch.sign(v - d2)
+
+
+@register
+class FedAdam(AdaptiveServer):
+    """FedAdam: v ← β2 v + (1−β2) Δ²."""
+
+    name = "fedadam"
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        return self.cfg.beta2 * v + (1 - self.cfg.beta2) * d2
+
+
+@register
+class Scaffold(ServerStrategy):
+    """SCAFFOLD (Karimireddy et al.): x ← x + η Δ;  c ← c + (|S|/N) · mean_{i∈S} Δc_i.
+
+    Δc_i arrive in ``update.extras["control/<name>"]`` and are averaged uniformly over the round's
+    |S| updates; N = num_clients. Clients receive c as ``{"control/<name>": c}``.
+    """
+
+    name = "scaffold"
+    PREFIX = "control/"
+
+    def init_slots(self) -> dict[str, NamedTensors]:
+        return {"control": {k: torch.zeros_like(w) for k, w in self.weights.items()}}
+
+    def broadcast_extras(self) -> NamedTensors:
+        return {self.PREFIX + k: c.clone() for k, c in self.slots.get("control", {}).items()}
+
+    def accumulate(self, update: ClientUpdate, weight: float) -> None:
+        controls = {k: v for k, v in update.extras.items() if k.startswith(self.PREFIX)}
+        self._require_init()
+        _check_named(controls, self.weights, f"update from client {update.client_id}: extras",
+                     prefix=self.PREFIX)
+        super().accumulate(update, weight)
+        if not self._control_sum:
+            self._control_sum = {k: torch.zeros_like(w) for k, w in self.weights.items()}
+        for k in self.weights:
+            self._control_sum[k].add_(controls[self.PREFIX + k].detach().to("cpu", torch.float32))
+
+    def apply(self, mean_delta: NamedTensors) -> None:
+        share = self._count / self.num_clients  # |S| / N
+        for k, d in mean_delta.items():
+            self.weights[k].add_(d, alpha=self.lr)
+            self.slots["control"][k].add_(self._control_sum[k] / self._count, alpha=share)
+
+    def _reset_round(self) -> None:
+        super()._reset_round()
+        self._control_sum: NamedTensors = {}
+
+
+@register
+class LocalOnly(ServerStrategy):
+    """Local training only: no aggregation, the global adapter never changes.
+
+    The engine keeps each client's own adapter (``personalized``); updates are only validated and counted.
+    """
+
+    name = "local_only"
+    personalized = True
+
+    def accumulate(self, update: ClientUpdate, weight: float) -> None:
+        self._check_update(update)
+        self._count += 1
+
+    def finalize(self) -> NamedTensors:
+        if self._count:
+            self._reset_round()
+            self.version += 1
+        return self.global_weights
+
+
+@register
+class ZeroShot(LocalOnly):
+    """Zero-shot evaluation: clients are never trained; otherwise like ``local_only``."""
+
+    name = "zero_shot"
+    trains = False

@@ -1,0 +1,112 @@
+"""Prompts through the processor's chat template, and batches with the loss on answer tokens only.
+
+Each sample is processed alone (text + its image, if any) and the results are padded together, so one
+code path serves batches that mix image+text, text-only and image-only samples, for any processor whose
+vision inputs concatenate along the first dimension (LLaVA, Qwen2-VL, Gemma3 families).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedsim.data.schema import OPTION_LETTERS
+
+IGNORE_INDEX = -100
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+def user_text(sample: dict) -> str:
+    """The user turn's text: context note, question and, for multiple choice, the lettered options."""
+    parts = []
+    if sample["text"] is not None:
+        parts.append(f"Note: {sample['text']}")
+    parts.append(sample["question"])
+    if sample["options"]:
+        parts.append("Options: " + " ".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(sample["options"])))
+        parts.append("Answer with the option's letter.")
+    return "\n".join(parts)
+
+
+def build_messages(sample: dict, with_answer: bool) -> list[dict]:
+    content: list[dict] = [{"type": "image"}] if sample["image"] is not None else []
+    content.append({"type": "text", "text": user_text(sample)})
+    messages = [{"role": "user", "content": content}]
+    if with_answer:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": sample["answer"]}]})
+    return messages
+
+
+def prompt_and_answer(processor: Any, sample: dict) -> tuple[str, str]:
+    """Render the chat template; the answer is what the full conversation adds after the generation prompt
+    (the answer plus the template's end-of-turn marker, so the model learns to stop)."""
+    prompt = processor.apply_chat_template(build_messages(sample, False), add_generation_prompt=True,
+                                           tokenize=False)
+    full = processor.apply_chat_template(build_messages(sample, True), tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently with and without the answer; "
+                         "fedsim needs the answer to extend the generation prompt")
+    return prompt, full[len(prompt):]
+
+
+def answer_token_ids(processor: Any, sample: dict) -> list[int]:
+    _, answer = prompt_and_answer(processor, sample)
+    return processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+
+
+class Collator:
+    """Turns schema samples into model inputs.
+
+    ``train=True``: prompt + answer, labels masked to the answer tokens.
+    ``train=False``: prompt only, for next-token scoring (right padding) or generation (left padding).
+    """
+
+    def __init__(self, processor: Any, max_length: int, train: bool, padding_side: str = "right"):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        self.processor = processor
+        self.max_length = max_length
+        self.train = train
+        self.padding_side = padding_side
+        tokenizer = processor.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def encode(self, sample: dict) -> dict[str, torch.Tensor]:
+        prompt, answer = prompt_and_answer(self.processor, sample)
+        images = [sample["image"].convert("RGB")] if sample["image"] is not None else None
+        encoded = dict(self.processor(text=prompt, images=images, return_tensors="pt", add_special_tokens=False))
+        ids = encoded["input_ids"][0]
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        if self.train:
+            answer_ids = torch.tensor(self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"],
+                                      dtype=ids.dtype)
+            ids = torch.cat([ids, answer_ids])
+            labels = torch.cat([labels, answer_ids])
+        if ids.numel() > self.max_length:
+            raise ValueError(f"a sample needs {ids.numel()} tokens, more than data.max_length={self.max_length}; "
+                             "raise data.max_length")
+        encoded["input_ids"], encoded["labels"] = ids, labels
+        return encoded
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        encoded = [self.encode(s) for s in samples]
+        width = max(e["input_ids"].numel() for e in encoded)
+        batch: dict[str, torch.Tensor] = {}
+        batch["input_ids"] = self._pad([e["input_ids"] for e in encoded], width, self.pad_id)
+        batch["attention_mask"] = self._pad([torch.ones_like(e["input_ids"]) for e in encoded], width, 0)
+        if self.train:
+            batch["labels"] = self._pad([e["labels"] for e in encoded], width, IGNORE_INDEX)
+        vision_keys = {k for e in encoded for k in e} - set(TEXT_KEYS) - {"labels"}
+        for key in sorted(vision_keys):
+            batch[key] = torch.cat([e[key] for e in encoded if key in e])
+        return batch
+
+    def _pad(self, rows: list[torch.Tensor], width: int, value: int) -> torch.Tensor:
+        out = torch.full((len(rows), width), value, dtype=rows[0].dtype)
+        for i, row in enumerate(rows):
+            if self.padding_side == "right":
+                out[i, : row.numel()] = row
+            else:
+                out[i, width - row.numel():] = row
+        return out

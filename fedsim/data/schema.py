@@ -1,0 +1,41 @@
+"""The one sample schema that every dataset in fedsim produces (synthetic benchmark and real adapters)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+
+FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),  # None when the sample has no image
+        "text": datasets.Value("string"),  # context text (caption, note, meme text); None when absent
+        "question": datasets.Value("string"),  # the instruction; always present
+        "answer": datasets.Value("string"),  # target string (an option letter for multiple choice)
+        "label": datasets.Value("int64"),  # class index (multiple choice) or answer-class index (VQA)
+        "options": datasets.List(datasets.Value("string")),  # option texts, empty for open questions
+        "has_image": datasets.Value("bool"),
+        "has_text": datasets.Value("bool"),
+        "task": datasets.Value("string"),  # "classification" | "vqa"
+        "source": datasets.Value("string"),  # dataset name, so mixed-source clients stay traceable
+    }
+)
+
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass
+class DatasetSplits:
+    """A benchmark as the engine consumes it."""
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+    num_classes: int
+    task: str
+
+
+def check_schema(ds: datasets.Dataset, name: str) -> None:
+    """Fail early when a dataset does not follow FEATURES."""
+    missing = set(FEATURES) - set(ds.column_names)
+    if missing:
+        raise ValueError(f"dataset {name!r} lacks schema columns {sorted(missing)}; expected {list(FEATURES)}")

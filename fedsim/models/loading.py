@@ -1,0 +1,120 @@
+"""Load an image-text-to-text model in 4-bit (bitsandbytes NF4) and wrap it with LoRA adapters (peft).
+
+The same path serves a hub name, a local folder and the built-in ``tiny`` preset (which is built into a
+local folder first), so the tiny model exercises exactly the code a real 8B model goes through.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+from fedsim.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Decoder layers of the language model, across families (LLaVA/Qwen2-VL: language_model, Idefics3: text_model).
+LAYER_PATTERN = re.compile(r"(?:language_model|text_model)\.(?:model\.)?layers\.(\d+)\.")
+
+
+@dataclass
+class LoadedModel:
+    model: PeftModel
+    processor: Any
+    device: torch.device
+    num_layers: int  # decoder layers of the language model
+    layer_of: dict[str, int | None]  # trainable parameter name -> decoder layer index
+
+
+def resolve_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device=cuda but no CUDA device is visible; use model.device=auto or cpu")
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        if cfg.device == "auto":
+            log.info("no CUDA device visible: running on CPU with float32 compute")
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.compute_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.compute_dtype)
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """``tiny`` -> the cached preset folder (built if missing); anything else is passed to from_pretrained."""
+    if cfg.name == "tiny":
+        from fedsim.models.tiny import tiny_model_path
+
+        return str(tiny_model_path(cfg.cache_dir))
+    looks_local = cfg.name.startswith((".", "/", "~")) or Path(cfg.name).expanduser().exists()
+    if looks_local and not (Path(cfg.name).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(f"model.name={cfg.name!r} is a local path but has no config.json; "
+                                "expected a Hugging Face model folder (config.json, weights, processor files)")
+    return str(Path(cfg.name).expanduser()) if looks_local else cfg.name
+
+
+def load_backbone(cfg: ModelConfig) -> tuple[torch.nn.Module, Any, torch.device]:
+    """The frozen (4-bit unless disabled) backbone and its processor, without adapters."""
+    path = resolve_model_path(cfg)
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    quantization = None
+    if cfg.load_in_4bit:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                                          bnb_4bit_use_double_quant=cfg.double_quant,
+                                          bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, quantization_config=quantization, dtype=dtype, device_map={"": device},
+        trust_remote_code=cfg.trust_remote_code)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    model.requires_grad_(False)
+    # Stay in train mode: on CPUs with AVX512-BF16 an eval-mode no-grad forward repacks bitsandbytes 4-bit
+    # weights for inference for good, and training afterwards fails. Evaluation turns dropout off instead.
+    model.train()
+    return model, processor, device
+
+
+def attach_lora(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> PeftModel:
+    if cfg.load_in_4bit and cfg.prepare_kbit_training:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora = cfg.lora
+    peft_config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules) or lora.target_regex,
+        modules_to_save=list(lora.modules_to_save) or None)
+    torch.manual_seed(seed)  # LoRA's A matrices are drawn from torch's global generator
+    try:
+        peft_model = get_peft_model(model, peft_config)
+    except ValueError as err:
+        raise ValueError(f"model.lora targets matched nothing usable in {cfg.name!r}: {err}") from None
+    peft_model.train()
+    return peft_model
+
+
+def load_model(cfg: ModelConfig, seed: int) -> LoadedModel:
+    """Backbone + processor + LoRA, ready for local training."""
+    backbone, processor, device = load_backbone(cfg)
+    model = attach_lora(backbone, cfg, seed)
+    layer_of = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            match = LAYER_PATTERN.search(name)
+            layer_of[name] = int(match.group(1)) if match else None
+    num_layers = model.base_model.model.config.get_text_config().num_hidden_layers
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("loaded %s on %s: %d trainable parameters in %d tensors, %d decoder layers",
+             cfg.name, device, n_trainable, len(layer_of), num_layers)
+    return LoadedModel(model, processor, device, num_layers, layer_of)

@@ -1,0 +1,59 @@
+"""A run directory: resolved config, per-round metrics, summary and adapter, all crash-safe.
+
+``metrics.jsonl`` is appended one flushed, fsynced line per round, so a crash leaves every finished round
+readable; every other file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def default_run_dir(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class RunWriter:
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        if (self.dir / "metrics.jsonl").exists() or (self.dir / "summary.json").exists():
+            raise FileExistsError(f"output.dir {str(self.dir)!r} already holds a run; choose another output.dir")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.adapter_dir = self.dir / "adapter"
+
+    def write_config(self, yaml_text: str) -> None:
+        atomic_write_text(self.dir / "config.yaml", yaml_text)
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rounds a run has logged so far (also while it runs, or after it crashed)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,0 +1,21 @@
+"""Every random choice derives from the experiment seed and the names of where it is used.
+
+Deriving (not drawing) seeds means a client's local training gets the same randomness whichever worker,
+in whatever order, runs it: the precondition for engines that agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+STREAMS = {"data": 1, "partition": 2, "lora_init": 3, "cohort": 4, "client": 5}
+
+
+def derive_seed(seed: int, stream: str, *parts: int) -> int:
+    """A 63-bit seed for ``stream`` (a name in STREAMS) and integer coordinates such as (round, client)."""
+    words = np.random.SeedSequence([seed, STREAMS[stream], *parts]).generate_state(2, dtype=np.uint32)
+    return int((int(words[0]) << 31) ^ int(words[1])) & (2**63 - 1)
+
+
+def rng_for(seed: int, stream: str, *parts: int) -> np.random.Generator:
+    return np.random.default_rng(derive_seed(seed, stream, *parts))

@@ -1,0 +1,69 @@
+"""Local training of one client: the loop, its batches and the learning-rate schedule across rounds."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from fedsim.algorithms import ClientStrategy, LocalContext
+from fedsim.config import TrainingConfig
+
+
+def round_lr(cfg: TrainingConfig, round_idx: int, rounds: int) -> float:
+    """The local learning rate of round ``round_idx`` (1-based): constant, or cosine-decayed across rounds."""
+    if cfg.lr_schedule == "constant" or rounds <= 1:
+        return cfg.lr
+    progress = (round_idx - 1) / (rounds - 1)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def batch_indices(indices: np.ndarray, cfg: TrainingConfig, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Shuffled mini-batches of a client's shard: ``local_epochs`` passes, or exactly ``local_steps`` batches."""
+    if cfg.local_steps > 0:
+        produced = 0
+        while produced < cfg.local_steps:
+            order = rng.permutation(indices)
+            for start in range(0, len(order), cfg.batch_size):
+                yield order[start:start + cfg.batch_size]
+                produced += 1
+                if produced == cfg.local_steps:
+                    return
+    else:
+        for _ in range(cfg.local_epochs):
+            order = rng.permutation(indices)
+            for start in range(0, len(order), cfg.batch_size):
+                yield order[start:start + cfg.batch_size]
+
+
+def train_locally(
+    model: torch.nn.Module,
+    params: dict[str, torch.nn.Parameter],
+    batches: Iterable[dict[str, torch.Tensor]],
+    strategy: ClientStrategy,
+    ctx: LocalContext,
+    cfg: TrainingConfig,
+    lr: float,
+) -> tuple[int, float]:
+    """Run AdamW over ``batches``; the client strategy may add a penalty and correct gradients.
+
+    Returns (optimizer steps, mean training loss without the penalty).
+    """
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay)
+    strategy.begin(ctx)
+    steps, loss_sum = 0, 0.0
+    for batch in batches:
+        loss = model(**batch).loss
+        penalty = strategy.penalty(params)
+        (loss if penalty is None else loss + penalty).backward()
+        strategy.correct_gradients(params)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        loss_sum += loss.item()
+    return steps, loss_sum / max(steps, 1)

@@ -1,0 +1,284 @@
+"""Server strategies against hand-computed numbers on 2-element tensors."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+from fedsim.algorithms import SERVER_STRATEGIES, ServerStrategy, build_server_strategy
+from fedsim.config import ServerAlgoConfig
+from fedsim.messages import ClientUpdate
+
+
+def make(name: str, num_clients: int = 4, x0=(0.0, 0.0), **cfg) -> ServerStrategy:
+    s = build_server_strategy(ServerAlgoConfig(name=name, **cfg), num_clients)
+    s.init({"w": torch.tensor(x0)})
+    return s
+
+
+def upd(delta, n: int = 1, cid: int = 0, **extras) -> ClientUpdate:
+    return ClientUpdate(client_id=cid, delta={"w": torch.tensor(delta)}, num_samples=n,
+                        extras={k.replace("__", "/"): torch.tensor(v) for k, v in extras.items()})
+
+
+def round_(s: ServerStrategy, *updates: ClientUpdate) -> torch.Tensor:
+    for u in updates:
+        s.accumulate(u, s.weight_of(u))
+    return s.finalize()["w"]
+
+
+def close(t: torch.Tensor, expected) -> bool:
+    return torch.allclose(t, torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_registry_names_match_config() -> None:
+    assert set(SERVER_STRATEGIES) == {"fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam",
+                                      "scaffold", "local_only", "zero_shot"}
+    with pytest.raises(ValueError, match="algorithm.server.name"):
+        build_server_strategy(ServerAlgoConfig(name="fedsgd"), 4)
+
+
+def test_defaults_lr_and_weighting() -> None:
+    assert make("fedavg").lr == 1.0 and make("fedavg").weighting == "samples"
+    assert make("fedavgm").lr == 1.0 and make("fedavgm").weighting == "samples"
+    assert make("scaffold").weighting == "samples"
+    for name in ("fedadagrad", "fedyogi", "fedadam"):
+        assert make(name).lr == 1e-3 and make(name).weighting == "uniform"
+    assert make("fedadam", lr=0.5, weighting="samples").lr == 0.5
+    assert make("fedadam", weighting="samples").weighting == "samples"
+    with pytest.raises(ValueError, match="algorithm.server.weighting"):
+        make("fedavg", weighting="by_size")
+
+
+def test_fedavg_sample_weighted() -> None:
+    s = make("fedavg", x0=(1.0, 2.0))
+    # Δ = (1·[1, 0] + 3·[0, 3]) / 4 = [0.25, 2.25];  x = [1, 2] + Δ = [1.25, 4.25]
+    x = round_(s, upd([1.0, 0.0], n=1), upd([0.0, 3.0], n=3))
+    assert close(x, [1.25, 4.25])
+    assert s.version == 1
+
+
+def test_fedavg_uniform_weighting_and_server_lr() -> None:
+    s = make("fedavg", x0=(1.0, 2.0), lr=0.5, weighting="uniform")
+    # Δ = ([1, 0] + [0, 3]) / 2 = [0.5, 1.5];  x = [1, 2] + 0.5·Δ = [1.25, 2.75]
+    assert close(round_(s, upd([1.0, 0.0], n=1), upd([0.0, 3.0], n=3)), [1.25, 2.75])
+
+
+def test_fedavgm_two_rounds() -> None:
+    s = make("fedavgm", x0=(1.0, 2.0))  # β1 = 0.9, η = 1
+    # round 1: Δ = [1, -2];  v = [1, -2];  x = [2, 0]
+    assert close(round_(s, upd([1.0, -2.0])), [2.0, 0.0])
+    # round 2: Δ = [0.5, 1];  v = 0.9·[1, -2] + [0.5, 1] = [1.4, -0.8];  x = [3.4, -0.8]
+    assert close(round_(s, upd([0.5, 1.0])), [3.4, -0.8])
+
+
+# Adaptive optimizers: τ = 1 (v0 = τ² = 1), β1 = 0.5, β2 = 0.75, η = 1, x0 = [0, 0], uniform weighting.
+# round 1: Δ = [2, 0.5] (Δ² = [4, 0.25]);  m1 = 0.5·Δ = [1, 0.25]
+# round 2: client deltas [0, -1] (n=1) and [1, -1] (n=9), uniform mean Δ = [0.5, -1] (Δ² = [0.25, 1])
+#          (the sample-weighted mean would be [0.9, -1]);  m2 = 0.5·[1, 0.25] + 0.5·[0.5, -1] = [0.75, -0.375]
+ADAPTIVE = dict(lr=1.0, tau=1.0, beta1=0.5, beta2=0.75)
+
+
+def adaptive_rounds(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    s = make(name, **ADAPTIVE)
+    x1 = round_(s, upd([2.0, 0.5]))
+    x2 = round_(s, upd([0.0, -1.0], n=1), upd([1.0, -1.0], n=9))
+    return x1, x2
+
+
+def test_fedadagrad_two_rounds() -> None:
+    x1, x2 = adaptive_rounds("fedadagrad")
+    # v1 = 1 + [4, 0.25] = [5, 1.25];  x1 = [1/(√5+1), 0.25/(√1.25+1)] = [0.309017, 0.118034]
+    assert close(x1, [0.3090169944, 0.1180339887])
+    # v2 = [5.25, 2.25];  x2 = x1 + [0.75/(√5.25+1), -0.375/(1.5+1)] = x1 + [0.227874, -0.15]
+    assert close(x2, [0.5368913204, -0.0319660113])
+
+
+def test_fedyogi_two_rounds_sign_both_ways() -> None:
+    x1, x2 = adaptive_rounds("fedyogi")
+    # v1[0]: Δ² = 4 > v = 1, sign(v-Δ²) = -1, v grows:   1 + 0.25·4      = 2
+    # v1[1]: Δ² = 0.25 < v = 1, sign = +1, v shrinks:    1 - 0.25·0.25   = 0.9375
+    # x1 = [1/(√2+1), 0.25/(√0.9375+1)] = [0.414214, 0.127017]
+    assert close(x1, [0.4142135624, 0.1270166538])
+    # v2[0]: Δ² = 0.25 < 2, shrinks:  2 - 0.25·0.25 = 1.9375
+    # v2[1]: Δ² = 1 > 0.9375, grows:  0.9375 + 0.25·1 = 1.1875
+    # x2 = x1 + [0.75/(√1.9375+1), -0.375/(√1.1875+1)] = x1 + [0.313553, -0.179449]
+    assert close(x2, [0.7277664349, -0.0524328180])
+    s = make("fedyogi", **ADAPTIVE)
+    round_(s, upd([2.0, 0.5]))
+    round_(s, upd([0.5, -1.0]))
+    assert close(s.state_dict()["v/w"], [1.9375, 1.1875])
+
+
+def test_fedadam_two_rounds() -> None:
+    x1, x2 = adaptive_rounds("fedadam")
+    # v1 = 0.75·1 + 0.25·[4, 0.25] = [1.75, 0.8125];  x1 = [1/(√1.75+1), 0.25/(√0.8125+1)]
+    assert close(x1, [0.4305008740, 0.1314829082])
+    # v2 = 0.75·[1.75, 0.8125] + 0.25·[0.25, 1] = [1.375, 0.859375]
+    # x2 = x1 + [0.75/(√1.375+1), -0.375/(√0.859375+1)]
+    assert close(x2, [0.7757087540, -0.0631175961])
+
+
+def test_adaptive_initial_moments() -> None:
+    state = make("fedadam", tau=0.5).state_dict()
+    assert close(state["m/w"], [0.0, 0.0]) and close(state["v/w"], [0.25, 0.25])  # v0 = τ²
+
+
+def test_scaffold_server_control_update() -> None:
+    s = make("scaffold", num_clients=4)  # η = 1, N = 4
+    assert close(s.broadcast_extras()["control/w"], [0.0, 0.0])
+    # x: Δ = (1·[1, 2] + 3·[3, 0]) / 4 = [2.5, 0.5]
+    # c: |S|/N = 2/4, uniform mean of Δc = ([4, 0] + [0, 8]) / 2 = [2, 4];  c = 0.5·[2, 4] = [1, 2]
+    x = round_(s, upd([1.0, 2.0], n=1, control__w=[4.0, 0.0]),
+               upd([3.0, 0.0], n=3, cid=1, control__w=[0.0, 8.0]))
+    assert close(x, [2.5, 0.5])
+    assert close(s.broadcast_extras()["control/w"], [1.0, 2.0])
+    # round 2: one client, Δc = [-4, 4];  c = [1, 2] + (1/4)·[-4, 4] = [0, 3];  x unchanged (Δ = 0)
+    x = round_(s, upd([0.0, 0.0], n=5, control__w=[-4.0, 4.0]))
+    assert close(x, [2.5, 0.5])
+    assert close(s.broadcast_extras()["control/w"], [0.0, 3.0])
+    # broadcast is a copy
+    s.broadcast_extras()["control/w"].fill_(9.0)
+    assert close(s.broadcast_extras()["control/w"], [0.0, 3.0])
+
+
+def test_scaffold_requires_control_deltas() -> None:
+    s = make("scaffold")
+    with pytest.raises(ValueError, match="control/w"):
+        s.accumulate(upd([1.0, 1.0]), 1.0)
+    with pytest.raises(ValueError, match="control/w"):
+        s.accumulate(upd([1.0, 1.0], control__w=[1.0, 2.0, 3.0]), 1.0)
+    assert s.pending == 0
+
+
+@pytest.mark.parametrize("name", ["local_only", "zero_shot"])
+def test_local_only_and_zero_shot_keep_global(name: str) -> None:
+    s = make(name, x0=(1.0, 2.0))
+    assert s.personalized
+    assert s.trains == (name == "local_only")
+    x = round_(s, upd([5.0, 5.0], n=3), upd([1.0, 1.0]))
+    assert close(x, [1.0, 2.0]) and s.version == 1
+    with pytest.raises(ValueError, match="'w'"):
+        s.accumulate(upd([1.0, 1.0, 1.0]), 1.0)
+    assert not make("fedavg").personalized and make("fedavg").trains
+
+
+@pytest.mark.parametrize("name", sorted(SERVER_STRATEGIES))
+def test_finalize_without_updates_changes_nothing(name: str) -> None:
+    s = make(name, x0=(1.0, 2.0))
+    before = s.state_dict()
+    assert close(s.finalize()["w"], [1.0, 2.0])
+    assert s.version == 0
+    after = s.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_name_and_shape_mismatch_errors() -> None:
+    s = build_server_strategy(ServerAlgoConfig(name="fedavg"), 4)
+    s.init({"a": torch.zeros(2), "b": torch.zeros(2, 3)})
+    good = {"a": torch.ones(2), "b": torch.ones(2, 3)}
+    with pytest.raises(ValueError, match="'b'.*missing"):
+        s.accumulate(ClientUpdate(0, {"a": torch.ones(2)}, 1), 1.0)
+    with pytest.raises(ValueError, match="'c'"):
+        s.accumulate(ClientUpdate(0, {**good, "c": torch.ones(1)}, 1), 1.0)
+    with pytest.raises(ValueError, match=r"'b'.*\(3, 2\).*\(2, 3\)"):
+        s.accumulate(ClientUpdate(0, {**good, "b": torch.ones(3, 2)}, 1), 1.0)
+    assert s.pending == 0  # a rejected update leaves no trace
+    s.accumulate(ClientUpdate(0, good, 1), 1.0)
+    assert torch.equal(s.finalize()["b"], torch.ones(2, 3))
+
+
+def test_used_before_init() -> None:
+    s = build_server_strategy(ServerAlgoConfig(name="fedavg"), 4)
+    with pytest.raises(RuntimeError, match="init"):
+        s.accumulate(upd([1.0, 1.0]), 1.0)
+
+
+def test_running_sum_holds_one_tensor_per_name() -> None:
+    s = make("fedavg", weighting="uniform")
+    first = upd([0.0, 0.0])
+    s.accumulate(first, 1.0)
+    ref = weakref.ref(first.delta["w"])
+    del first
+    assert ref() is None  # the strategy kept no reference to the update's tensors
+    buffer_ptr = s._sum["w"].data_ptr()
+    for i in range(1, 1000):
+        s.accumulate(upd([float(i), -float(i)]), 1.0)
+    assert list(s._sum) == ["w"] and s._sum["w"].data_ptr() == buffer_ptr  # summed in place
+    assert s.pending == 1000
+    # mean of 0..999 = 499.5
+    assert close(s.finalize()["w"], [499.5, -499.5])
+    assert s.pending == 0 and not s._sum
+
+
+def test_zero_total_weight_is_an_error() -> None:
+    s = make("fedavg")
+    s.accumulate(upd([1.0, 1.0], n=0), s.weight_of(upd([1.0, 1.0], n=0)))
+    with pytest.raises(ValueError, match="total weight"):
+        s.finalize()
+
+
+def test_results_are_copies() -> None:
+    x0 = {"w": torch.tensor([1.0, 2.0])}
+    s = build_server_strategy(ServerAlgoConfig(name="fedavg"), 4)
+    s.init(x0)
+    x0["w"].fill_(7.0)
+    out = s.finalize()
+    out["w"].fill_(8.0)
+    s.global_weights["w"].fill_(9.0)
+    d = upd([1.0, 1.0])
+    s.accumulate(d, 1.0)
+    d.delta["w"].fill_(100.0)  # mutating an accepted update must not change the round
+    assert close(s.finalize()["w"], [2.0, 3.0])
+
+
+def test_float32_cpu_from_other_dtypes() -> None:
+    s = build_server_strategy(ServerAlgoConfig(name="fedavg"), 4)
+    s.init({"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)})
+    s.accumulate(ClientUpdate(0, {"w": torch.tensor([0.5, 0.25], dtype=torch.float64)}, 1), 1.0)
+    out = s.finalize()["w"]
+    assert out.dtype == torch.float32 and close(out, [1.5, 2.25])
+
+
+@pytest.mark.parametrize("name", sorted(SERVER_STRATEGIES))
+def test_state_dict_round_trip(name: str, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    def rounds(s: ServerStrategy, k: int) -> None:
+        for r in range(k):
+            u1 = upd([0.3 * r + 0.1, -0.2], n=2, control__w=[0.5, r * 1.0])
+            u2 = upd([-0.7, 0.4 * r], n=5, cid=1, control__w=[-1.0, 0.25])
+            round_(s, u1, u2)
+
+    cfg = dict(tau=0.1, beta1=0.8, beta2=0.9, lr=0.5)
+    a = make(name, x0=(1.0, -1.0), **cfg)
+    rounds(a, 2)
+    path = tmp_path / "server.safetensors"
+    save_file(a.state_dict(), str(path))
+    b = build_server_strategy(ServerAlgoConfig(name=name, **cfg), 4)
+    b.load_state_dict(load_file(str(path)))
+    assert b.version == a.version == 2
+    rounds(a, 2)
+    rounds(b, 2)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sa["version"].dim() == 0 and int(sa["version"]) == 4
+
+
+def test_load_state_dict_rejects_wrong_algorithm() -> None:
+    state = make("fedavg").state_dict()
+    with pytest.raises(ValueError, match="m/w"):
+        build_server_strategy(ServerAlgoConfig(name="fedadam"), 4).load_state_dict(state)
+    state = make("fedadam").state_dict()
+    with pytest.raises(ValueError, match="unexpected"):
+        build_server_strategy(ServerAlgoConfig(name="fedavg"), 4).load_state_dict(state)
+
+
+def test_state_dict_refuses_pending_updates() -> None:
+    s = make("fedavg")
+    s.accumulate(upd([1.0, 1.0]), 1.0)
+    with pytest.raises(RuntimeError, match="finalize"):
+        s.state_dict()
