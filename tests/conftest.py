@@ -1,0 +1,27 @@
+"""Shared fixtures: the tiny preset is built once per machine (cached under FEDSIM_CACHE) and reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedsim.config import ExperimentConfig, load_config
+from fedsim.models.tiny import tiny_model_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> Path:
+    return tiny_model_path()
+
+
+def small_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
+    """A federation small enough for a unit test: 6 clients, 3 per round, tiny data."""
+    base = [
+        "data.num_train=240", "data.num_test=60", "partition.num_clients=6", "federation.clients_per_round=3",
+        "federation.rounds=2", "training.batch_size=8", "training.local_epochs=1", "eval.every=1",
+        "output.progress=never", f"output.dir={tmp_path / 'run'}",
+    ]
+    return load_config(REPO / "experiments" / "quickstart.yaml", base + list(overrides))

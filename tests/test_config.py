@@ -1,0 +1,227 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from fedsim.config import ConfigError, ExperimentConfig, load_config, to_yaml, validate
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.yaml"
+
+
+def _error(overrides: list[str], path: Path | None = QUICKSTART) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_quickstart_loads_with_its_values():
+    cfg = load_config(QUICKSTART)
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.name == "quickstart"
+    assert cfg.partition.scheme == "dirichlet"
+    assert cfg.partition.alpha == 1.0
+    assert cfg.federation.rounds == 20
+    assert cfg.federation.fraction == 0.25
+    assert cfg.training.local_epochs == 2
+    assert cfg.eval.every == 2
+    # Keys the YAML leaves out keep the schema defaults.
+    assert cfg.model.lora.r == 8
+    assert cfg.runtime.engine == "sequential"
+
+
+def test_no_path_gives_validated_defaults():
+    assert load_config() == ExperimentConfig()
+
+
+def test_overrides_are_applied_and_typed():
+    cfg = load_config(QUICKSTART, ["federation.rounds=3", "training.lr=0.01", "model.lora.r=4",
+                                   "algorithm.server.lr=0.5", "model.lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.federation.rounds == 3 and isinstance(cfg.federation.rounds, int)
+    assert cfg.training.lr == 0.01
+    assert cfg.model.lora.r == 4
+    assert cfg.algorithm.server.lr == 0.5
+    assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]
+    # Untouched keys stay as the file says.
+    assert cfg.partition.scheme == "dirichlet"
+
+
+def test_later_override_wins():
+    assert load_config(QUICKSTART, ["seed=1", "seed=7"]).seed == 7
+
+
+def test_name_defaults_to_yaml_stem(tmp_path):
+    path = tmp_path / "my_study.yaml"
+    path.write_text("federation:\n  rounds: 2\n")
+    assert load_config(path).name == "my_study"
+    # An explicit name (in the file or as an override) wins over the stem.
+    assert load_config(path, ["name=other"]).name == "other"
+    named = tmp_path / "x.yaml"
+    named.write_text("name: given\n")
+    assert load_config(named).name == "given"
+
+
+def test_unknown_top_level_key_names_it_and_lists_valid_keys():
+    msg = _error(["rnds=3"])
+    assert "'rnds'" in msg
+    for key in ("seed", "model", "federation", "training"):
+        assert key in msg
+
+
+def test_unknown_nested_key_names_it_and_lists_valid_keys():
+    msg = _error(["model.rnak=4"])
+    assert "'model.rnak'" in msg
+    assert "valid keys here:" in msg
+    valid = msg.split("valid keys here:")[1]
+    for key in ("name", "load_in_4bit", "lora"):
+        assert key in valid
+    assert "rounds" not in valid  # only the keys of the section the typo is in
+
+
+def test_unknown_key_close_to_a_valid_one_is_suggested():
+    msg = _error(["model.lora.rr=3"])
+    assert "'model.lora.rr'" in msg
+    assert "did you mean 'model.lora.r'?" in msg
+
+
+def test_unknown_key_in_yaml_file_names_key_and_file(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("federation:\n  rnds: 3\n")
+    msg = _error([], path)
+    assert "'federation.rnds'" in msg
+    assert str(path) in msg
+    assert "did you mean 'federation.rounds'?" in msg
+
+
+def test_wrong_type_names_the_key():
+    msg = _error(["federation.rounds=abc"])
+    assert "'federation.rounds'" in msg
+    assert "abc" in msg
+
+
+@pytest.mark.parametrize(
+    "override, key, allowed",
+    [
+        ("partition.scheme=zipf", "partition.scheme", ["dirichlet", "iid", "quantity"]),
+        ("algorithm.server.name=fedfoo", "algorithm.server.name", ["fedavg", "fedadam", "fedyogi", "scaffold"]),
+        ("algorithm.client.name=foo", "algorithm.client.name", ["plain", "fedprox", "scaffold"]),
+        ("runtime.engine=x", "runtime.engine", ["sequential"]),
+        ("output.progress=maybe", "output.progress", ["auto", "always", "never"]),
+        ("data.task=caption", "data.task", ["classification", "vqa"]),
+        ("data.dataset=mnist", "data.dataset", ["synthetic"]),
+    ],
+)
+def test_value_outside_choices_names_key_and_allowed_values(override, key, allowed):
+    msg = _error([override])
+    assert f"'{key}'" in msg
+    bad = override.split("=", 1)[1]
+    assert repr(bad) in msg
+    for value in allowed:
+        assert value in msg
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("training.lr=0", "training.lr"),
+        ("training.batch_size=-1", "training.batch_size"),
+        ("federation.fraction=1.5", "federation.fraction"),
+        ("federation.rounds=-1", "federation.rounds"),
+        ("model.lora.dropout=-0.1", "model.lora.dropout"),
+        ("algorithm.server.lr=0", "algorithm.server.lr"),
+        ("federation.clients_per_round=21", "federation.clients_per_round"),  # quickstart has 20 clients
+        ("partition.num_clients=2001", "partition.num_clients"),  # more clients than training samples
+    ],
+)
+def test_range_errors_name_the_key(override, key):
+    msg = _error([override])
+    assert f"'{key}'" in msg
+
+
+def test_clients_per_round_bound_mentions_num_clients():
+    msg = _error(["federation.clients_per_round=21"])
+    assert "partition.num_clients (20)" in msg
+    # The bound itself is allowed.
+    assert load_config(QUICKSTART, ["federation.clients_per_round=20"]).clients_per_round() == 20
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config(QUICKSTART, ["federation.fraction=1.0", "federation.rounds=0", "model.lora.dropout=0"])
+    assert cfg.federation.fraction == 1.0
+
+
+def test_no_local_work_is_rejected():
+    msg = _error(["training.local_epochs=0"])
+    assert "training.local_epochs" in msg
+    # Steps instead of epochs is fine.
+    assert load_config(QUICKSTART, ["training.local_epochs=0", "training.local_steps=5"]).training.local_steps == 5
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_scaffold_on_one_side_only_is_rejected(side):
+    msg = _error([f"algorithm.{side}.name=scaffold"])
+    assert "scaffold" in msg
+    assert "algorithm.client.name" in msg and "algorithm.server.name" in msg
+
+
+def test_scaffold_on_both_sides_is_accepted():
+    cfg = load_config(QUICKSTART, ["algorithm.client.name=scaffold", "algorithm.server.name=scaffold"])
+    assert cfg.algorithm.client.name == cfg.algorithm.server.name == "scaffold"
+
+
+def test_empty_lora_targets_rejected():
+    msg = _error(["model.lora.target_regex=null", "model.lora.target_modules=[]"])
+    assert "model.lora.target_modules" in msg
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    msg = _error([], missing)
+    assert "not found" in msg and str(missing) in msg
+
+
+def test_override_without_equals_sign():
+    msg = _error(["federation.rounds"])
+    assert "'federation.rounds'" in msg
+    assert "key=value" in msg
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_validate_checks_a_dataclass_built_in_code():
+    cfg = ExperimentConfig()
+    validate(cfg)
+    cfg.partition.scheme = "zipf"
+    with pytest.raises(ConfigError, match="partition.scheme"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["federation.clients_per_round=7"], 7),  # an explicit count wins over the fraction
+        (["federation.clients_per_round=0", "federation.fraction=0.25"], 5),  # round(0.25 * 20)
+        (["federation.fraction=0.33"], 7),  # round(6.6)
+        (["federation.fraction=0.01"], 1),  # never fewer than one client
+        (["federation.fraction=0"], 1),
+        (["federation.fraction=1.0"], 20),
+    ],
+)
+def test_clients_per_round(overrides, expected):
+    assert load_config(QUICKSTART, overrides).clients_per_round() == expected
+
+
+def test_to_yaml_round_trip(tmp_path):
+    cfg = load_config(QUICKSTART, ["training.lr_schedule=cosine", "model.lora.target_modules=[q_proj,v_proj]",
+                                   "algorithm.server.lr=0.1", "output.dir=/tmp/somewhere", "name=rt"])
+    text = to_yaml(cfg)
+    # Back through omegaconf directly...
+    back = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(text)))
+    assert back == cfg
+    # ...and through load_config, as a run directory's config.yaml would be reloaded.
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert load_config(path) == cfg
+    # The regex with backslashes survives YAML quoting.
+    assert load_config(path).model.lora.target_regex == cfg.model.lora.target_regex

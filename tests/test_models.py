@@ -1,0 +1,79 @@
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import PeftModel
+
+from fedsim.config import EvalConfig, ModelConfig
+from fedsim.data.collator import Collator
+from fedsim.data.synthetic import generate
+from fedsim.evaluation import Evaluator
+from fedsim.models.adapter import adapter_sha256, get_weights, inference, save_adapter, set_weights
+from fedsim.models.loading import load_backbone, load_model, resolve_model_path
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_path):
+    return load_model(ModelConfig(name=str(tiny_path)), seed=0)
+
+
+def test_backbone_linears_are_4bit_and_only_lora_trains(loaded):
+    model = loaded.model
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert any("language_model.layers.0.self_attn.q_proj" in n for n in quantized)
+    assert any("vision_tower" in n for n in quantized)
+    for name, module in model.named_modules():
+        if name.endswith(("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")):
+            assert isinstance(module, bnb.nn.Linear4bit), name
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    assert loaded.num_layers == 4
+    assert sorted({loaded.layer_of[n] for n in trainable}) == [0, 1, 2, 3]
+
+
+def test_weights_round_trip_and_digest(loaded):
+    weights = get_weights(loaded.model)
+    changed = {k: v + 1.0 for k, v in weights.items()}
+    set_weights(loaded.model, changed)
+    assert adapter_sha256(get_weights(loaded.model)) == adapter_sha256(changed) != adapter_sha256(weights)
+    set_weights(loaded.model, weights)
+    with pytest.raises(KeyError, match="missing"):
+        set_weights(loaded.model, dict(list(weights.items())[1:]))
+
+
+def test_eval_then_train_then_eval_on_one_model(loaded):
+    """bitsandbytes repacks 4-bit weights after an eval-mode forward on some CPUs; fedsim must avoid it."""
+    data = generate("classification", 16, "train", 0)
+    evaluator = Evaluator(loaded.processor, data, 4, EvalConfig(batch_size=8), 128, loaded.device)
+    before = evaluator.evaluate(loaded.model)
+    initial = get_weights(loaded.model)
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    batch = Collator(loaded.processor, 128, train=True)([data[i] for i in range(8)])
+    losses = []
+    for _ in range(3):
+        loss = loaded.model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    after = evaluator.evaluate(loaded.model)
+    assert 0.0 <= after["accuracy"] <= 1.0 and 0.0 <= before["accuracy"] <= 1.0
+    with inference(loaded.model):  # evaluation leaves the model trainable: no module left in eval mode
+        pass
+    assert all(m.training for m in loaded.model.modules())
+    set_weights(loaded.model, initial)
+
+
+def test_saved_adapter_loads_with_peft(loaded, tmp_path, tiny_path):
+    weights = {k: v + 0.01 for k, v in get_weights(loaded.model).items()}
+    save_adapter(loaded.model, weights, tmp_path / "adapter")
+    base, _, _ = load_backbone(ModelConfig(name=str(tiny_path)))
+    restored = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    restored_weights = {n: p.detach() for n, p in restored.named_parameters() if "lora_" in n}
+    assert adapter_sha256(restored_weights) == adapter_sha256(weights)
+
+
+def test_local_model_path_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_model_path(ModelConfig(name=str(tmp_path)))
