@@ -92,12 +92,20 @@ class ClientAlgoConfig:
 
 @dataclass
 class ServerAlgoConfig:
-    name: str = "fedavg"  # fedavg | fedavgm | fedadagrad | fedyogi | fedadam | scaffold | local_only | zero_shot
+    # fedavg | fedavgm | fedadagrad | fedyogi | fedadam | scaffold | local_only | zero_shot (synchronous)
+    # fedbuff | fedasync (asynchronous)
+    name: str = "fedavg"
     lr: Optional[float] = None  # server learning rate eta; None takes the algorithm's default
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
     weighting: str = "auto"  # auto (the algorithm's default) | samples | uniform
+    # Asynchronous strategies (fedbuff, fedasync): an update trained from version v and applied at version
+    # t has staleness s = t - v and weight (1 + s) ** -staleness_exponent; beyond max_staleness it is dropped.
+    buffer_size: int = 10  # FedBuff's K: updates per server step
+    staleness_exponent: float = 0.5
+    max_staleness: int = 0  # 0: no bound
+    mixing: float = 0.5  # FedAsync's alpha, in (0, 1]: x <- x + lr * alpha * staleness_weight * delta
 
 
 @dataclass
@@ -123,9 +131,38 @@ class EvalConfig:
 
 
 @dataclass
+class SchedulerConfig:
+    """Who trains when, on which simulated device, and how long it takes on the virtual clock."""
+
+    availability: str = "always"  # always | bernoulli (p per round / dispatch) | trace (on/off intervals file)
+    availability_p: float = 1.0
+    availability_trace: Optional[str] = None  # JSON {client id: [[start_s, end_s], ...]} of online intervals
+    speed: str = "constant"  # per-client slowdown factor: constant | lognormal (sigma) | uniform [low, high]
+    speed_sigma: float = 0.5
+    speed_low: float = 1.0
+    speed_high: float = 4.0
+    device_trace: Optional[str] = None  # JSON {client id: {"speed": f, "bandwidth_mbps": b}} overrides draws
+    bandwidth_mbps: float = 100.0  # median link speed, megabits per second
+    bandwidth_sigma: float = 0.0  # lognormal spread of per-client bandwidth; 0: all equal
+    compute_time: str = "modeled"  # modeled: samples x seconds_per_sample (deterministic) | measured
+    seconds_per_sample: float = 0.01
+    overcommit: float = 1.0  # sync: dispatch ceil(K * overcommit), keep the first K to finish
+    dropout: float = 0.0  # probability that a dispatched client fails and never reports
+    deadline_s: float = 0.0  # sync: simulated seconds after which a round closes (0: none)
+    quorum: float = 1.0  # sync: fraction of K needed to close a round at its deadline
+    concurrency: int = 0  # async: clients in flight; 0 means clients_per_round
+
+
+@dataclass
 class RuntimeConfig:
-    engine: str = "sequential"
-    num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    engine: str = "ray"  # ray (the distributed runtime) | sequential (the in-process reference)
+    num_threads: int = 0  # torch intra-op threads per process; 0 leaves the default (Ray workers: cpus_per_worker)
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # fractional: 0.25 puts four workers on one GPU
+    queue_per_worker: int = 1  # tasks queued on a worker beyond the one it runs
+    max_update_norm: float = 0.0  # reject updates whose L2 norm exceeds this (0: no bound)
+    address: Optional[str] = None  # Ray cluster; default RAY_ADDRESS, else a local instance
 
 
 @dataclass
@@ -146,6 +183,7 @@ class ExperimentConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -165,11 +203,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "partition.scheme": ("iid", "dirichlet", "quantity"),
     "training.lr_schedule": ("constant", "cosine"),
     "algorithm.server.weighting": ("auto", "samples", "uniform"),
-    "runtime.engine": ("sequential",),
+    "runtime.engine": ("ray", "sequential"),
     "output.progress": ("auto", "always", "never"),
 }
 
 POSITIVE = (
+    "runtime.num_workers", "algorithm.server.buffer_size",
     "model.lora.r", "model.lora.alpha", "data.num_train", "data.num_test", "data.image_size",
     "data.max_length", "partition.num_clients", "training.batch_size", "training.lr",
     "eval.every", "eval.batch_size", "eval.max_new_tokens",
@@ -178,10 +217,12 @@ NON_NEGATIVE = (
     "federation.rounds", "federation.clients_per_round", "training.local_epochs", "training.local_steps",
     "training.weight_decay", "training.max_grad_norm", "training.min_lr", "algorithm.client.mu",
     "algorithm.client.weight", "algorithm.client.window", "algorithm.server.tau", "eval.max_samples",
-    "runtime.num_threads", "partition.min_samples",
+    "runtime.num_threads", "partition.min_samples", "runtime.cpus_per_worker", "runtime.gpus_per_worker",
+    "runtime.queue_per_worker", "runtime.max_update_norm", "algorithm.server.staleness_exponent",
+    "algorithm.server.max_staleness",
 )
 UNIT_INTERVAL = ("model.lora.dropout", "federation.fraction", "training.beta1", "training.beta2",
-                 "algorithm.server.beta1", "algorithm.server.beta2")
+                 "algorithm.server.beta1", "algorithm.server.beta2", "algorithm.server.mixing")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -203,6 +244,7 @@ def validate(cfg: ExperimentConfig) -> None:
     """Check ranges, choices and combinations that the type system cannot express."""
     from fedsim.algorithms import CLIENT_STRATEGIES, SERVER_STRATEGIES
     from fedsim.data import DATASETS
+    from fedsim.scheduler import check_scheduler_config
 
     for key, allowed in CHOICES.items():
         _check_choice(key, _get(cfg, key), allowed)
@@ -218,6 +260,9 @@ def validate(cfg: ExperimentConfig) -> None:
     for key in UNIT_INTERVAL:
         if not 0 <= _get(cfg, key) <= 1:
             _fail(key, _get(cfg, key), "a value in [0, 1]")
+    check_scheduler_config(cfg.scheduler)
+    if not cfg.algorithm.server.mixing > 0:
+        _fail("algorithm.server.mixing", cfg.algorithm.server.mixing, "a value in (0, 1]")
     if cfg.algorithm.server.lr is not None and not cfg.algorithm.server.lr > 0:
         _fail("algorithm.server.lr", cfg.algorithm.server.lr, "a value > 0 or null")
     if cfg.training.local_epochs == 0 and cfg.training.local_steps == 0:
@@ -238,16 +283,21 @@ def validate(cfg: ExperimentConfig) -> None:
         _fail("model.lora.target_modules", [], "a non-empty list, or model.lora.target_regex")
 
 
-def _schema_error(err: OmegaConfBaseException, source: str) -> ConfigError:
-    key = getattr(err, "full_key", None) or "?"
+def _section_keys(dotted: str) -> list[str]:
+    """The keys the schema allows under ``dotted`` (empty if it is not a section)."""
+    try:
+        node = OmegaConf.structured(ExperimentConfig)
+        node = OmegaConf.select(node, dotted) if dotted else node
+    except OmegaConfBaseException:
+        return []
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _schema_error(err: OmegaConfBaseException, source: str, key_hint: str = "") -> ConfigError:
+    key = getattr(err, "full_key", None) or key_hint
     if isinstance(err, ConfigKeyError):
         parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.structured(ExperimentConfig)
-        try:
-            node = OmegaConf.select(node, parent) if parent else node
-            valid = list(node.keys()) if isinstance(node, DictConfig) else []
-        except OmegaConfBaseException:
-            valid = []
+        valid = _section_keys(parent)
         hint = difflib.get_close_matches(leaf, valid, n=1)
         msg = f"unknown config key '{key}' in {source}"
         if hint:
@@ -255,9 +305,34 @@ def _schema_error(err: OmegaConfBaseException, source: str) -> ConfigError:
         if valid:
             msg += f"; valid keys here: {', '.join(valid)}"
         return ConfigError(msg)
-    if isinstance(err, ValidationError):
-        return ConfigError(f"config key '{key}' in {source}: {err.msg}")
-    return ConfigError(f"invalid config in {source}: {err}")
+    # omegaconf appends its own diagnostics after the first line; the first line is the user's business.
+    detail = str(getattr(err, "msg", None) or err).splitlines()[0]
+    if key and _section_keys(key):
+        return ConfigError(f"config key '{key}' in {source} is a section: set its keys "
+                           f"({', '.join(_section_keys(key))}), not a single value")
+    if key:
+        return ConfigError(f"config key '{key}' in {source}: {detail}")
+    return ConfigError(f"invalid config in {source}: {detail}")
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except (OmegaConfBaseException, OSError, ValueError) as err:
+        raise ConfigError(f"config file {path} could not be read as a YAML mapping of config keys: {err}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of config keys at its top level, "
+                          f"not a {type(loaded).__name__}")
+    return loaded
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str, key_hint: str = "") -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        raise _schema_error(err, source, key_hint) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -265,22 +340,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     merged = OmegaConf.structured(ExperimentConfig)
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        except OmegaConfBaseException as err:
-            raise _schema_error(err, str(path)) from None
-        if "name" not in OmegaConf.load(path):
+        loaded = _load_yaml(path)
+        merged = _merge(merged, loaded, str(path))
+        if "name" not in loaded:
             merged.name = path.stem
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as err:
-            raise _schema_error(err, f"override {item!r}") from None
-    cfg: ExperimentConfig = OmegaConf.to_object(merged)
+        key = item.split("=", 1)[0]
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}", key)
+    try:
+        cfg: ExperimentConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _schema_error(err, "the merged config") from None
     validate(cfg)
     return cfg
 

@@ -32,3 +32,17 @@ class ClientUpdate:
 def nbytes(tensors: NamedTensors) -> int:
     """Bytes the tensors occupy on the wire (payload only)."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """One client's local training, as the scheduler dispatches it.
+
+    ``seed_round`` is the coordinate its randomness derives from (the round in synchronous mode, the
+    dispatch number in asynchronous mode), so whichever worker runs it, it trains identically.
+    """
+
+    client_id: int
+    seed_round: int
+    base_version: int
+    lr: float

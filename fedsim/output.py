@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -48,6 +57,18 @@ class RunWriter:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def write_adapter(self, files: dict[str, bytes]) -> None:
+        """Write the adapter's files into ``adapter/`` through a staging folder renamed into place."""
+        staging = Path(tempfile.mkdtemp(dir=self.dir, prefix=".adapter-"))
+        try:
+            for name, content in files.items():
+                (staging / name).write_bytes(content)
+            if self.adapter_dir.exists():
+                shutil.rmtree(self.adapter_dir)
+            os.replace(staging, self.adapter_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")

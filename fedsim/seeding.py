@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 
-STREAMS = {"data": 1, "partition": 2, "lora_init": 3, "cohort": 4, "client": 5}
+STREAMS = {"data": 1, "partition": 2, "lora_init": 3, "cohort": 4, "client": 5,
+           # fedsim.scheduler: device draws, availability, dropouts, async dispatch picks
+           "device": 11, "availability": 12, "dropout": 13, "dispatch": 14, "async_dropout": 15}
 
 
 def derive_seed(seed: int, stream: str, *parts: int) -> int:
     """A 63-bit seed for ``stream`` (a name in STREAMS) and integer coordinates such as (round, client)."""
-    words = np.random.SeedSequence([seed, STREAMS[stream], *parts]).generate_state(2, dtype=np.uint32)
+    if not all(0 <= p < 2**32 for p in (seed, *parts)):
+        raise ValueError(f"seed and coordinates must be in [0, 2**32): seed={seed}, coordinates={parts}")
+    # The count of coordinates goes in too: SeedSequence would otherwise equate (1, 0) with (1,).
+    entropy = [seed, STREAMS[stream], len(parts), *parts]
+    words = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return int((int(words[0]) << 31) ^ int(words[1])) & (2**63 - 1)
 
 

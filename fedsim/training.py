@@ -22,6 +22,8 @@ def round_lr(cfg: TrainingConfig, round_idx: int, rounds: int) -> float:
 
 def batch_indices(indices: np.ndarray, cfg: TrainingConfig, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Shuffled mini-batches of a client's shard: ``local_epochs`` passes, or exactly ``local_steps`` batches."""
+    if len(indices) == 0:
+        raise ValueError("a client with no samples cannot train; check partition.min_samples")
     if cfg.local_steps > 0:
         produced = 0
         while produced < cfg.local_steps:
@@ -36,6 +38,15 @@ def batch_indices(indices: np.ndarray, cfg: TrainingConfig, rng: np.random.Gener
             order = rng.permutation(indices)
             for start in range(0, len(order), cfg.batch_size):
                 yield order[start:start + cfg.batch_size]
+
+
+def samples_per_task(shard_size: int, cfg: TrainingConfig) -> int:
+    """Samples one local training goes through: known before training, it is the modeled compute cost."""
+    if cfg.local_steps > 0:
+        full, rest = divmod(shard_size, cfg.batch_size)
+        batch_sizes = [cfg.batch_size] * full + ([rest] if rest else [])
+        return sum(batch_sizes[i % len(batch_sizes)] for i in range(cfg.local_steps))
+    return shard_size * cfg.local_epochs
 
 
 def train_locally(

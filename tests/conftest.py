@@ -25,3 +25,13 @@ def small_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
         "output.progress=never", f"output.dir={tmp_path / 'run'}",
     ]
     return load_config(REPO / "experiments" / "quickstart.yaml", base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole session, with two logical GPUs on this CPU machine."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -225,3 +225,20 @@ def test_to_yaml_round_trip(tmp_path):
     assert load_config(path) == cfg
     # The regex with backslashes survives YAML quoting.
     assert load_config(path).model.lora.target_regex == cfg.model.lora.target_regex
+
+
+def test_a_section_set_to_a_scalar_names_the_section_and_its_keys():
+    message = _error(["model=3"])
+    assert "'model'" in message and "section" in message and "load_in_4bit" in message
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "3\n"])
+def test_a_yaml_file_that_is_not_a_mapping_is_a_config_error(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+
+
+def test_type_error_message_is_one_line():
+    assert "\n" not in _error(["federation.rounds=abc"])

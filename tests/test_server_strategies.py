@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import weakref
 
 import pytest
 import torch
 
 from fedsim.algorithms import SERVER_STRATEGIES, ServerStrategy, build_server_strategy
+from fedsim.algorithms.server import FIXED_POINT_BITS
 from fedsim.config import ServerAlgoConfig
 from fedsim.messages import ClientUpdate
 
@@ -33,9 +35,13 @@ def close(t: torch.Tensor, expected) -> bool:
     return torch.allclose(t, torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=1e-7)
 
 
+SYNCHRONOUS = sorted(name for name, cls in SERVER_STRATEGIES.items() if not cls.asynchronous)
+
+
 def test_registry_names_match_config() -> None:
     assert set(SERVER_STRATEGIES) == {"fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam",
-                                      "scaffold", "local_only", "zero_shot"}
+                                      "scaffold", "local_only", "zero_shot", "fedbuff", "fedasync"}
+    assert {n for n, c in SERVER_STRATEGIES.items() if c.asynchronous} == {"fedbuff", "fedasync"}
     with pytest.raises(ValueError, match="algorithm.server.name"):
         build_server_strategy(ServerAlgoConfig(name="fedsgd"), 4)
 
@@ -242,7 +248,7 @@ def test_float32_cpu_from_other_dtypes() -> None:
     assert out.dtype == torch.float32 and close(out, [1.5, 2.25])
 
 
-@pytest.mark.parametrize("name", sorted(SERVER_STRATEGIES))
+@pytest.mark.parametrize("name", SYNCHRONOUS)
 def test_state_dict_round_trip(name: str, tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -282,3 +288,108 @@ def test_state_dict_refuses_pending_updates() -> None:
     s.accumulate(upd([1.0, 1.0]), 1.0)
     with pytest.raises(RuntimeError, match="finalize"):
         s.state_dict()
+
+
+# ----------------------------------------------------------------------------- exact, order-independent sums
+SHAPES = {"a": (7, 5), "b": (13,), "c": (3, 4, 2)}
+
+
+def random_updates(seed: int, count: int = 50) -> list[ClientUpdate]:
+    g = torch.Generator().manual_seed(seed)
+    updates = []
+    for i in range(count):
+        scale = 10.0 ** float(torch.randint(-4, 1, (1,), generator=g))  # deltas from 1e-4 to 1 in size
+        delta = {k: torch.randn(shape, generator=g) * scale for k, shape in SHAPES.items()}
+        extras = {f"control/{k}": torch.randn(shape, generator=g) for k, shape in SHAPES.items()}
+        n = int(torch.randint(1, 500, (1,), generator=g))
+        updates.append(ClientUpdate(client_id=i, delta=delta, num_samples=n, extras=extras))
+    return updates
+
+
+def run_in_order(name: str, updates: list[ClientUpdate], order: list[int]) -> dict[str, torch.Tensor]:
+    s = build_server_strategy(ServerAlgoConfig(name=name, weighting="samples"), 100)
+    s.init({k: torch.zeros(shape) for k, shape in SHAPES.items()})
+    weights = random.Random(7).sample(range(1, 10_000), len(updates))  # one random float weight per update
+    for i in order:
+        s.accumulate(updates[i], weights[i] / 37.0)
+    out = s.finalize()
+    out.update(s.broadcast_extras())
+    return out
+
+
+@pytest.mark.parametrize("name", ["fedavg", "scaffold", "fedadam"])
+def test_accumulation_is_bitwise_order_independent(name: str) -> None:
+    updates = random_updates(seed=0)
+    rng = random.Random(1)
+    orders = [list(range(len(updates)))] + [rng.sample(range(len(updates)), len(updates)) for _ in range(5)]
+    results = [run_in_order(name, updates, order) for order in orders]
+    for other in results[1:]:
+        assert other.keys() == results[0].keys()
+        assert all(torch.equal(other[k], results[0][k]) for k in other)
+
+
+def test_exact_mean_matches_float64_and_float32_sums_would_not_be_order_independent() -> None:
+    updates = random_updates(seed=2)
+    weights = random.Random(7).sample(range(1, 10_000), len(updates))
+    weights = [w / 37.0 for w in weights]
+    result = run_in_order("fedavg", updates, list(range(len(updates))))
+    total = sum(weights)
+    for k in SHAPES:
+        ref = sum(w * u.delta[k].double() for w, u in zip(weights, updates)) / total
+        # fixed-point rounding: at most 2**-(bits+1) per term, hence per element of the mean
+        assert (result[k].double() - ref).abs().max() <= 2.0 ** -FIXED_POINT_BITS + ref.abs().max() * 2.0 ** -23
+    # the test above has teeth: a float32 running sum does depend on the order
+    naive = []
+    for order in (range(len(updates)), reversed(range(len(updates)))):
+        acc = torch.zeros(SHAPES["a"])
+        for i in order:
+            acc.add_(updates[i].delta["a"], alpha=weights[i])
+        naive.append(acc)
+    assert not torch.equal(naive[0], naive[1])
+
+
+def test_overflow_is_an_error_naming_the_tensor_and_leaves_no_trace() -> None:
+    s = make("fedavg")
+    with pytest.raises(OverflowError, match=r"'w'.*uniform weighting"):
+        s.accumulate(upd([1e10, 0.0]), 1.0)  # a single term beyond 2**30
+    assert s.pending == 0
+    s.accumulate(upd([6e8, 1.0]), 1.0)
+    with pytest.raises(OverflowError, match=r"running weighted sum.*'w'|'w'.*running weighted sum"):
+        s.accumulate(upd([6e8, 1.0]), 1.0)  # 1.2e9 > 2**30 ≈ 1.07e9
+    assert s.pending == 1
+    s.accumulate(upd([-6e8, 3.0]), 1.0)
+    assert close(s.finalize()["w"], [0.0, 2.0])
+
+
+def test_scaffold_control_overflow_leaves_no_trace() -> None:
+    s = make("scaffold")
+    s.accumulate(upd([1.0, 1.0], control__w=[6e8, 0.0]), 1.0)
+    with pytest.raises(OverflowError, match="control/w"):
+        s.accumulate(upd([1.0, 1.0], control__w=[6e8, 0.0]), 1.0)
+    assert s.pending == 1 and int(s._sum["w"][0]) == 2 ** FIXED_POINT_BITS
+
+
+def test_non_finite_and_invalid_weights_are_rejected() -> None:
+    s = make("fedavg")
+    with pytest.raises(ValueError, match="'w'.*non-finite"):
+        s.accumulate(upd([float("nan"), 0.0]), 1.0)
+    with pytest.raises(ValueError, match="weight"):
+        s.accumulate(upd([1.0, 0.0]), float("inf"))
+    with pytest.raises(ValueError, match="weight"):
+        s.accumulate(upd([1.0, 0.0]), -1.0)
+    assert s.pending == 0
+
+
+def test_running_sum_is_int64_fixed_point() -> None:
+    s = make("fedavg")
+    s.accumulate(upd([0.5, -0.25]), 3.0)
+    assert s._sum["w"].dtype == torch.int64
+    assert s._sum["w"].tolist() == [int(1.5 * 2 ** FIXED_POINT_BITS), int(-0.75 * 2 ** FIXED_POINT_BITS)]
+
+
+def test_flush_finalizes_pending_updates_of_synchronous_strategies() -> None:
+    s = make("fedavg", x0=(1.0, 2.0))
+    assert not s.flush() and s.version == 0
+    s.accumulate(upd([1.0, 1.0]), 1.0)
+    assert s.flush() and s.version == 1 and s.pending == 0
+    assert close(s.global_weights["w"], [2.0, 3.0])

@@ -1,18 +1,20 @@
 """Federated algorithms: server strategies (aggregation rules) and client strategies (local-loss terms).
 
 Each kind has one registry keyed by the name a YAML config uses (``algorithm.server.name``,
-``algorithm.client.name``).
+``algorithm.client.name``). Asynchronous server strategies (``fedbuff``, ``fedasync``) share the server
+registry and say so with ``ServerStrategy.asynchronous``.
 """
 
 from __future__ import annotations
 
+from fedsim.algorithms.asynchronous import AsyncServerStrategy
 from fedsim.algorithms.client import CLIENT_STRATEGIES, ClientStrategy, LocalContext
 from fedsim.algorithms.server import SERVER_STRATEGIES, ServerStrategy
 from fedsim.config import ClientAlgoConfig, ServerAlgoConfig
 
 __all__ = [
-    "CLIENT_STRATEGIES", "SERVER_STRATEGIES", "ClientStrategy", "ServerStrategy", "LocalContext",
-    "build_client_strategy", "build_server_strategy",
+    "CLIENT_STRATEGIES", "SERVER_STRATEGIES", "ClientStrategy", "ServerStrategy", "AsyncServerStrategy",
+    "LocalContext", "build_client_strategy", "build_server_strategy",
 ]
 
 

@@ -2,11 +2,14 @@
 
 Every strategy keeps a running weighted sum of the deltas of the current round (memory does not grow
 with the number of updates), and on ``finalize`` applies its rule to the weighted mean delta Δ.
-All server arithmetic is float32 on CPU.
+The running sum is exact fixed-point integer arithmetic, so the mean does not depend on the order in
+which updates arrive; the server rules themselves are float32 on CPU.
 """
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import ClassVar
 
 import torch
@@ -17,6 +20,19 @@ from fedsim.messages import ClientUpdate, NamedTensors
 SERVER_STRATEGIES: dict[str, type[ServerStrategy]] = {}
 
 WEIGHTINGS = ("samples", "uniform")
+
+# Running sums hold round(weight * delta * 2**FIXED_POINT_BITS) as int64 (the product taken in float64),
+# so they are exact and order-independent: integer addition is associative, float addition is not, and
+# every step is elementwise IEEE arithmetic, so the result is the same bits on any machine or thread count.
+# Why 32 fractional bits: one term's rounding error is at most 2**-33 ≈ 1.2e-10, no more than float32's
+# own rounding of any value above ~2e-3, and the mean's error is at most 2**-33 · count / total weight
+# (≤ 2**-33 when weights are ≥ 1, e.g. sample counts). Small deltas pay: at 1e-4 (a few lr-2e-5 Adam steps)
+# the relative error is ~1e-6, coarser than float32's 6e-8 but far below client-sampling noise; elements of
+# weight·delta below ~1e-10 vanish. The other 30 bits, under the 2**62 bound, give weighted sums a range of
+# ±2**30 ≈ 1.07e9 (1e6 samples times a delta of 1000); the bound leaves a bit of headroom so that adding two
+# in-range values cannot wrap before the overflow check.
+FIXED_POINT_BITS = 32
+FIXED_POINT_LIMIT = 2 ** 62
 
 
 def register(cls: type[ServerStrategy]) -> type[ServerStrategy]:
@@ -32,6 +48,51 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32, copy=True)
 
 
+def to_fixed(t: torch.Tensor, weight: float, what: str) -> torch.Tensor:
+    """``round(weight * t * 2**FIXED_POINT_BITS)`` as a new int64 CPU tensor (product taken in float64)."""
+    scaled = t.detach().to("cpu", torch.float64).mul(weight).mul_(2.0 ** FIXED_POINT_BITS).round_()
+    if not torch.isfinite(scaled).all():
+        raise ValueError(f"{what} has non-finite values (NaN or Inf); it cannot be aggregated")
+    if scaled.numel() and scaled.abs().max().item() > FIXED_POINT_LIMIT:
+        raise OverflowError(_overflow_message(what, weight))
+    return scaled.to(torch.int64)
+
+
+def from_fixed(total_sum: torch.Tensor, divisor: Fraction | int | float) -> torch.Tensor:
+    """The float32 mean ``(total_sum / 2**FIXED_POINT_BITS) / divisor`` of a fixed-point sum."""
+    return (total_sum.to(torch.float64) / 2.0 ** FIXED_POINT_BITS / float(divisor)).to(torch.float32)
+
+
+def check_fixed_add(acc: NamedTensors, terms: NamedTensors, what: str, weight: float, prefix: str = "") -> None:
+    """Raise OverflowError, changing nothing, if ``acc[k] + terms[k]`` would leave ±2**62 for any name."""
+    for k, q in terms.items():
+        if k not in acc:
+            continue  # ``to_fixed`` already bounded the term itself
+        # Both operands are within ±2**62, so the sum is within [-2**63, 2**63]; only +2**63 wraps, to
+        # -2**63, which the lower bound catches.
+        new = acc[k] + q
+        if new.numel() and (new.max().item() > FIXED_POINT_LIMIT or new.min().item() < -FIXED_POINT_LIMIT):
+            raise OverflowError(_overflow_message(f"{what} {prefix + k!r}", weight, running=True))
+
+
+def add_fixed(acc: NamedTensors, terms: NamedTensors) -> None:
+    """``acc[k] += terms[k]`` in place; a name seen for the first time takes ``terms[k]`` itself."""
+    for k, q in terms.items():
+        if k in acc:
+            acc[k].add_(q)
+        else:
+            acc[k] = q
+
+
+def _overflow_message(what: str, weight: float, running: bool = False) -> str:
+    bound = 2.0 ** (math.log2(FIXED_POINT_LIMIT) - FIXED_POINT_BITS)
+    where = "brings the running weighted sum beyond" if running else "is beyond"
+    return (f"{what} times weight {weight:g} {where} the exact fixed-point range (each element of a "
+            f"weighted sum must stay within ±{bound:.3g}, i.e. ±2**62 after scaling by "
+            f"2**{FIXED_POINT_BITS}); use uniform weighting (algorithm.server.weighting=uniform) "
+            "or smaller weights")
+
+
 class ServerStrategy:
     """Running weighted mean of client deltas plus a server rule applied by ``finalize``.
 
@@ -44,6 +105,7 @@ class ServerStrategy:
     default_weighting: ClassVar[str] = "samples"
     personalized: ClassVar[bool] = False  # the engine keeps each client's own adapter
     trains: ClassVar[bool] = True  # False: clients are never trained (zero-shot evaluation)
+    asynchronous: ClassVar[bool] = False  # True: driven update by update with ``offer`` (see asynchronous.py)
 
     def __init__(self, cfg: ServerAlgoConfig, num_clients: int) -> None:
         self.cfg = cfg
@@ -89,15 +151,24 @@ class ServerStrategy:
         return float(update.num_samples) if self.weighting == "samples" else 1.0
 
     def accumulate(self, update: ClientUpdate, weight: float) -> None:
-        """Add ``weight * update.delta`` to the round's running sum."""
+        """Add ``weight * update.delta`` to the round's running sum (exactly: the order does not matter)."""
         self._check_update(update)
-        if not weight >= 0:
-            raise ValueError(f"update from client {update.client_id}: weight must be >= 0, got {weight}")
-        if not self._sum:
-            self._sum = {k: torch.zeros_like(v) for k, v in self.weights.items()}
-        for k, d in update.delta.items():
-            self._sum[k].add_(d.detach().to("cpu", torch.float32), alpha=weight)
-        self._total += weight
+        self._add_exact(update, weight, weight)
+
+    def _add_exact(self, update: ClientUpdate, weight: float, total_weight: float) -> None:
+        """Add ``weight * delta`` to the fixed-point sum and ``total_weight`` to the exact total.
+
+        All checks run before anything changes, so a rejected update leaves no trace.
+        """
+        for w in (weight, total_weight):
+            if not (w >= 0 and math.isfinite(w)):
+                raise ValueError(f"update from client {update.client_id}: weight must be finite and >= 0, "
+                                 f"got {w}")
+        what = f"update from client {update.client_id}: delta"
+        terms = {k: to_fixed(d, weight, f"{what} {k!r}") for k, d in update.delta.items()}
+        check_fixed_add(self._sum, terms, what, weight)
+        add_fixed(self._sum, terms)
+        self._total += Fraction(total_weight)  # floats convert to fractions exactly
         self._count += 1
 
     @property
@@ -112,14 +183,27 @@ class ServerStrategy:
         """
         if self._count == 0:
             return self.global_weights
-        if self._total <= 0:
-            raise ValueError(f"{self._count} updates accumulated with total weight {self._total}; "
-                             "cannot take their weighted mean (all clients had 0 samples?)")
-        mean = {k: s / self._total for k, s in self._sum.items()}
-        self.apply(mean)
+        self.apply(self._mean())
         self._reset_round()
         self.version += 1
         return self.global_weights
+
+    def flush(self) -> bool:
+        """Apply whatever is pending (here: ``finalize`` if updates are pending); True if anything was.
+
+        Asynchronous strategies apply a partial buffer; every strategy can be flushed at the end of a run.
+        """
+        if not self._count:
+            return False
+        self.finalize()
+        return True
+
+    def _mean(self) -> NamedTensors:
+        """The weighted mean delta ``(sum / 2**FIXED_POINT_BITS) / total`` as float32 tensors."""
+        if self._total <= 0:
+            raise ValueError(f"{self._count} updates accumulated with total weight {float(self._total)}; "
+                             "cannot take their weighted mean (all clients had 0 samples?)")
+        return {k: from_fixed(s, self._total) for k, s in self._sum.items()}
 
     def apply(self, mean_delta: NamedTensors) -> None:
         """The server rule: update ``self.weights`` in place from the mean delta Δ."""
@@ -132,6 +216,9 @@ class ServerStrategy:
         if self._count:
             raise RuntimeError(f"state_dict() called with {self._count} pending updates; "
                                "call finalize() first (checkpoints are taken between rounds)")
+        return self._base_state()
+
+    def _base_state(self) -> NamedTensors:
         state = {f"global/{k}": v.clone() for k, v in self.weights.items()}
         for slot, tensors in self.slots.items():
             state.update({f"{slot}/{k}": v.clone() for k, v in tensors.items()})
@@ -155,16 +242,21 @@ class ServerStrategy:
                                      f"expected {tuple(v.shape)}")
                 v.copy_(state[key])
                 expected.add(key)
+        expected |= self._load_extra_state(state)
         unknown = sorted(set(state) - expected)
         if unknown:
             raise ValueError(f"server state for {self.name!r} has unexpected entries: {unknown[:5]}")
         self.version = int(state["version"])
 
+    def _load_extra_state(self, state: NamedTensors) -> set[str]:
+        """Restore entries beyond weights, slots and version; return the keys consumed (none here)."""
+        return set()
+
     # ----------------------------------------------------------------- helpers
     def _reset_round(self) -> None:
         # Zeroed lazily on the first accumulate so an idle strategy holds no second copy.
-        self._sum: NamedTensors = {}
-        self._total = 0.0
+        self._sum: NamedTensors = {}  # int64 fixed-point sums, see FIXED_POINT_BITS
+        self._total = Fraction(0)
         self._count = 0
 
     def _require_init(self) -> None:
@@ -281,7 +373,8 @@ class Scaffold(ServerStrategy):
     """SCAFFOLD (Karimireddy et al.): x ← x + η Δ;  c ← c + (|S|/N) · mean_{i∈S} Δc_i.
 
     Δc_i arrive in ``update.extras["control/<name>"]`` and are averaged uniformly over the round's
-    |S| updates; N = num_clients. Clients receive c as ``{"control/<name>": c}``.
+    |S| updates (summed exactly, like the deltas); N = num_clients. Clients receive c as
+    ``{"control/<name>": c}``.
     """
 
     name = "scaffold"
@@ -296,19 +389,18 @@ class Scaffold(ServerStrategy):
     def accumulate(self, update: ClientUpdate, weight: float) -> None:
         controls = {k: v for k, v in update.extras.items() if k.startswith(self.PREFIX)}
         self._require_init()
-        _check_named(controls, self.weights, f"update from client {update.client_id}: extras",
-                     prefix=self.PREFIX)
-        super().accumulate(update, weight)
-        if not self._control_sum:
-            self._control_sum = {k: torch.zeros_like(w) for k, w in self.weights.items()}
-        for k in self.weights:
-            self._control_sum[k].add_(controls[self.PREFIX + k].detach().to("cpu", torch.float32))
+        what = f"update from client {update.client_id}: extras"
+        _check_named(controls, self.weights, what, prefix=self.PREFIX)
+        terms = {k: to_fixed(controls[self.PREFIX + k], 1.0, f"{what} {self.PREFIX + k!r}") for k in self.weights}
+        check_fixed_add(self._control_sum, terms, what, 1.0, prefix=self.PREFIX)
+        super().accumulate(update, weight)  # checks everything before changing anything
+        add_fixed(self._control_sum, terms)
 
     def apply(self, mean_delta: NamedTensors) -> None:
         share = self._count / self.num_clients  # |S| / N
         for k, d in mean_delta.items():
             self.weights[k].add_(d, alpha=self.lr)
-            self.slots["control"][k].add_(self._control_sum[k] / self._count, alpha=share)
+            self.slots["control"][k].add_(from_fixed(self._control_sum[k], self._count), alpha=share)
 
     def _reset_round(self) -> None:
         super()._reset_round()

@@ -1,8 +1,11 @@
 """Prompts through the processor's chat template, and batches with the loss on answer tokens only.
 
 Each sample is processed alone (text + its image, if any) and the results are padded together, so one
-code path serves batches that mix image+text, text-only and image-only samples, for any processor whose
-vision inputs concatenate along the first dimension (LLaVA, Qwen2-VL, Gemma3 families).
+code path serves batches that mix image+text, text-only and image-only samples. Vision inputs are
+concatenated along the first dimension (LLaVA, Gemma3: one row per image; Qwen2-VL: patches, with one
+``image_grid_thw`` row per image); where samples differ in the other dimensions (Idefics3/SmolVLM:
+``(1, images, C, H, W)`` with a varying number of image crops) they are zero-padded first, as the
+processor itself pads a batch: the model drops all-zero images and ``pixel_attention_mask`` marks padding.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import torch
 from fedsim.data.schema import OPTION_LETTERS
 
 IGNORE_INDEX = -100
-TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+TEXT_KEYS = ("input_ids", "attention_mask")
+# Per-token type ids (0 = text) that some models need next to input_ids: Qwen2-VL's M-RoPE positions,
+# Gemma3's bidirectional attention over image tokens.
+TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
 
 
 def user_text(sample: dict) -> str:
@@ -55,6 +61,19 @@ def answer_token_ids(processor: Any, sample: dict) -> list[int]:
     return processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
 
 
+def concat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding every other dimension (at its end) to the largest size."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        if list(t.shape[1:]) != shape:
+            out = t.new_zeros((t.shape[0], *shape))
+            out[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
+            t = out
+        padded.append(t)
+    return torch.cat(padded)
+
+
 class Collator:
     """Turns schema samples into model inputs.
 
@@ -78,15 +97,18 @@ class Collator:
         encoded = dict(self.processor(text=prompt, images=images, return_tensors="pt", add_special_tokens=False))
         ids = encoded["input_ids"][0]
         labels = torch.full_like(ids, IGNORE_INDEX)
+        token_types = {k: encoded[k][0] for k in TOKEN_TYPE_KEYS if k in encoded}
         if self.train:
             answer_ids = torch.tensor(self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"],
                                       dtype=ids.dtype)
             ids = torch.cat([ids, answer_ids])
             labels = torch.cat([labels, answer_ids])
+            token_types = {k: torch.cat([t, torch.zeros_like(answer_ids, dtype=t.dtype)])  # answers are text
+                           for k, t in token_types.items()}
         if ids.numel() > self.max_length:
             raise ValueError(f"a sample needs {ids.numel()} tokens, more than data.max_length={self.max_length}; "
                              "raise data.max_length")
-        encoded["input_ids"], encoded["labels"] = ids, labels
+        encoded.update(token_types, input_ids=ids, labels=labels)
         return encoded
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -97,9 +119,12 @@ class Collator:
         batch["attention_mask"] = self._pad([torch.ones_like(e["input_ids"]) for e in encoded], width, 0)
         if self.train:
             batch["labels"] = self._pad([e["labels"] for e in encoded], width, IGNORE_INDEX)
-        vision_keys = {k for e in encoded for k in e} - set(TEXT_KEYS) - {"labels"}
+        for key in TOKEN_TYPE_KEYS:
+            if any(key in e for e in encoded):  # a text-only sample may lack them: all text, type 0
+                batch[key] = self._pad([e.get(key, torch.zeros_like(e["input_ids"])) for e in encoded], width, 0)
+        vision_keys = {k for e in encoded for k in e} - set(TEXT_KEYS) - set(TOKEN_TYPE_KEYS) - {"labels"}
         for key in sorted(vision_keys):
-            batch[key] = torch.cat([e[key] for e in encoded if key in e])
+            batch[key] = concat_padded([e[key] for e in encoded if key in e])
         return batch
 
     def _pad(self, rows: list[torch.Tensor], width: int, value: int) -> torch.Tensor:

@@ -150,6 +150,8 @@ def generate(task: str, num_samples: int, split: str, seed: int, image_size: int
     """``num_samples`` samples of ``task``; each split draws from its own seeded stream."""
     if task not in GENERATORS:
         raise ValueError(f"unknown synthetic task {task!r}; expected one of {sorted(GENERATORS)}")
+    if split not in SPLIT_STREAMS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_STREAMS)}")
     rng = np.random.default_rng([seed, SPLIT_STREAMS[split], list(GENERATORS).index(task)])
     rows = [GENERATORS[task](rng, image_size) for _ in range(num_samples)]
     columns = {key: [row[key] for row in rows] for key in FEATURES}

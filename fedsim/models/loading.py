@@ -6,6 +6,7 @@ local folder first), so the tiny model exercises exactly the code a real 8B mode
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ from typing import Any
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, ProcessorMixin
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+from transformers.utils import is_torchvision_available
 
 from fedsim.config import ModelConfig
 
@@ -63,6 +66,40 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return str(Path(cfg.name).expanduser()) if looks_local else cfg.name
 
 
+@functools.cache
+def without_video_processor(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """``processor_class`` with its video processor left out (images and text only).
+
+    In transformers 5 every video processor needs torchvision, and processors such as Qwen2-VL's and
+    SmolVLM's refuse to be built without one; fedsim never feeds videos, so it drops that part instead.
+    """
+
+    class ImageOnlyProcessor(processor_class):
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return [name for name in super().get_attributes() if name != "video_processor"]
+
+        @classmethod
+        def from_args_and_dict(cls, args: list, processor_dict: dict, **kwargs: Any) -> ProcessorMixin:
+            # __init__ still takes a video processor (SmolVLM's requires one): None in its place.
+            index = processor_class.get_attributes().index("video_processor")
+            return super().from_args_and_dict([*args[:index], None, *args[index:]], processor_dict, **kwargs)
+
+    # Saved folders must name the real class, so that AutoProcessor can load them again.
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_class.__name__
+    return ImageOnlyProcessor
+
+
+def load_processor(path: str, model_config: Any, trust_remote_code: bool) -> Any:
+    """AutoProcessor, or the image-only variant of the model's processor when torchvision is missing."""
+    processor_class = PROCESSOR_MAPPING[type(model_config)] if type(model_config) in PROCESSOR_MAPPING else None
+    if (processor_class is not None and not is_torchvision_available()
+            and "video_processor" in processor_class.get_attributes()):
+        log.info("torchvision is not installed: loading %s without its video processor", processor_class.__name__)
+        return without_video_processor(processor_class).from_pretrained(path)
+    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def load_backbone(cfg: ModelConfig) -> tuple[torch.nn.Module, Any, torch.device]:
     """The frozen (4-bit unless disabled) backbone and its processor, without adapters."""
     path = resolve_model_path(cfg)
@@ -76,7 +113,7 @@ def load_backbone(cfg: ModelConfig) -> tuple[torch.nn.Module, Any, torch.device]
     model = AutoModelForImageTextToText.from_pretrained(
         path, quantization_config=quantization, dtype=dtype, device_map={"": device},
         trust_remote_code=cfg.trust_remote_code)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    processor = load_processor(path, model.config, cfg.trust_remote_code)
     model.requires_grad_(False)
     # Stay in train mode: on CPUs with AVX512-BF16 an eval-mode no-grad forward repacks bitsandbytes 4-bit
     # weights for inference for good, and training afterwards fails. Evaluation turns dropout off instead.

@@ -1,0 +1,71 @@
+"""The server side of a run: the update guard in front of a server strategy.
+
+A plain object, testable without Ray; the Ray aggregator actor is a thin shell around it. Updates are taken
+one at a time and folded into the strategy's running sum (or buffer), so memory is O(adapter size)
+whatever the cohort size.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from fedsim.algorithms import ServerStrategy
+from fedsim.guard import UpdateGuard
+from fedsim.messages import ClientUpdate, NamedTensors
+from fedsim.models.adapter import adapter_sha256
+
+ACCEPTED, REJECTED, STALE = "accepted", "rejected", "stale"
+
+
+class Aggregator:
+    def __init__(self, strategy: ServerStrategy, guard: UpdateGuard):
+        self.strategy = strategy
+        self.guard = guard
+        self.outcomes: Counter[str] = Counter()
+
+    def init(self, weights: NamedTensors) -> None:
+        self.strategy.init(weights)
+
+    @property
+    def version(self) -> int:
+        return self.strategy.version
+
+    def submit(self, update: ClientUpdate) -> str:
+        """Take one update: ``accepted`` (folded in), ``rejected`` (guard) or ``stale`` (async bound)."""
+        if self.guard.check(update) is not None:
+            outcome = REJECTED
+        elif self.strategy.asynchronous:
+            outcome = ACCEPTED if self.strategy.offer(update) else STALE
+        else:
+            self.strategy.accumulate(update, self.strategy.weight_of(update))
+            outcome = ACCEPTED
+        self.outcomes[outcome] += 1
+        return outcome
+
+    def close_round(self) -> int:
+        """Synchronous mode: apply the round's updates; returns the new version."""
+        self.strategy.finalize()
+        return self.strategy.version
+
+    def flush(self) -> int:
+        """Asynchronous mode, end of run: apply a partly filled buffer, if the strategy keeps one."""
+        self.strategy.flush()
+        return self.strategy.version
+
+    def snapshot(self) -> tuple[int, tuple[NamedTensors, NamedTensors]]:
+        """(version, (global weights, extras broadcast to clients))."""
+        return self.strategy.version, (self.strategy.global_weights, self.strategy.broadcast_extras())
+
+    def stats(self) -> dict[str, Any]:
+        staleness = dict(sorted(getattr(self.strategy, "staleness_counts", {}).items()))
+        total = sum(staleness.values())
+        return {
+            "accepted_updates": self.outcomes[ACCEPTED],
+            "rejected_updates": self.outcomes[REJECTED],
+            "rejected_by_reason": dict(self.guard.rejected),
+            "stale_updates": self.outcomes[STALE],
+            "staleness_histogram": {str(s): n for s, n in staleness.items()},
+            "mean_staleness": sum(s * n for s, n in staleness.items()) / total if total else 0.0,
+            "adapter_sha256": adapter_sha256(self.strategy.weights),
+        }

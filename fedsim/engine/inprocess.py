@@ -1,0 +1,86 @@
+"""Client tasks run in this process, one after another, on one resident model."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedsim.client import ClientTrainer, split_state
+from fedsim.evaluation import Evaluator
+from fedsim.messages import ClientTask, ClientUpdate, NamedTensors
+from fedsim.models.adapter import adapter_sha256, save_adapter, set_weights
+
+Published = tuple[NamedTensors, NamedTensors]  # (global weights, extras for clients)
+
+
+def personalized_adapters(states: dict[int, NamedTensors], num_clients: int) -> NamedTensors:
+    """Every client's own adapter under ``client<id>/``, for the run's digest."""
+    return {f"client{c}/{name}": tensor for c in range(num_clients)
+            for name, tensor in (split_state(states.get(c))[0] or {}).items()}
+
+
+def mean_metrics(per_client: list[dict[str, float]]) -> dict[str, float]:
+    return {key: float(np.mean([m[key] for m in per_client])) for key in per_client[0]}
+
+
+class InProcessExecutor:
+    """Tasks train lazily, when their result is asked for, from the version current when they were submitted."""
+
+    def __init__(self, trainer: ClientTrainer, evaluator: Evaluator):
+        self.trainer = trainer
+        self.evaluator = evaluator
+        self.published: Published | None = None
+        self.pending: dict[ClientTask, Published] = {}
+        self.states: dict[int, NamedTensors] = {}
+        self.tasks_done = 0
+
+    def publish(self, version: int, handle: Published) -> None:
+        self.published = handle
+
+    def submit(self, task: ClientTask) -> None:
+        self.pending[task] = self.published
+
+    def result(self, task: ClientTask) -> tuple[ClientUpdate, dict[str, float]]:
+        weights, extras = self.pending.pop(task)
+        update, state = self.trainer.train(task, weights, extras, self.states.get(task.client_id))
+        if state is not None:
+            self.states[task.client_id] = state
+        self.tasks_done += 1
+        return update, {**update.metrics, "num_samples": update.num_samples, "worker": 0}
+
+    def discard(self, task: ClientTask) -> None:
+        self.pending.pop(task, None)
+
+    def _evaluate_weights(self, weights: NamedTensors) -> dict[str, float]:
+        set_weights(self.trainer.loaded.model, weights)
+        return self.evaluator.evaluate(self.trainer.loaded.model)
+
+    def evaluate(self, handle: Published) -> dict[str, float]:
+        return self._evaluate_weights(handle[0])
+
+    def evaluate_personalized(self, num_clients: int, fallback: Published) -> dict[str, float]:
+        """Mean over every client's own adapter; clients never trained hold the initial one."""
+        fallback_metrics = None
+        per_client = []
+        for client in range(num_clients):
+            adapter = split_state(self.states.get(client))[0]
+            if adapter is None:
+                fallback_metrics = fallback_metrics or self.evaluate(fallback)
+                per_client.append(fallback_metrics)
+            else:
+                per_client.append(self._evaluate_weights(adapter))
+        return mean_metrics(per_client)
+
+    def adapter_files(self, handle: Published) -> dict[str, bytes]:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_adapter(self.trainer.loaded.model, handle[0], Path(tmp) / "adapter")
+            return {p.name: p.read_bytes() for p in (Path(tmp) / "adapter").iterdir()}
+
+    def personalized_digest(self, num_clients: int) -> str:
+        return adapter_sha256(personalized_adapters(self.states, num_clients))
+
+    def stats(self) -> dict[str, Any]:
+        return {"workers": [{"worker": 0, "tasks": self.tasks_done, "restarts": 0}]}

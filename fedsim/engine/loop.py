@@ -1,0 +1,290 @@
+"""The federation loop, shared by every engine: scheduler -> client tasks -> aggregator -> metrics.
+
+An engine supplies an ``Executor`` (where client tasks run: in this process, or on Ray workers) and an
+``AggregatorLike`` (the server side: a plain ``Aggregator`` or a Ray actor around one). Updates and global
+versions travel between them as opaque handles (the objects themselves in process, object references on
+Ray), so the loop never holds more than a handle per task in flight.
+
+Every decision (who is selected, who drops out, in which order updates are applied) follows the seed and
+the virtual clock, never the order in which results happen to arrive: the same config gives the same
+adapter on any engine and any number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fedsim.config import ExperimentConfig, to_yaml
+from fedsim.messages import ClientTask
+from fedsim.output import RunWriter
+from fedsim.scheduler import AsyncPlanner, Clock, DeviceProfiles, SyncPlanner, build_availability
+from fedsim.training import round_lr, samples_per_task
+
+log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    """Runs client tasks. ``submit`` queues; ``result`` blocks until that task is done (re-running it
+    elsewhere if its worker died) and commits the client's new state exactly once."""
+
+    def publish(self, version: int, handle: Any) -> None: ...
+    def submit(self, task: ClientTask) -> None: ...
+    def result(self, task: ClientTask) -> tuple[Any, dict[str, float]]: ...
+    def discard(self, task: ClientTask) -> None: ...
+    def evaluate(self, handle: Any) -> dict[str, float]: ...
+    def evaluate_personalized(self, num_clients: int, fallback: Any) -> dict[str, float]: ...
+    def adapter_files(self, handle: Any) -> dict[str, bytes]: ...
+    def personalized_digest(self, num_clients: int) -> str: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+class AggregatorLike(Protocol):
+    def submit(self, update: Any) -> str: ...
+    def close_round(self) -> int: ...
+    def snapshot(self) -> tuple[int, Any]: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Tally:
+    """Counters that end up in summary.json."""
+
+    updates: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    failed: int = 0  # clients that dropped out (dispatched, never reported)
+    late: int = 0  # reported after their round closed
+    no_quorum: int = 0  # of those, reported in time to a round that missed its quorum
+    simulated_s: float = 0.0
+    train_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else float("nan")
+
+
+class FederationLoop:
+    def __init__(self, cfg: ExperimentConfig, writer: RunWriter, executor: Executor, aggregator: AggregatorLike,
+                 shard_sizes: list[int], adapter_bytes: int, personalized: bool, asynchronous: bool):
+        self.cfg = cfg
+        self.writer = writer
+        self.executor = executor
+        self.aggregator = aggregator
+        self.shard_sizes = shard_sizes
+        self.adapter_bytes = adapter_bytes
+        self.personalized = personalized
+        self.asynchronous = asynchronous
+        num_clients = cfg.partition.num_clients
+        self.devices = DeviceProfiles.from_config(cfg.scheduler, num_clients, cfg.seed)
+        self.availability = build_availability(cfg.scheduler, num_clients, cfg.seed)
+        self.clock = Clock(cfg.scheduler, self.devices)
+        self.tally = Tally()
+        self.metrics: dict[str, float] = {}
+        self.initial_handle: Any = None
+        self.zero_shot: dict[str, float] | None = None
+        self.current_version = 0
+
+    # --------------------------------------------------------------------------------------- helpers
+    def bytes_per_task(self) -> tuple[int, int]:
+        """(down, up): a personalized (local-only) client exchanges nothing."""
+        return (0, 0) if self.personalized else (self.adapter_bytes, self.adapter_bytes)
+
+    def modeled_duration(self, client: int) -> float:
+        down, up = self.bytes_per_task()
+        samples = samples_per_task(self.shard_sizes[client], self.cfg.training)
+        return self.clock.task_duration(client, samples, down, up).total_s
+
+    def publish(self) -> Any:
+        version, handle = self.aggregator.snapshot()
+        self.executor.publish(version, handle)
+        return handle
+
+    def evaluate(self, handle: Any) -> dict[str, float]:
+        if self.personalized:
+            return self.executor.evaluate_personalized(self.cfg.partition.num_clients, self.initial_handle)
+        return self.executor.evaluate(handle)
+
+    def log_step(self, step: int, total: int, handle: Any, record: dict[str, Any]) -> None:
+        if step % self.cfg.eval.every == 0 or step == total:
+            self.metrics = record["eval"] = self.evaluate(handle)
+        record["simulated_seconds"] = self.tally.simulated_s
+        self.writer.log_round(record)
+        log.info("round %d/%d: loss %.4f, simulated %.1fs%s", step, total, record.get("train_loss", float("nan")),
+                 self.tally.simulated_s, f", eval {record['eval']}" if "eval" in record else "")
+
+    # --------------------------------------------------------------------------------------- run
+    def run(self, rounds: int) -> None:
+        self.initial_handle = self.publish()
+        if self.cfg.eval.zero_shot or rounds == 0:
+            self.zero_shot = self.executor.evaluate(self.initial_handle)
+            self.metrics = dict(self.zero_shot)
+        disable = {"auto": None, "always": False, "never": True}[self.cfg.output.progress]
+        bar = tqdm(total=rounds, desc="rounds", unit="round", disable=disable)
+        steps = self.run_async(rounds) if self.asynchronous else self.run_sync(rounds)
+        for step in steps:
+            bar.update(1)
+            rate = self.tally.updates / self.tally.train_seconds if self.tally.train_seconds else 0.0
+            bar.set_postfix(round=step, updates_per_s=f"{rate:.2f}", simulated=f"{self.tally.simulated_s:.0f}s")
+        bar.close()
+
+    def run_sync(self, rounds: int) -> Iterator[int]:
+        cfg = self.cfg
+        planner = SyncPlanner(cfg.scheduler, cfg.partition.num_clients, cfg.clients_per_round(), cfg.seed,
+                              self.devices, self.availability)
+        measured = cfg.scheduler.compute_time == "measured"
+        down, up = self.bytes_per_task()
+        for round_idx in range(1, rounds + 1):
+            started = time.perf_counter()
+            selection = planner.select_when_available(round_idx, self.tally.simulated_s)
+            start_s = selection.start_s  # later than now if nobody was available now
+            live = [c for c in selection.dispatched if c not in selection.failed]
+            lr = round_lr(cfg.training, round_idx, rounds)
+            tasks = {c: ClientTask(c, round_idx, self.current_version, lr) for c in live}
+            if measured:  # durations are known only after training: train every live client, then decide
+                to_train = live
+            else:
+                outcome = planner.close(round_idx, start_s, {c: self.modeled_duration(c) for c in live})
+                to_train = outcome.kept
+            for client in to_train:
+                self.executor.submit(tasks[client])
+            results = {c: self.executor.result(tasks[c]) for c in to_train}
+            if measured:
+                finishes = {c: self.clock.task_duration(c, int(m["samples_processed"]), down, up,
+                                                        m["compute_seconds"]).total_s
+                            for c, (_, m) in results.items()}
+                outcome = planner.close(round_idx, start_s, finishes)
+            if not outcome.quorum_met:  # closed at its deadline without a quorum: the round is wasted
+                self.tally.no_quorum += len(outcome.kept)
+                outcome = replace(outcome, kept=[], late=outcome.late + outcome.kept)
+            for client in outcome.kept:  # canonical order; the aggregator's sums are order-independent anyway
+                self.aggregator.submit(results[client][0])
+            self.current_version = self.aggregator.close_round()
+            handle = self.publish()
+
+            self.tally.train_seconds += time.perf_counter() - started
+            self.tally.updates += len(outcome.kept)
+            self.tally.failed += len(selection.failed)
+            self.tally.late += len(outcome.late)
+            round_down = down * len(selection.dispatched)
+            round_up = up * (len(outcome.kept) + len(outcome.late))
+            self.tally.bytes_down += round_down
+            self.tally.bytes_up += round_up
+            self.tally.simulated_s = outcome.end_s
+            losses = [results[c][1]["train_loss"] for c in outcome.kept]
+            record = {"round": round_idx, "clients": list(outcome.kept), "train_loss": mean(losses), "lr": lr,
+                      "failed": len(selection.failed), "late": len(outcome.late),
+                      "bytes_up": round_up, "bytes_down": round_down,
+                      "wall_seconds": time.perf_counter() - started}
+            self.log_step(round_idx, rounds, handle, record)
+            yield round_idx
+
+    def run_async(self, versions: int) -> Iterator[int]:
+        """Keep C clients in flight on the virtual clock; apply updates in simulated finish-time order."""
+        cfg = self.cfg
+        concurrency = cfg.scheduler.concurrency or cfg.clients_per_round()
+        planner = AsyncPlanner(cfg.scheduler, cfg.partition.num_clients, concurrency, cfg.seed,
+                               self.devices, self.availability)
+        down, up = self.bytes_per_task()
+        tasks: dict[int, ClientTask] = {}
+        handle = self.initial_handle
+
+        def launch(dispatches) -> None:
+            lr = round_lr(cfg.training, self.current_version + 1, versions)
+            for d in dispatches:
+                planner.set_duration(d.id, self.modeled_duration(d.client))
+                self.tally.bytes_down += down
+                if not d.failed:
+                    tasks[d.id] = ClientTask(d.client, d.id, self.current_version, lr)
+                    self.executor.submit(tasks[d.id])
+
+        launch(planner.start(0.0))
+        started, losses, applied = time.perf_counter(), [], []
+        while self.current_version < versions:
+            done = planner.next_finished()
+            if done is None:  # a slot stayed empty (nobody available); the clock moved to when someone may be
+                launch(planner.dispatch_next())
+                continue
+            self.tally.simulated_s = done.finish_s
+            if done.failed:
+                self.tally.failed += 1
+            else:
+                update, metrics = self.executor.result(tasks.pop(done.id))
+                self.tally.bytes_up += up
+                outcome = self.aggregator.submit(update)
+                if outcome == "accepted":
+                    self.tally.updates += 1
+                    losses.append(metrics["train_loss"])
+                    applied.append(done.client)
+                version = self.aggregator.snapshot()[0]
+                if version != self.current_version:
+                    self.current_version = version
+                    handle = self.publish()
+                    self.tally.train_seconds += time.perf_counter() - started
+                    record = {"round": version, "clients": applied, "train_loss": mean(losses),
+                              "wall_seconds": time.perf_counter() - started}
+                    self.log_step(version, versions, handle, record)
+                    started, losses, applied = time.perf_counter(), [], []
+                    yield version
+            launch(planner.dispatch_next())
+        for task in tasks.values():  # still in flight when the run reached its last version
+            self.executor.discard(task)
+
+
+def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: Executor,
+                   aggregator: AggregatorLike, shard_sizes: list[int], adapter_bytes: int,
+                   personalized: bool, asynchronous: bool, trains: bool) -> dict[str, Any]:
+    """Run every round of ``cfg`` and write the run directory; returns the summary."""
+    started = time.perf_counter()
+    writer = RunWriter(run_dir)
+    writer.write_config(to_yaml(cfg))
+    loop = FederationLoop(cfg, writer, executor, aggregator, shard_sizes, adapter_bytes, personalized, asynchronous)
+    rounds = cfg.federation.rounds if trains else 0
+    loop.run(rounds)
+
+    version, handle = aggregator.snapshot()
+    if cfg.output.save_adapter and not personalized and trains:
+        writer.write_adapter(executor.adapter_files(handle))
+    agg_stats = aggregator.stats()
+    tally = loop.tally
+    summary = {
+        "experiment": cfg.name,
+        "engine": engine,
+        "mode": "async" if asynchronous else "sync",
+        "algorithm": {"server": cfg.algorithm.server.name, "client": cfg.algorithm.client.name},
+        "num_clients": cfg.partition.num_clients,
+        "clients_per_round": cfg.clients_per_round(),
+        "rounds": rounds,
+        "global_version": version,
+        "client_updates": tally.updates,
+        "final_metrics": loop.metrics,
+        "zero_shot_metrics": loop.zero_shot or {},
+        "wall_seconds": time.perf_counter() - started,
+        "train_seconds": tally.train_seconds,
+        "updates_per_second": tally.updates / tally.train_seconds if tally.train_seconds else 0.0,
+        "simulated_seconds": tally.simulated_s,
+        "bytes_up": tally.bytes_up,
+        "bytes_down": tally.bytes_down,
+        "adapter_bytes": adapter_bytes,
+        "dropped_updates": tally.late + tally.failed,
+        "dropped_by_reason": {"late": tally.late - tally.no_quorum, "no_quorum": tally.no_quorum,
+                              "dropout": tally.failed},
+        "rejected_updates": agg_stats["rejected_updates"],
+        "rejected_by_reason": agg_stats["rejected_by_reason"],
+        "stale_updates": agg_stats["stale_updates"],
+        "staleness": {"histogram": agg_stats["staleness_histogram"], "mean": agg_stats["mean_staleness"]},
+        "adapter_sha256": (executor.personalized_digest(cfg.partition.num_clients) if personalized
+                           else agg_stats["adapter_sha256"]),
+        **executor.stats(),
+        "run_dir": str(writer.dir),
+    }
+    writer.write_summary(summary)
+    return summary

@@ -1,0 +1,216 @@
+"""The loading path beyond the LLaVA preset: tiny random Idefics3 (SmolVLM) and Qwen2-VL models, built offline.
+
+Each model is saved to a folder and goes through ``load_model`` exactly as a hub checkpoint would: 4-bit
+language model, LoRA on its attention projections only, mixed-modality batches, training and evaluation.
+"""
+
+import bitsandbytes as bnb
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    Idefics3VisionConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+)
+from transformers.utils import is_torchvision_available
+
+from fedsim.config import EvalConfig, ModelConfig
+from fedsim.data.collator import Collator, user_text
+from fedsim.data.synthetic import generate
+from fedsim.evaluation import Evaluator
+from fedsim.models.loading import LAYER_PATTERN, load_model, without_video_processor
+
+IMAGE_SIZE = 32
+TEXT_LAYERS = 2
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=TEXT_LAYERS, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512)
+
+# SmolVLM-style template: "<|im_start|>User:<image> text<end_of_utterance>\nAssistant: answer<end_of_utterance>\n"
+IDEFICS3_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] | capitalize }}:"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
+    "{% elif item['type'] == 'text' %} {{ item['text'] }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>Assistant:{% endif %}"
+)
+IDEFICS3_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                   "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+
+QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN2_VL_TOKENS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                   "<|image_pad|>", "<|video_pad|>"]
+
+
+def _tokenizer(special_tokens: list[str], **roles: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on synthetic prompts (deterministic, no download)."""
+    corpus = ["User: Assistant: user assistant"]
+    for task in ("classification", "vqa"):
+        corpus += [user_text(s) + " " + s["answer"] for s in generate(task, 100, "train", seed=0)]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", **roles)
+
+
+def build_idefics3(out_dir) -> None:
+    """SigLIP-style tower (32 px, patch 8) + Llama; pixel shuffle by 2 leaves 4 tokens per 32 px crop.
+
+    Image splitting stays on as in SmolVLM: a square image becomes 2x2 crops + a global view (5 images),
+    a 2:1 one 1x2 crops + global (3 images).
+    """
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(IDEFICS3_TOKENS, pad_token="<pad>", bos_token="<|im_start|>", eos_token="<end_of_utterance>")
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * IMAGE_SIZE},
+                                                max_image_size={"longest_edge": IMAGE_SIZE}, do_image_splitting=True)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=IDEFICS3_TEMPLATE)
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=IMAGE_SIZE, patch_size=8)
+    text = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TEXT)
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    Idefics3ForConditionalGeneration(config).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def build_qwen2_vl(out_dir) -> None:
+    """Qwen2-VL tower (patch 8, 2x2 merge) + Qwen2 with M-RoPE; a 32x32 image gives 16 patches, 4 tokens."""
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(QWEN2_VL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    patches = dict(patch_size=8, temporal_patch_size=2, merge_size=2)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=IMAGE_SIZE**2, max_pixels=IMAGE_SIZE**2, **patches)
+    if is_torchvision_available():
+        from transformers import Qwen2VLVideoProcessor
+
+        processor = Qwen2VLProcessor(image_processor, tokenizer, Qwen2VLVideoProcessor(**patches),
+                                     chat_template=QWEN2_VL_TEMPLATE)
+    else:  # every video processor needs torchvision: save the image-only processor fedsim loads then
+        processor = without_video_processor(Qwen2VLProcessor)(image_processor, tokenizer,
+                                                              chat_template=QWEN2_VL_TEMPLATE)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_TOKENS}
+    head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]  # M-RoPE splits head_dim / 2 over (t, h, w)
+    text = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [head_dim // 8, 3 * head_dim // 16,
+                                                                      3 * head_dim // 16]}, **TEXT)
+    vision = dict(depth=2, embed_dim=32, hidden_size=TEXT["hidden_size"], num_heads=2, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    config = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"])
+    Qwen2VLForConditionalGeneration(config).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+BUILDERS = {"idefics3": build_idefics3, "qwen2_vl": build_qwen2_vl}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine two threads made a step 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def loaded(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    BUILDERS[request.param](folder)
+    return load_model(ModelConfig(name=str(folder)), seed=0)
+
+
+@pytest.fixture(scope="module")
+def mixed_samples() -> list[dict]:
+    """Image+text, text-only, and image-only with a 2:1 image (another crop / patch count than a square one)."""
+    first, second, third = generate("classification", 3, "train", seed=0)
+    return [first, dict(second, image=None, has_image=False),
+            dict(third, image=third["image"].crop((0, 0, IMAGE_SIZE, IMAGE_SIZE // 2)), text=None, has_text=False)]
+
+
+def _is_language_model(name: str) -> bool:
+    return "language_model" in name or "text_model" in name
+
+
+def test_language_model_is_4bit(loaded):
+    quantized = [n for n, m in loaded.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in range(TEXT_LAYERS):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert any(_is_language_model(n) and n.endswith(f"layers.{layer}.self_attn.{proj}.base_layer")
+                       for n in quantized), (layer, proj)
+
+
+def test_lora_is_trainable_in_the_language_model_only(loaded):
+    trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and _is_language_model(n) and LAYER_PATTERN.search(n) for n in trainable)
+    assert loaded.num_layers == TEXT_LAYERS
+    assert set(loaded.layer_of) == set(trainable)
+    # 4 projections x (A, B) per decoder layer
+    assert sorted(loaded.layer_of.values()) == sorted(list(range(TEXT_LAYERS)) * 8)
+
+
+def test_mixed_batch_keeps_every_input_the_model_needs(loaded, mixed_samples):
+    batch = Collator(loaded.processor, 256, train=True)(mixed_samples)
+    width = batch["input_ids"].shape[1]
+    for key in ("attention_mask", "labels", "mm_token_type_ids"):
+        if key in batch:
+            assert batch[key].shape == (3, width)
+    assert (batch["labels"] != -100).sum(dim=1).min() > 0
+    if "image_grid_thw" in batch:  # Qwen2-VL: one grid per image, patches of both images concatenated
+        assert batch["image_grid_thw"].shape == (2, 3)
+        assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(dim=1).sum())
+        assert batch["mm_token_type_ids"][1].sum() == 0  # the text-only row has no image tokens
+    if "pixel_attention_mask" in batch:  # Idefics3: 5 crops and 3 crops, padded with all-zero images
+        assert batch["pixel_values"].shape == (2, 5, 3, IMAGE_SIZE, IMAGE_SIZE)
+        assert torch.all(batch["pixel_values"][1, 3:] == 0) and torch.all(batch["pixel_attention_mask"][1, 3:] == 0)
+        assert torch.all(batch["pixel_attention_mask"][0] == 1)
+
+
+def test_evaluate_train_evaluate(loaded, mixed_samples):
+    test = generate("classification", 4, "test", seed=0)
+    evaluator = Evaluator(loaded.processor, test, 4, EvalConfig(batch_size=4), 256, loaded.device)
+    before = evaluator.evaluate(loaded.model)
+    assert 0.0 <= before["accuracy"] <= 1.0
+
+    batch = Collator(loaded.processor, 256, train=True)(mixed_samples)
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = loaded.model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert np.all(np.isfinite(losses)) and len(set(losses)) == 3, losses
+    assert all(not torch.equal(p, s) for p, s in zip(params, start))
+
+    after = evaluator.evaluate(loaded.model)
+    assert 0.0 <= after["accuracy"] <= 1.0
+
+
+def test_greedy_answers_for_open_questions(loaded):
+    test = generate("vqa", 3, "test", seed=0)
+    evaluator = Evaluator(loaded.processor, test, 6, EvalConfig(batch_size=3, max_new_tokens=2), 256, loaded.device)
+    scores = evaluator.evaluate(loaded.model)
+    assert 0.0 <= scores["accuracy"] <= 1.0 and 0.0 <= scores["token_f1"] <= 1.0

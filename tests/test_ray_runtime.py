@@ -1,0 +1,81 @@
+"""The Ray runtime on a real local Ray instance (two logical GPUs, two CPUs), shared across the session."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from actors.runtime import run_ray
+from fedsim.engine import run_sequential
+from fedsim.output import read_metrics
+
+from conftest import small_config
+
+pytestmark = pytest.mark.slow
+
+# Ray workers run torch on their reserved cores (one each here); the reference engine must use the same
+# thread count, since thread count changes the order of floating-point reductions.
+SAME_THREADS = ("runtime.num_threads=1", "eval.zero_shot=false", "federation.rounds=2")
+
+
+def test_fractional_gpus_place_two_workers_per_gpu_and_match_the_reference(ray_cluster, tmp_path):
+    reference = run_sequential(small_config(tmp_path / "seq", *SAME_THREADS), tmp_path / "seq" / "run")
+    cfg = small_config(tmp_path / "ray", *SAME_THREADS, "runtime.engine=ray", "runtime.num_workers=4",
+                       "runtime.gpus_per_worker=0.5", "runtime.cpus_per_worker=0.5")
+    summary = run_ray(cfg, tmp_path / "ray" / "run")
+    workers = summary["workers"]
+    assert len(workers) == 4
+    per_gpu = {}
+    for worker in workers:
+        assert worker["cuda_visible_devices"] == ",".join(worker["gpu_ids"])  # what Ray assigned, as seen inside
+        per_gpu.setdefault(tuple(worker["gpu_ids"]), []).append(worker["worker"])
+    assert sorted(per_gpu) == [("0",), ("1",)] and all(len(w) == 2 for w in per_gpu.values())
+    assert sum(w["tasks"] for w in workers) == summary["client_updates"] == 6
+    assert summary["adapter_sha256"] == reference["adapter_sha256"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sync_result_does_not_depend_on_worker_count(ray_cluster, tmp_path, workers):
+    reference = run_sequential(small_config(tmp_path / "seq", *SAME_THREADS), tmp_path / "seq" / "run")
+    cfg = small_config(tmp_path / "ray", *SAME_THREADS, f"runtime.num_workers={workers}")
+    summary = run_ray(cfg, tmp_path / "ray" / "run")
+    assert summary["adapter_sha256"] == reference["adapter_sha256"]
+    assert summary["engine"] == "ray" and summary["simulated_seconds"] > 0
+    assert all("simulated_seconds" in r for r in read_metrics(tmp_path / "ray" / "run"))
+
+
+def test_async_fedbuff_matches_the_reference_and_learns(ray_cluster, tmp_path):
+    async_cfg = ("algorithm.server.name=fedbuff", "algorithm.server.buffer_size=2", "federation.rounds=4",
+                 "scheduler.concurrency=3", "scheduler.speed=lognormal", "runtime.num_threads=1",
+                 "training.local_epochs=2")
+    reference = run_sequential(small_config(tmp_path / "seq", *async_cfg), tmp_path / "seq" / "run")
+    summary = run_ray(small_config(tmp_path / "ray", *async_cfg, "runtime.num_workers=2"), tmp_path / "ray" / "run")
+    assert summary["mode"] == "async"
+    assert summary["adapter_sha256"] == reference["adapter_sha256"]
+    assert summary["final_metrics"]["accuracy"] > summary["zero_shot_metrics"]["accuracy"]
+    histogram = summary["staleness"]["histogram"]
+    assert sum(histogram.values()) == summary["client_updates"] + summary["stale_updates"] >= 8
+    assert any(int(s) > 0 for s in histogram)  # with 3 in flight and a buffer of 2, some updates are stale
+
+
+def test_a_killed_worker_is_replaced_and_the_result_is_unchanged(ray_cluster, tmp_path):
+    overrides = (*SAME_THREADS, "federation.rounds=3", "runtime.num_workers=2")
+    fault_free = run_ray(small_config(tmp_path / "a", *overrides), tmp_path / "a" / "run")
+    run_dir = tmp_path / "b" / "run"
+    cfg = small_config(tmp_path / "b", *overrides)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(run_ray(cfg, run_dir)))
+    thread.start()
+    deadline = time.time() + 600
+    while len(read_metrics(run_dir)) < 1 and time.time() < deadline:  # round 2 is being trained now
+        time.sleep(0.2)
+    victims = [n for n in ray_cluster.util.list_named_actors() if ":worker0:" in n and cfg.name in n]
+    assert victims, "the run's worker 0 was not found"
+    ray_cluster.kill(ray_cluster.get_actor(victims[-1]), no_restart=True)
+    thread.join(timeout=900)
+    assert not thread.is_alive()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["worker_restarts"] >= 1
+    assert summary["client_updates"] == fault_free["client_updates"] == 3 * 3
+    assert summary["adapter_sha256"] == fault_free["adapter_sha256"]
