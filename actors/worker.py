@@ -7,8 +7,6 @@ the global version (an object-store reference shared by every task of that versi
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +18,7 @@ from fedsim.config import ExperimentConfig
 from fedsim.data import load_dataset_splits
 from fedsim.evaluation import Evaluator
 from fedsim.messages import ClientTask, ClientUpdate, NamedTensors
-from fedsim.models.adapter import get_weights, save_adapter, set_weights
+from fedsim.models.adapter import adapter_files, get_weights, set_weights
 from fedsim.models.loading import load_model
 from fedsim.seeding import derive_seed
 
@@ -69,6 +67,4 @@ class ClientWorker:
 
     def adapter_files(self, weights: NamedTensors) -> dict[str, bytes]:
         """The adapter in peft format as file contents, so the driver writes it wherever the run lives."""
-        with tempfile.TemporaryDirectory() as tmp:
-            save_adapter(self.loaded.model, weights, Path(tmp) / "adapter")
-            return {p.name: p.read_bytes() for p in (Path(tmp) / "adapter").iterdir()}
+        return adapter_files(self.loaded.model, weights)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -62,7 +62,7 @@ class DataConfig:
 class PartitionConfig:
     scheme: str = "iid"  # iid | dirichlet | quantity
     num_clients: int = 20
-    alpha: float = 0.5  # Dirichlet concentration (dirichlet) or power-law skew (quantity)
+    alpha: float = 0.5  # Dirichlet concentration: of labels over clients (dirichlet), of client sizes (quantity)
     min_samples: int = 1
 
 

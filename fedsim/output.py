@@ -11,8 +11,9 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def _umask() -> int:
@@ -34,6 +35,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a staging folder beside ``target``; on success it replaces ``target`` in one rename."""
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def default_run_dir(name: str) -> Path:
@@ -60,15 +74,9 @@ class RunWriter:
 
     def write_adapter(self, files: dict[str, bytes]) -> None:
         """Write the adapter's files into ``adapter/`` through a staging folder renamed into place."""
-        staging = Path(tempfile.mkdtemp(dir=self.dir, prefix=".adapter-"))
-        try:
+        with atomic_dir(self.adapter_dir) as staging:
             for name, content in files.items():
                 (staging / name).write_bytes(content)
-            if self.adapter_dir.exists():
-                shutil.rmtree(self.adapter_dir)
-            os.replace(staging, self.adapter_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")

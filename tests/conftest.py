@@ -35,3 +35,18 @@ def ray_cluster():
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def adamw_steps(model, batch: dict, steps: int = 3, lr: float = 1e-2) -> list[float]:
+    """Train the model's trainable parameters on one batch for a few AdamW steps; the losses seen."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -26,7 +26,7 @@ def test_quickstart_loads_with_its_values():
     assert cfg.eval.every == 2
     # Keys the YAML leaves out keep the schema defaults.
     assert cfg.model.lora.r == 8
-    assert cfg.runtime.engine == "sequential"
+    assert cfg.runtime.engine == "ray"
 
 
 def test_no_path_gives_validated_defaults():

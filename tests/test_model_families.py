@@ -30,6 +30,8 @@ from fedsim.data.synthetic import generate
 from fedsim.evaluation import Evaluator
 from fedsim.models.loading import LAYER_PATTERN, load_model, without_video_processor
 
+from conftest import adamw_steps
+
 IMAGE_SIZE = 32
 TEXT_LAYERS = 2
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=TEXT_LAYERS, num_attention_heads=4,
@@ -194,14 +196,7 @@ def test_evaluate_train_evaluate(loaded, mixed_samples):
     batch = Collator(loaded.processor, 256, train=True)(mixed_samples)
     params = [p for p in loaded.model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = loaded.model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = adamw_steps(loaded.model, batch)
     assert np.all(np.isfinite(losses)) and len(set(losses)) == 3, losses
     assert all(not torch.equal(p, s) for p, s in zip(params, start))
 

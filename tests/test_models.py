@@ -1,6 +1,5 @@
 import bitsandbytes as bnb
 import pytest
-import torch
 from peft import PeftModel
 
 from fedsim.config import EvalConfig, ModelConfig
@@ -9,6 +8,8 @@ from fedsim.data.synthetic import generate
 from fedsim.evaluation import Evaluator
 from fedsim.models.adapter import adapter_sha256, get_weights, inference, save_adapter, set_weights
 from fedsim.models.loading import load_backbone, load_model, resolve_model_path
+
+from conftest import adamw_steps
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +47,8 @@ def test_eval_then_train_then_eval_on_one_model(loaded):
     evaluator = Evaluator(loaded.processor, data, 4, EvalConfig(batch_size=8), 128, loaded.device)
     before = evaluator.evaluate(loaded.model)
     initial = get_weights(loaded.model)
-    params = [p for p in loaded.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
     batch = Collator(loaded.processor, 128, train=True)([data[i] for i in range(8)])
-    losses = []
-    for _ in range(3):
-        loss = loaded.model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = adamw_steps(loaded.model, batch)
     assert losses[-1] < losses[0]
     after = evaluator.evaluate(loaded.model)
     assert 0.0 <= after["accuracy"] <= 1.0 and 0.0 <= before["accuracy"] <= 1.0

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from fedsim.config import ConfigError, SchedulerConfig
-from fedsim.sampling import sample_cohort
 from fedsim.scheduler import (
     AlwaysAvailable, AsyncPlanner, BernoulliAvailability, Clock, DeviceProfiles, SyncPlanner, TraceAvailability,
     build_availability, check_scheduler_config,
@@ -241,11 +240,6 @@ def test_overcommit_selection_size():
         assert len(s.dispatched) == 13 and len(set(s.dispatched)) == 13
         assert s.dispatched == sorted(s.dispatched) and s.failed == set()
     assert len(sync(num_clients=12, k=10, overcommit=1.3).select(1, 0.0).dispatched) == 12  # capped
-
-
-def test_selection_matches_sample_cohort_without_overcommit():
-    planner = sync(num_clients=50, k=7, seed=4)
-    assert all(planner.select(r, 0.0).dispatched == sample_cohort(50, 7, 4, r) for r in range(1, 6))
 
 
 def test_selection_only_from_available_and_capped():

@@ -8,7 +8,6 @@ import pytest
 
 from fedsim.config import TrainingConfig
 from fedsim.output import RunWriter, atomic_write_text, read_metrics
-from fedsim.sampling import sample_cohort
 from fedsim.seeding import STREAMS, derive_seed, rng_for
 from fedsim.training import batch_indices, round_lr
 
@@ -81,41 +80,6 @@ def test_batches_deterministic_by_rng():
     same = zip(_batches(cfg, seed=1), _batches(cfg, seed=1), strict=True)
     assert all(np.array_equal(a, b) for a, b in same)
     assert not np.array_equal(np.concatenate(_batches(cfg, seed=1)), np.concatenate(_batches(cfg, seed=2)))
-
-
-# --- sample_cohort ----------------------------------------------------------------------------------------
-
-
-def test_cohort_size_distinct_sorted_in_range():
-    cohort = sample_cohort(20, 5, seed=0, round_idx=1)
-    assert len(cohort) == 5
-    assert cohort == sorted(set(cohort))
-    assert all(isinstance(c, int) and 0 <= c < 20 for c in cohort)
-
-
-def test_full_cohort_is_everyone():
-    assert sample_cohort(7, 7, seed=3, round_idx=2) == list(range(7))
-
-
-def test_cohort_deterministic_by_seed_and_round():
-    assert sample_cohort(100, 10, seed=4, round_idx=3) == sample_cohort(100, 10, seed=4, round_idx=3)
-    by_round = {tuple(sample_cohort(100, 10, seed=4, round_idx=r)) for r in range(1, 11)}
-    assert len(by_round) == 10
-    assert sample_cohort(100, 10, seed=5, round_idx=3) != sample_cohort(100, 10, seed=4, round_idx=3)
-
-
-def test_cohort_uniform_over_clients():
-    counts = np.zeros(10)
-    for r in range(1, 501):
-        counts[sample_cohort(10, 3, seed=0, round_idx=r)] += 1
-    # 500 rounds x 3 picks = 150 expected per client; binomial sd ~ 10.
-    assert counts.min() > 110 and counts.max() < 190
-
-
-@pytest.mark.parametrize("size", [0, -1, 11])
-def test_bad_cohort_size(size):
-    with pytest.raises(ValueError, match=f"cohort size {size} must be in 1..10"):
-        sample_cohort(10, size, seed=0, round_idx=1)
 
 
 # --- seeding ----------------------------------------------------------------------------------------------

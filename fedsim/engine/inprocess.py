@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +9,7 @@ import numpy as np
 from fedsim.client import ClientTrainer, split_state
 from fedsim.evaluation import Evaluator
 from fedsim.messages import ClientTask, ClientUpdate, NamedTensors
-from fedsim.models.adapter import adapter_sha256, save_adapter, set_weights
+from fedsim.models.adapter import adapter_files, adapter_sha256, set_weights
 
 Published = tuple[NamedTensors, NamedTensors]  # (global weights, extras for clients)
 
@@ -75,9 +73,7 @@ class InProcessExecutor:
         return mean_metrics(per_client)
 
     def adapter_files(self, handle: Published) -> dict[str, bytes]:
-        with tempfile.TemporaryDirectory() as tmp:
-            save_adapter(self.trainer.loaded.model, handle[0], Path(tmp) / "adapter")
-            return {p.name: p.read_bytes() for p in (Path(tmp) / "adapter").iterdir()}
+        return adapter_files(self.trainer.loaded.model, handle[0])
 
     def personalized_digest(self, num_clients: int) -> str:
         return adapter_sha256(personalized_adapters(self.states, num_clients))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Iterator
 import torch
 
 from fedsim.messages import NamedTensors
+from fedsim.output import atomic_dir
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -48,16 +47,16 @@ def adapter_sha256(weights: NamedTensors) -> str:
 
 def save_adapter(model: torch.nn.Module, weights: NamedTensors, out_dir: str | Path) -> None:
     """Write ``weights`` in peft format (``PeftModel.from_pretrained(base, out_dir)`` loads it), atomically."""
-    out_dir = Path(out_dir)
     set_weights(model, weights)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+    with atomic_dir(Path(out_dir)) as staging:
         model.save_pretrained(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+
+def adapter_files(model: torch.nn.Module, weights: NamedTensors) -> dict[str, bytes]:
+    """The peft-format files of ``weights`` as contents, for writing wherever the run directory lives."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(model, weights, Path(tmp) / "adapter")
+        return {p.name: p.read_bytes() for p in (Path(tmp) / "adapter").iterdir()}
 
 
 @contextmanager

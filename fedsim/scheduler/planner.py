@@ -104,8 +104,7 @@ class SyncPlanner:
         """Sample ceil(K * overcommit) of the clients available now (fewer if fewer are), seeded by (seed, round).
 
         An empty selection means nobody is available: retry at ``retry_time(now_s)`` with ``attempt + 1``
-        (or call ``select_when_available``). With everyone available and no over-commitment, attempt 0
-        picks the same cohort as ``fedsim.sampling.sample_cohort``.
+        (or call ``select_when_available``).
         """
         ids = self.availability.available_ids(now_s, round_idx, attempt)
         size = min(self.dispatch_size, len(ids))
