@@ -78,3 +78,17 @@ def test_vqa_task_runs_with_generation(tmp_path):
     cfg = small_config(tmp_path, "data.task=vqa", "federation.rounds=1")
     summary = run_sequential(cfg, tmp_path / "run")
     assert set(summary["final_metrics"]) == {"accuracy", "token_f1"}
+
+
+def test_scheduler_overcommit_dropouts_and_clock_are_accounted(tmp_path):
+    cfg = small_config(tmp_path, "scheduler.overcommit=1.5", "scheduler.dropout=0.3", "scheduler.speed=lognormal",
+                       "eval.zero_shot=false", "federation.rounds=3")
+    summary = run_sequential(cfg, tmp_path / "run")
+    dispatched = 3 * 5  # ceil(3 clients x 1.5) per round
+    dropped = summary["dropped_by_reason"]
+    assert summary["client_updates"] + dropped["late"] + dropped["dropout"] + dropped["no_quorum"] == dispatched
+    assert summary["dropped_updates"] == dispatched - summary["client_updates"] > 0
+    assert summary["bytes_down"] == dispatched * summary["adapter_bytes"]
+    rounds = read_metrics(tmp_path / "run")
+    times = [r["simulated_seconds"] for r in rounds]
+    assert times == sorted(times) and times[0] > 0 and summary["simulated_seconds"] == times[-1]
