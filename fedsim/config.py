@@ -261,6 +261,9 @@ def validate(cfg: ExperimentConfig) -> None:
         if not 0 <= _get(cfg, key) <= 1:
             _fail(key, _get(cfg, key), "a value in [0, 1]")
     check_scheduler_config(cfg.scheduler)
+    if cfg.scheduler.compute_time == "measured" and SERVER_STRATEGIES[cfg.algorithm.server.name].asynchronous:
+        _fail("scheduler.compute_time", "measured", "'modeled' with an asynchronous strategy "
+              f"({cfg.algorithm.server.name}): its dispatch order needs task durations before training")
     if not cfg.algorithm.server.mixing > 0:
         _fail("algorithm.server.mixing", cfg.algorithm.server.mixing, "a value in (0, 1]")
     if cfg.algorithm.server.lr is not None and not cfg.algorithm.server.lr > 0:

@@ -242,3 +242,8 @@ def test_a_yaml_file_that_is_not_a_mapping_is_a_config_error(tmp_path, text):
 
 def test_type_error_message_is_one_line():
     assert "\n" not in _error(["federation.rounds=abc"])
+
+
+def test_measured_compute_time_is_refused_for_asynchronous_strategies():
+    message = _error(["algorithm.server.name=fedbuff", "scheduler.compute_time=measured"])
+    assert "scheduler.compute_time" in message and "modeled" in message

@@ -92,3 +92,13 @@ def test_scheduler_overcommit_dropouts_and_clock_are_accounted(tmp_path):
     rounds = read_metrics(tmp_path / "run")
     times = [r["simulated_seconds"] for r in rounds]
     assert times == sorted(times) and times[0] > 0 and summary["simulated_seconds"] == times[-1]
+
+
+def test_measured_compute_time_and_a_deadline_without_quorum(tmp_path):
+    """A deadline shorter than any task closes every round without a quorum: nothing is applied."""
+    cfg = small_config(tmp_path, "scheduler.compute_time=measured", "scheduler.deadline_s=0.000001",
+                       "scheduler.quorum=1.0", "eval.zero_shot=true", "federation.rounds=1")
+    summary = run_sequential(cfg, tmp_path / "run")
+    assert summary["client_updates"] == 0
+    assert summary["dropped_by_reason"]["no_quorum"] + summary["dropped_by_reason"]["late"] == 3
+    assert summary["final_metrics"] == summary["zero_shot_metrics"]

@@ -103,6 +103,11 @@ class FederationLoop:
         samples = samples_per_task(self.shard_sizes[client], self.cfg.training)
         return self.clock.task_duration(client, samples, down, up).total_s
 
+    def measured_duration(self, client: int, metrics: dict[str, float]) -> float:
+        down, up = self.bytes_per_task()
+        return self.clock.task_duration(client, int(metrics["samples_processed"]), down, up,
+                                        metrics["compute_seconds"]).total_s
+
     def publish(self) -> Any:
         version, handle = self.aggregator.snapshot()
         self.executor.publish(version, handle)
@@ -149,29 +154,31 @@ class FederationLoop:
             live = [c for c in selection.dispatched if c not in selection.failed]
             lr = round_lr(cfg.training, round_idx, rounds)
             tasks = {c: ClientTask(c, round_idx, self.current_version, lr) for c in live}
+            held: dict[int, tuple[Any, dict[str, float]]] = {}
             if measured:  # durations are known only after training: train every live client, then decide
-                to_train = live
-            else:
+                for client in live:
+                    self.executor.submit(tasks[client])
+                held = {c: self.executor.result(tasks[c]) for c in live}
+                outcome = planner.close(round_idx, start_s, {c: self.measured_duration(c, m)
+                                                             for c, (_, m) in held.items()})
+            else:  # modeled durations: who is late is known up front, and late clients are not trained
                 outcome = planner.close(round_idx, start_s, {c: self.modeled_duration(c) for c in live})
-                to_train = outcome.kept
-            for client in to_train:
-                self.executor.submit(tasks[client])
-            results = {c: self.executor.result(tasks[c]) for c in to_train}
-            if measured:
-                finishes = {c: self.clock.task_duration(c, int(m["samples_processed"]), down, up,
-                                                        m["compute_seconds"]).total_s
-                            for c, (_, m) in results.items()}
-                outcome = planner.close(round_idx, start_s, finishes)
             if not outcome.quorum_met:  # closed at its deadline without a quorum: the round is wasted
                 self.tally.no_quorum += len(outcome.kept)
                 outcome = replace(outcome, kept=[], late=outcome.late + outcome.kept)
-            for client in outcome.kept:  # canonical order; the aggregator's sums are order-independent anyway
-                self.aggregator.submit(results[client][0])
+            for client in outcome.kept:
+                if client not in held:
+                    self.executor.submit(tasks[client])
+            losses = []
+            for client in outcome.kept:  # each update goes to the aggregator as it comes, never a whole round
+                update, metrics = held.pop(client) if client in held else self.executor.result(tasks[client])
+                if self.aggregator.submit(update) == "accepted":
+                    self.tally.updates += 1
+                losses.append(metrics["train_loss"])
             self.current_version = self.aggregator.close_round()
             handle = self.publish()
 
             self.tally.train_seconds += time.perf_counter() - started
-            self.tally.updates += len(outcome.kept)
             self.tally.failed += len(selection.failed)
             self.tally.late += len(outcome.late)
             round_down = down * len(selection.dispatched)
@@ -179,7 +186,6 @@ class FederationLoop:
             self.tally.bytes_down += round_down
             self.tally.bytes_up += round_up
             self.tally.simulated_s = outcome.end_s
-            losses = [results[c][1]["train_loss"] for c in outcome.kept]
             record = {"round": round_idx, "clients": list(outcome.kept), "train_loss": mean(losses), "lr": lr,
                       "failed": len(selection.failed), "late": len(outcome.late),
                       "bytes_up": round_up, "bytes_down": round_down,
