@@ -78,15 +78,14 @@ class RemoteAggregator:
 class RayExecutor:
     """``Executor`` over worker actors, with at most ``workers x (1 + queue_per_worker)`` tasks on the cluster."""
 
-    def __init__(self, cfg: ExperimentConfig, shards: list[np.ndarray], personalized: bool):
+    def __init__(self, cfg: ExperimentConfig, personalized: bool):
         self.cfg = cfg
-        self.shards_ref = ray.put(shards)  # sent once; each worker keeps its own copy for its lifetime
         self.personalized = personalized
         self.capacity_per_worker = 1 + cfg.runtime.queue_per_worker
         self.run_id = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
         self.started = 0
         self.store = ClientStateStore.options(num_cpus=0).remote()
-        self.slots = [self._start_worker(i) for i in range(cfg.runtime.num_workers)]
+        self.slots = [WorkerSlot(i, self._actor(i)) for i in range(cfg.runtime.num_workers)]
         placements = ray.get([s.actor.placement.remote() for s in self.slots])
         for slot, placement in zip(self.slots, placements):
             slot.placement = placement
@@ -102,11 +101,7 @@ class RayExecutor:
         name = f"fedsim:{self.run_id}:worker{index}:{self.started}"
         self.started += 1
         return ClientWorker.options(num_cpus=runtime.cpus_per_worker, num_gpus=runtime.gpus_per_worker,
-                                    name=name, max_restarts=0).remote(self.cfg, self.shards_ref,
-                                                                      self.personalized, index)
-
-    def _start_worker(self, index: int) -> WorkerSlot:
-        return WorkerSlot(index, self._actor(index))
+                                    name=name, max_restarts=0).remote(self.cfg, self.personalized, index)
 
     def _replace(self, slot: WorkerSlot) -> None:
         log.warning("worker %d died; starting a replacement and re-running its unfinished tasks", slot.index)
@@ -122,11 +117,6 @@ class RayExecutor:
         """Back to the front of the queue, with the version it was submitted under."""
         self.waiting_published[task] = self.running.pop(task).published
         self.waiting.appendleft(task)
-
-    def worker_of(self, task: ClientTask) -> Any:
-        """The actor running ``task``, or None (tests kill it to check fault tolerance)."""
-        running = self.running.get(task)
-        return running.actor if running else None
 
     # ------------------------------------------------------------------------------- tasks
     def publish(self, version: int, handle: ray.ObjectRef) -> None:

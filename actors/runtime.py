@@ -54,7 +54,7 @@ def run_ray(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         check_resources(cfg)
         data = load_client_data(cfg)  # the driver needs shard sizes for the clock; workers load data themselves
         strategy_cls = SERVER_STRATEGIES[cfg.algorithm.server.name]
-        executor = RayExecutor(cfg, data.shards, strategy_cls.personalized)
+        executor = RayExecutor(cfg, strategy_cls.personalized)
         initial = ray.get(executor.slots[0].actor.initial_weights.remote())
         aggregator = RemoteAggregator(cfg, initial)
         log.info("ray runtime: %d workers on %s", len(executor.slots),

@@ -1,7 +1,8 @@
 """Client worker actor: one resident 4-bit model + LoRA that trains many virtual clients.
 
-The model and the dataset are loaded once, in the worker, for its lifetime; a task brings only a client id,
-the global version (an object-store reference shared by every task of that version) and the client's state.
+The model and the dataset (with its partition, derived from the seed) are loaded once, in the worker, for its
+lifetime; a task brings only a client id, the global version (an object-store reference shared by every task
+of that version) and the client's state.
 """
 
 from __future__ import annotations
@@ -9,13 +10,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 
 from fedsim.client import ClientTrainer, split_state
 from fedsim.config import ExperimentConfig
-from fedsim.data import load_dataset_splits
+from fedsim.engine.sequential import load_client_data
 from fedsim.evaluation import Evaluator
 from fedsim.messages import ClientTask, ClientUpdate, NamedTensors
 from fedsim.models.adapter import adapter_files, get_weights, set_weights
@@ -27,14 +27,15 @@ Published = tuple[NamedTensors, NamedTensors]  # (global weights, extras for cli
 
 @ray.remote
 class ClientWorker:
-    def __init__(self, cfg: ExperimentConfig, shards: list[np.ndarray], personalized: bool, index: int):
+    def __init__(self, cfg: ExperimentConfig, personalized: bool, index: int):
         # Ray pins OMP_NUM_THREADS=1 in actors; give torch the cores this worker reserved.
         threads = cfg.runtime.num_threads or max(1, int(cfg.runtime.cpus_per_worker))
         torch.set_num_threads(threads)
         self.index = index
-        splits = load_dataset_splits(cfg.data, derive_seed(cfg.seed, "data"))
+        data = load_client_data(cfg)  # derived from the seed here: no client data crosses the network
+        splits = data.splits
         self.loaded = load_model(cfg.model, derive_seed(cfg.seed, "lora_init"))
-        self.trainer = ClientTrainer(cfg, self.loaded, splits.train, shards, personalized)
+        self.trainer = ClientTrainer(cfg, self.loaded, splits.train, data.shards, personalized)
         self.evaluator = Evaluator(self.loaded.processor, splits.test, splits.num_classes, cfg.eval,
                                    cfg.data.max_length, self.loaded.device)
         self.tasks_done = 0

@@ -56,6 +56,10 @@ class DataConfig:
     num_test: int = 300
     image_size: int = 32
     max_length: int = 128
+    # Modality heterogeneity of the training split (fedsim/scenarios.py): aligned | missing | cross | hybrid,
+    # with its parameters, e.g. {beta: 0.3} (missing), {image_only: 3} (cross), {p: 0.6} (hybrid).
+    scenario: str = "aligned"
+    scenario_params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -244,6 +248,7 @@ def validate(cfg: ExperimentConfig) -> None:
     """Check ranges, choices and combinations that the type system cannot express."""
     from fedsim.algorithms import CLIENT_STRATEGIES, SERVER_STRATEGIES
     from fedsim.data import DATASETS
+    from fedsim.scenarios import check_scenario
     from fedsim.scheduler import check_scheduler_config
 
     for key, allowed in CHOICES.items():
@@ -261,6 +266,10 @@ def validate(cfg: ExperimentConfig) -> None:
         if not 0 <= _get(cfg, key) <= 1:
             _fail(key, _get(cfg, key), "a value in [0, 1]")
     check_scheduler_config(cfg.scheduler)
+    try:
+        check_scenario(cfg.data.scenario, dict(cfg.data.scenario_params))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.scheduler.compute_time == "measured" and SERVER_STRATEGIES[cfg.algorithm.server.name].asynchronous:
         _fail("scheduler.compute_time", "measured", "'modeled' with an asynchronous strategy "
               f"({cfg.algorithm.server.name}): its dispatch order needs task durations before training")

@@ -247,3 +247,9 @@ def test_type_error_message_is_one_line():
 def test_measured_compute_time_is_refused_for_asynchronous_strategies():
     message = _error(["algorithm.server.name=fedbuff", "scheduler.compute_time=measured"])
     assert "scheduler.compute_time" in message and "modeled" in message
+
+
+def test_scenario_name_and_parameter_names_are_checked_at_load():
+    assert "data.scenario" in _error(["data.scenario=missin"])
+    message = _error(["data.scenario=cross", "data.scenario_params.p=0.3"])
+    assert "image_only" in message and "'p'" in message

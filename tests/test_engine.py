@@ -102,3 +102,16 @@ def test_measured_compute_time_and_a_deadline_without_quorum(tmp_path):
     assert summary["client_updates"] == 0
     assert summary["dropped_by_reason"]["no_quorum"] + summary["dropped_by_reason"]["late"] == 3
     assert summary["final_metrics"] == summary["zero_shot_metrics"]
+
+
+def test_a_modality_scenario_reaches_client_training(tmp_path):
+    """missing beta=0.5: clients train on samples without image and without text; the test split stays whole."""
+    from fedsim.engine.sequential import load_client_data
+
+    cfg = small_config(tmp_path, "data.scenario=missing", "data.scenario_params.beta=0.5", "federation.rounds=1")
+    data = load_client_data(cfg)
+    train = data.splits.train
+    assert 0 < sum(train["has_image"]) < len(train) and 0 < sum(train["has_text"]) < len(train)
+    assert all(data.splits.test["has_image"]) and all(data.splits.test["has_text"])
+    summary = run_sequential(cfg, tmp_path / "run")
+    assert summary["client_updates"] == 3

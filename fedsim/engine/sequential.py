@@ -6,7 +6,7 @@ aggregator and loop, with client tasks run in this process instead of on workers
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from fedsim.messages import nbytes
 from fedsim.models.adapter import get_weights
 from fedsim.models.loading import load_model
 from fedsim.partition import partition
+from fedsim.scenarios import apply_scenario
 from fedsim.seeding import derive_seed
 
 
@@ -36,9 +37,13 @@ class ClientData:
 
 
 def load_client_data(cfg: ExperimentConfig) -> ClientData:
-    """The benchmark and its partition into client shards (every engine and worker derives the same)."""
+    """The benchmark, its partition into client shards and its modality scenario (every engine and worker
+    derives the same from the seed)."""
     splits = load_dataset_splits(cfg.data, derive_seed(cfg.seed, "data"))
     shards = partition(np.asarray(splits.train["label"]), cfg.partition, derive_seed(cfg.seed, "partition"))
+    if cfg.data.scenario != "aligned":
+        train = apply_scenario(splits.train, shards, cfg.data.scenario, dict(cfg.data.scenario_params), cfg.seed)
+        splits = replace(splits, train=train)
     return ClientData(splits, shards)
 
 

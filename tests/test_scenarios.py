@@ -1,0 +1,135 @@
+import numpy as np
+import pytest
+
+from fedsim.data.schema import FEATURES
+from fedsim.data.synthetic import generate
+from fedsim.scenarios import SCENARIOS, apply_scenario, modality_mix
+
+N = 3000
+
+
+@pytest.fixture(scope="module")
+def train():
+    return generate("classification", N, "train", 0)
+
+
+@pytest.fixture(scope="module")
+def shards():
+    return [np.sort(s) for s in np.array_split(np.random.default_rng(7).permutation(N), 10)]
+
+
+def _flags(ds) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(ds["has_image"], dtype=bool), np.asarray(ds["has_text"], dtype=bool)
+
+
+def _check_consistent(ds) -> None:
+    """Flags agree with the columns they describe, and the schema is unchanged."""
+    assert ds.features == FEATURES
+    has_image, has_text = _flags(ds)
+    images = ds.cast_column("image", FEATURES["image"].__class__(decode=False))["image"]
+    np.testing.assert_array_equal(has_image, [im is not None for im in images])
+    np.testing.assert_array_equal(has_text, [tx is not None for tx in ds["text"]])
+
+
+def test_missing_rates(train, shards):
+    out = apply_scenario(train, shards, "missing", {"beta": 0.3}, seed=1)
+    _check_consistent(out)
+    has_image, has_text = _flags(out)
+    assert abs((~has_image).mean() - 0.3) <= 0.03
+    assert abs((~has_text).mean() - 0.3) <= 0.03
+    assert abs((~has_image & ~has_text).mean() - 0.09) <= 0.02
+    np.testing.assert_array_equal(out["label"], train["label"])  # same rows, same order
+    mix = modality_mix(out, shards)
+    assert mix.shape == (10, 4) and mix.sum() == N
+
+
+def test_missing_without_both(train, shards):
+    both = apply_scenario(train, shards, "missing", {"beta": 0.3}, seed=1)
+    out = apply_scenario(train, shards, "missing", {"beta": 0.3, "allow_both": False}, seed=1)
+    has_image, has_text = _flags(out)
+    assert not (~has_image & ~has_text).any()
+    # Only the rows that would have lost both differ.
+    b_image, b_text = _flags(both)
+    changed = (b_image != has_image) | (b_text != has_text)
+    np.testing.assert_array_equal(changed, ~b_image & ~b_text)
+    assert modality_mix(out, shards).shape == (10, 3)
+
+
+def test_cross_splits_clients(train, shards):
+    out = apply_scenario(train, shards, "cross", {"image_only": 3}, seed=1)
+    _check_consistent(out)
+    has_image, has_text = _flags(out)
+    image_clients = [c for c, idx in enumerate(shards) if has_image[idx].all() and not has_text[idx].any()]
+    text_clients = [c for c, idx in enumerate(shards) if has_text[idx].all() and not has_image[idx].any()]
+    assert len(image_clients) == 3 and len(text_clients) == 7
+    mix = modality_mix(out, shards)
+    assert (mix[:, 0] == 0).all() and ((mix[:, 1] == 0) | (mix[:, 2] == 0)).all()
+
+
+def test_hybrid_per_client_pattern(train, shards):
+    out = apply_scenario(train, shards, "hybrid", {"p": 0.6}, seed=1)
+    _check_consistent(out)
+    has_image, has_text = _flags(out)
+    for idx in shards:
+        assert len(set(zip(has_image[idx], has_text[idx]))) == 1  # one keep pattern per client
+        assert has_image[idx[0]] or has_text[idx[0]]
+
+
+def test_hybrid_rate_over_many_clients(train):
+    small = train.select(range(1000))
+    tiny = list(np.arange(1000).reshape(500, 2))
+    has_image, has_text = _flags(apply_scenario(small, tiny, "hybrid", {"p": 0.6}, seed=3))
+    assert (has_image | has_text).all()
+    # Kept w.p. p plus half of the (1-p)^2 clients that fall back to one modality: 0.68.
+    assert abs(has_image[::2].mean() - (0.6 + 0.4**2 / 2)) <= 0.06
+    assert abs(has_text[::2].mean() - (0.6 + 0.4**2 / 2)) <= 0.06
+
+
+def test_aligned_is_identity(train, shards):
+    out = apply_scenario(train, shards, "aligned", {}, seed=1)
+    assert out.features == train.features
+    assert out["text"] == train["text"]
+    np.testing.assert_array_equal(_flags(out), _flags(train))
+
+
+def test_rows_outside_shards_untouched(train):
+    out = apply_scenario(train, [np.arange(100), np.arange(100, 200)], "cross", {"image_only": 1}, seed=0)
+    has_image, has_text = _flags(out)
+    assert has_image[200:].all() and has_text[200:].all()
+
+
+@pytest.mark.parametrize("name,params", [("missing", {"beta": 0.4}), ("cross", {"image_only": 5}),
+                                         ("hybrid", {"p": 0.7})])
+def test_deterministic_by_seed(train, shards, name, params):
+    a = _flags(apply_scenario(train, shards, name, params, seed=11))
+    b = _flags(apply_scenario(train, shards, name, params, seed=11))
+    np.testing.assert_array_equal(a, b)
+    others = [_flags(apply_scenario(train, shards, name, params, seed=s)) for s in (12, 13, 14)]
+    assert any(not np.array_equal(a, o) for o in others)
+
+
+def test_registry_names():
+    assert set(SCENARIOS) == {"aligned", "missing", "cross", "hybrid"}
+
+
+@pytest.mark.parametrize("name,params,match", [
+    ("mising", {"beta": 0.3}, "data.scenario 'mising' is unknown.*aligned, cross, hybrid, missing"),
+    ("missing", {}, "missing \\['beta'\\]"),
+    ("missing", {"beta": 0.3, "rate": 1}, "unknown \\['rate'\\]"),
+    ("missing", {"beta": 1.5}, "beta must be a probability in \\[0, 1\\]"),
+    ("missing", {"beta": 0.3, "allow_both": "no"}, "allow_both"),
+    ("cross", {"image_only": 11}, "image_only must be an integer in \\[0, 10\\]"),
+    ("cross", {"image_only": 2.5}, "image_only"),
+    ("hybrid", {"p": -0.1}, "p must be a probability"),
+    ("aligned", {"p": 0.5}, "unknown \\['p'\\]"),
+])
+def test_errors(train, shards, name, params, match):
+    with pytest.raises(ValueError, match=match):
+        apply_scenario(train, shards, name, params, seed=0)
+
+
+def test_bad_shards(train):
+    with pytest.raises(ValueError, match="disjoint"):
+        apply_scenario(train, [np.arange(10), np.arange(5, 15)], "aligned", {}, seed=0)
+    with pytest.raises(ValueError, match="outside"):
+        apply_scenario(train, [np.arange(N + 1)], "aligned", {}, seed=0)
