@@ -22,7 +22,7 @@ from actors.state_store import ClientStateStore
 from actors.worker import ClientWorker
 from fedsim.config import ExperimentConfig
 from fedsim.engine.inprocess import mean_metrics, personalized_adapters
-from fedsim.messages import ClientTask, NamedTensors
+from fedsim.messages import ClientTask, NamedTensors, Published
 from fedsim.models.adapter import adapter_sha256
 
 log = logging.getLogger(__name__)
@@ -229,5 +229,5 @@ class RayExecutor:
 
 
 @ray.remote(num_cpus=0)
-def _weights_of(published: tuple[NamedTensors, NamedTensors]) -> NamedTensors:
+def _weights_of(published: Published) -> NamedTensors:
     return published[0]

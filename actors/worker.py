@@ -17,12 +17,11 @@ from fedsim.client import ClientTrainer, split_state
 from fedsim.config import ExperimentConfig
 from fedsim.engine.sequential import load_client_data
 from fedsim.evaluation import Evaluator
-from fedsim.messages import ClientTask, ClientUpdate, NamedTensors
+from fedsim.messages import ClientTask, ClientUpdate, NamedTensors, Published
 from fedsim.models.adapter import adapter_files, get_weights, set_weights
 from fedsim.models.loading import load_model
 from fedsim.seeding import derive_seed
 
-Published = tuple[NamedTensors, NamedTensors]  # (global weights, extras for clients)
 
 
 @ray.remote

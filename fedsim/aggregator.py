@@ -12,7 +12,7 @@ from typing import Any
 
 from fedsim.algorithms import ServerStrategy
 from fedsim.guard import UpdateGuard
-from fedsim.messages import ClientUpdate, NamedTensors
+from fedsim.messages import ClientUpdate, NamedTensors, Published
 from fedsim.models.adapter import adapter_sha256
 
 ACCEPTED, REJECTED, STALE = "accepted", "rejected", "stale"
@@ -53,7 +53,7 @@ class Aggregator:
         self.strategy.flush()
         return self.strategy.version
 
-    def snapshot(self) -> tuple[int, tuple[NamedTensors, NamedTensors]]:
+    def snapshot(self) -> tuple[int, Published]:
         """(version, (global weights, extras broadcast to clients))."""
         return self.strategy.version, (self.strategy.global_weights, self.strategy.broadcast_extras())
 

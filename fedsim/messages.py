@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 NamedTensors = dict[str, torch.Tensor]
+Published = tuple[NamedTensors, NamedTensors]  # a global version as workers receive it: (weights, extras)
 
 
 @dataclass

@@ -8,10 +8,9 @@ import numpy as np
 
 from fedsim.client import ClientTrainer, split_state
 from fedsim.evaluation import Evaluator
-from fedsim.messages import ClientTask, ClientUpdate, NamedTensors
+from fedsim.messages import ClientTask, ClientUpdate, NamedTensors, Published
 from fedsim.models.adapter import adapter_files, adapter_sha256, set_weights
 
-Published = tuple[NamedTensors, NamedTensors]  # (global weights, extras for clients)
 
 
 def personalized_adapters(states: dict[int, NamedTensors], num_clients: int) -> NamedTensors:
