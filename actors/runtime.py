@@ -13,7 +13,7 @@ from actors.executor import RayExecutor, RemoteAggregator
 from fedsim.algorithms import SERVER_STRATEGIES
 from fedsim.config import ExperimentConfig
 from fedsim.engine.loop import run_federation
-from fedsim.engine.sequential import load_client_data
+from fedsim.clientdata import load_client_data
 from fedsim.messages import nbytes
 
 log = logging.getLogger(__name__)

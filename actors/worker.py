@@ -15,7 +15,7 @@ import torch
 
 from fedsim.client import ClientTrainer, split_state
 from fedsim.config import ExperimentConfig
-from fedsim.engine.sequential import load_client_data
+from fedsim.clientdata import load_client_data
 from fedsim.evaluation import Evaluator
 from fedsim.messages import ClientTask, ClientUpdate, NamedTensors, Published
 from fedsim.models.adapter import adapter_files, get_weights, set_weights
@@ -35,8 +35,8 @@ class ClientWorker:
         splits = data.splits
         self.loaded = load_model(cfg.model, derive_seed(cfg.seed, "lora_init"))
         self.trainer = ClientTrainer(cfg, self.loaded, splits.train, data.shards, personalized)
-        self.evaluator = Evaluator(self.loaded.processor, splits.test, splits.num_classes, cfg.eval,
-                                   cfg.data.max_length, self.loaded.device)
+        self.evaluator = Evaluator(self.loaded.processor, splits.test, cfg.eval, cfg.data.max_length,
+                                   self.loaded.device, cfg.data.prompt)
         self.tasks_done = 0
 
     def placement(self) -> dict[str, Any]:

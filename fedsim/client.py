@@ -43,7 +43,7 @@ class ClientTrainer:
         self.train_data = train
         self.shards = shards
         self.params = trainable_parameters(loaded.model)
-        self.collate = Collator(loaded.processor, cfg.data.max_length, train=True)
+        self.collate = Collator(loaded.processor, cfg.data.max_length, train=True, prompt=cfg.data.prompt)
 
     def _batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         batch = self.collate([self.train_data[int(i)] for i in indices])

@@ -50,16 +50,27 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # ``synthetic`` (generated from the seed) or a real dataset adapter (fedsim/data/real/), read from a
+    # local folder (``path``) or a hub dataset (``hub``).
     dataset: str = "synthetic"
-    task: str = "classification"  # classification (multiple choice) or vqa (short answer)
+    path: Optional[str] = None
+    hub: Optional[str] = None
+    task: str = "classification"  # synthetic: classification (multiple choice) | vqa (short answer) | textqa
+    # Synthetic: rows generated. Real datasets: at most this many rows, a seeded subsample (0: all rows).
     num_train: int = 2000
     num_test: int = 300
     image_size: int = 32
     max_length: int = 128
-    # Modality heterogeneity of the training split (fedsim/scenarios.py): aligned | missing | cross | hybrid,
-    # with its parameters, e.g. {beta: 0.3} (missing), {image_only: 3} (cross), {p: 0.6} (hybrid).
-    scenario: str = "aligned"
-    scenario_params: dict[str, Any] = field(default_factory=dict)
+    # Heterogeneity steps applied to the training split (fedsim/scenarios.py), as {step: {param: value}},
+    # e.g. {missing: {beta: 0.3}, domain: {styles: [noise, blur]}}. Empty: aligned (both modalities
+    # everywhere; label skew comes from ``partition``).
+    scenarios: dict[str, Any] = field(default_factory=dict)
+    # The same steps for the test split (treated as one client); empty keeps it complete, so that runs
+    # under different scenarios are compared on the same test set.
+    test_scenarios: dict[str, Any] = field(default_factory=dict)
+    # How prompts refer to modalities: plain (they do not) | modality (they name the ones present, as in
+    # FedMLLM's baseline) | agnostic (FedMLLM's prompt augmentation: answer whatever modalities are given)
+    prompt: str = "plain"
 
 
 @dataclass
@@ -91,7 +102,9 @@ class ClientAlgoConfig:
     name: str = "plain"  # plain | fedprox | fedmllm_reg | scaffold
     mu: float = 0.01  # proximal strength (fedprox, fedmllm_reg)
     weight: float = 0.1  # w of FedMLLM's adaptive regularization
-    window: int = 4  # s of FedMLLM's adaptive regularization: layers s..L-1-s are regularized
+    # s of FedMLLM's adaptive regularization as a fraction of the L decoder layers: layers s..L-1-s are
+    # regularized, with s = round(window * L). The paper's s=4 of L=28 is 1/7.
+    window: float = 1 / 7
 
 
 @dataclass
@@ -203,7 +216,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.quant_type": ("nf4", "fp4"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.device": ("auto", "cpu", "cuda"),
-    "data.task": ("classification", "vqa"),
+    "data.task": ("classification", "vqa", "textqa"),
+    "data.prompt": ("plain", "modality", "agnostic"),
     "partition.scheme": ("iid", "dirichlet", "quantity"),
     "training.lr_schedule": ("constant", "cosine"),
     "algorithm.server.weighting": ("auto", "samples", "uniform"),
@@ -213,14 +227,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 POSITIVE = (
     "runtime.num_workers", "algorithm.server.buffer_size",
-    "model.lora.r", "model.lora.alpha", "data.num_train", "data.num_test", "data.image_size",
+    "model.lora.r", "model.lora.alpha", "data.image_size",
     "data.max_length", "partition.num_clients", "training.batch_size", "training.lr",
     "eval.every", "eval.batch_size", "eval.max_new_tokens",
 )
 NON_NEGATIVE = (
+    "data.num_train", "data.num_test",
     "federation.rounds", "federation.clients_per_round", "training.local_epochs", "training.local_steps",
     "training.weight_decay", "training.max_grad_norm", "training.min_lr", "algorithm.client.mu",
-    "algorithm.client.weight", "algorithm.client.window", "algorithm.server.tau", "eval.max_samples",
+    "algorithm.client.weight", "algorithm.server.tau", "eval.max_samples",
     "runtime.num_threads", "partition.min_samples", "runtime.cpus_per_worker", "runtime.gpus_per_worker",
     "runtime.queue_per_worker", "runtime.max_update_norm", "algorithm.server.staleness_exponent",
     "algorithm.server.max_staleness",
@@ -247,8 +262,8 @@ def _check_choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) ->
 def validate(cfg: ExperimentConfig) -> None:
     """Check ranges, choices and combinations that the type system cannot express."""
     from fedsim.algorithms import CLIENT_STRATEGIES, SERVER_STRATEGIES
-    from fedsim.data import DATASETS
-    from fedsim.scenarios import check_scenario
+    from fedsim.data import DATASETS, check_data_source
+    from fedsim.scenarios import check_scenarios
     from fedsim.scheduler import check_scheduler_config
 
     for key, allowed in CHOICES.items():
@@ -267,9 +282,15 @@ def validate(cfg: ExperimentConfig) -> None:
             _fail(key, _get(cfg, key), "a value in [0, 1]")
     check_scheduler_config(cfg.scheduler)
     try:
-        check_scenario(cfg.data.scenario, dict(cfg.data.scenario_params))
+        check_data_source(cfg.data)
+        check_scenarios(cfg.data.scenarios, "data.scenarios", cfg.partition.num_clients)
+        check_scenarios(cfg.data.test_scenarios, "data.test_scenarios", 1)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if not 0 <= cfg.algorithm.client.window < 0.5:
+        _fail("algorithm.client.window", cfg.algorithm.client.window,
+              "a fraction of the decoder layers in [0, 0.5): layers round(window*L)..L-1-round(window*L) "
+              "are regularized")
     if cfg.scheduler.compute_time == "measured" and SERVER_STRATEGIES[cfg.algorithm.server.name].asynchronous:
         _fail("scheduler.compute_time", "measured", "'modeled' with an asynchronous strategy "
               f"({cfg.algorithm.server.name}): its dispatch order needs task durations before training")
@@ -282,7 +303,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.federation.clients_per_round > cfg.partition.num_clients:
         _fail("federation.clients_per_round", cfg.federation.clients_per_round,
               f"at most partition.num_clients ({cfg.partition.num_clients})")
-    if cfg.partition.num_clients * max(1, cfg.partition.min_samples) > cfg.data.num_train:
+    if cfg.data.num_train and cfg.partition.num_clients * max(1, cfg.partition.min_samples) > cfg.data.num_train:
         _fail("partition.num_clients", cfg.partition.num_clients,
               f"at most data.num_train / partition.min_samples ({cfg.data.num_train} / "
               f"{max(1, cfg.partition.min_samples)})")

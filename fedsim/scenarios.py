@@ -1,104 +1,301 @@
-"""FedMLLM modality-heterogeneity scenarios (REFERENCE.md section 1) as seeded transforms of a training split.
+"""Heterogeneity scenarios (REFERENCE.md section 1, and beyond) as composable, seeded steps.
 
-A scenario decides, for every training row, whether it keeps its image and its text: a boolean array of
-shape ``(rows, 2)``. ``apply_scenario`` then sets dropped modalities to None and updates has_image/has_text.
-Scenarios only remove: a row that already lacks a modality stays without it, and rows that belong to no
-shard are left unchanged. Scenarios live in ``SCENARIOS``, keyed by the name ``data.scenario`` takes.
+A config names its steps as a mapping ``{step: {param: value}}`` (``data.scenarios``), applied in the
+order written to the training split after partitioning. Each step is a small dataclass registered in
+``STEPS``; its fields are its parameters. Steps only transform rows that belong to a client:
+
+- modality steps decide, per row, whether it keeps its image and its text (``missing``, ``cross``,
+  ``hybrid``); they only remove, so a row that already lacks a modality stays without it;
+- ``multilingual`` translates each client's prompts and answers into the client's language;
+- ``domain`` shifts each client's image style (noise, blur, palette, inversion).
+
+``modality_task`` (image+question clients beside text-only QA clients, each with their own data source)
+changes where client data comes from, not how rows look; ``fedsim.clientdata`` builds it, and here it is
+only declared and checked. Each step draws from its own seeded stream, so adding a step never changes the
+draws of another.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Callable, Sequence
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
 
 import datasets
 import numpy as np
+from PIL import Image, ImageFilter
 
+from fedsim.data.languages import LANGUAGES, translate
 from fedsim.seeding import rng_for
 
-# (num_rows, shards, seed, **params) -> keep mask, bool (num_rows, 2): column 0 image, column 1 text
-ScenarioFn = Callable[..., np.ndarray]
-
-# Second seed coordinate per scenario, so that their draws never share a stream.
-_MISSING, _CROSS, _HYBRID = 0, 1, 2
+STEPS: dict[str, type[Step]] = {}
 
 
-def _aligned(num_rows: int, shards: Sequence[np.ndarray], seed: int) -> np.ndarray:
-    """Both modalities everywhere; the label skew comes from the partition itself."""
-    return np.ones((num_rows, 2), dtype=bool)
+def register(cls: type[Step]) -> type[Step]:
+    STEPS[cls.name] = cls
+    return cls
 
 
-def _missing(num_rows: int, shards: Sequence[np.ndarray], seed: int, beta: float,
-             allow_both: bool = True) -> np.ndarray:
+@dataclass
+class Step:
+    """One scenario step. ``stream`` keeps its random draws apart from every other step's."""
+
+    name: ClassVar[str] = ""
+    stream: ClassVar[int] = -1
+
+    def check(self, key: str, num_clients: int) -> None:
+        """Raise ValueError, naming ``key`` and the parameter, for values out of range."""
+
+    def apply(self, ds: datasets.Dataset, client_of: np.ndarray, num_clients: int, seed: int,
+              stream: str) -> datasets.Dataset:
+        """``ds`` transformed; ``client_of[row]`` is the row's client, -1 for rows of no client."""
+        return ds
+
+
+@dataclass
+class ModalityStep(Step):
+    """A step that decides which modalities each row keeps."""
+
+    def keep(self, client_of: np.ndarray, num_clients: int, seed: int, stream: str) -> np.ndarray:
+        """Bool (rows, 2): column 0 keeps the image, column 1 the text."""
+        raise NotImplementedError
+
+    def apply(self, ds: datasets.Dataset, client_of: np.ndarray, num_clients: int, seed: int,
+              stream: str) -> datasets.Dataset:
+        keep = self.keep(client_of, num_clients, seed, stream)
+        keep[client_of < 0] = True
+        raw = ds.cast_column("image", datasets.Image(decode=False))  # no decoding/re-encoding of images
+        out = raw.map(_drop, with_indices=True, batched=True, fn_kwargs={"keep": keep}, features=raw.features,
+                      desc=f"scenario {self.name}")
+        return out.cast_column("image", ds.features["image"])
+
+
+@register
+@dataclass
+class Aligned(Step):
+    """Both modalities everywhere; the label skew comes from the partition (``partition.alpha``)."""
+
+    name = "aligned"
+
+
+@register
+@dataclass
+class Missing(ModalityStep):
     """Each row independently loses its image w.p. beta and its text w.p. beta (both: beta^2).
 
     With ``allow_both=False`` a row drawn to lose both keeps one of them, image or text by a fair coin;
     each modality is then lost w.p. beta - beta^2 / 2. The coin is drawn either way, so the two settings
     differ only on the rows that would lose both.
     """
-    _check_unit("beta", beta)
-    if not isinstance(allow_both, (bool, np.bool_)):
-        raise ValueError(f"data.scenario='missing': parameter allow_both must be true or false, got {allow_both!r}")
-    u = rng_for(seed, "scenario", _MISSING).random((num_rows, 3))  # per row, independent of the shards
-    keep = u[:, :2] >= beta
-    if not allow_both:
-        neither = ~keep.any(axis=1)
-        keep[neither, 0] = u[neither, 2] < 0.5
-        keep[neither, 1] = ~keep[neither, 0]
-    return keep
+
+    name = "missing"
+    stream = 0
+    beta: float
+    allow_both: bool = True
+
+    def check(self, key: str, num_clients: int) -> None:
+        _check_unit(key, self.name, "beta", self.beta)
+        if not isinstance(self.allow_both, (bool, np.bool_)):
+            raise ValueError(f"{key}.missing.allow_both must be true or false, got {self.allow_both!r}")
+
+    def keep(self, client_of: np.ndarray, num_clients: int, seed: int, stream: str) -> np.ndarray:
+        u = rng_for(seed, stream, self.stream).random((len(client_of), 3))  # per row, whatever its client
+        keep = u[:, :2] >= self.beta
+        if not self.allow_both:
+            neither = ~keep.any(axis=1)
+            keep[neither, 0] = u[neither, 2] < 0.5
+            keep[neither, 1] = ~keep[neither, 0]
+        return keep
 
 
-def _cross(num_rows: int, shards: Sequence[np.ndarray], seed: int, image_only: int) -> np.ndarray:
+@register
+@dataclass
+class Cross(ModalityStep):
     """Exactly ``image_only`` clients (chosen by seed) hold images only, the others text only."""
-    if isinstance(image_only, (bool, np.bool_)) or not isinstance(image_only, (int, np.integer)) \
-            or not 0 <= image_only <= len(shards):
-        raise ValueError(f"data.scenario='cross': parameter image_only must be an integer in "
-                         f"[0, {len(shards)}] (the number of clients), got {image_only!r}")
-    chosen = rng_for(seed, "scenario", _CROSS).choice(len(shards), size=int(image_only), replace=False)
-    keep = np.ones((num_rows, 2), dtype=bool)
-    for client, idx in enumerate(shards):
-        image = client in chosen
-        keep[idx] = (image, not image)
-    return keep
+
+    name = "cross"
+    stream = 1
+    image_only: int
+
+    def check(self, key: str, num_clients: int) -> None:
+        _check_count(key, self.name, "image_only", self.image_only, num_clients)
+
+    def keep(self, client_of: np.ndarray, num_clients: int, seed: int, stream: str) -> np.ndarray:
+        chosen = np.zeros(max(num_clients, 1), dtype=bool)
+        chosen[rng_for(seed, stream, self.stream).choice(num_clients, size=int(self.image_only), replace=False)] = True
+        image = chosen[np.maximum(client_of, 0)]
+        return np.stack([image, ~image], axis=1)
 
 
-def _hybrid(num_rows: int, shards: Sequence[np.ndarray], seed: int, p: float) -> np.ndarray:
+@register
+@dataclass
+class Hybrid(ModalityStep):
     """Each client keeps each modality w.p. p, drawn once per client; a client drawn to keep neither
     keeps one at random (fair coin), so a modality is kept w.p. p + (1 - p)^2 / 2."""
-    _check_unit("p", p)
-    keep = np.ones((num_rows, 2), dtype=bool)
-    for client, idx in enumerate(shards):
-        rng = rng_for(seed, "scenario", _HYBRID, client)  # per client: independent of the other clients
-        pattern = rng.random(2) < p
-        coin = rng.random() < 0.5
-        if not pattern.any():
-            pattern = np.array([coin, not coin])
-        keep[idx] = pattern
-    return keep
+
+    name = "hybrid"
+    stream = 2
+    p: float
+
+    def check(self, key: str, num_clients: int) -> None:
+        _check_unit(key, self.name, "p", self.p)
+
+    def keep(self, client_of: np.ndarray, num_clients: int, seed: int, stream: str) -> np.ndarray:
+        patterns = []
+        for client in range(num_clients):
+            rng = rng_for(seed, stream, self.stream, client)  # per client: independent of the other clients
+            pattern = rng.random(2) < self.p
+            coin = rng.random() < 0.5
+            patterns.append(pattern if pattern.any() else np.array([coin, not coin]))
+        table = np.array(patterns or [[True, True]], dtype=bool)
+        return table[np.maximum(client_of, 0)]
 
 
-SCENARIOS: dict[str, ScenarioFn] = {"aligned": _aligned, "missing": _missing, "cross": _cross, "hybrid": _hybrid}
+@register
+@dataclass
+class Multilingual(Step):
+    """Each client's prompts, notes, option texts and open answers in one language of ``languages``
+    (templated translations of the synthetic benchmark, fedsim/data/languages.py). Clients get the
+    languages in turns over a seeded order, so the counts per language differ by at most one."""
+
+    name = "multilingual"
+    stream = 3
+    languages: list = field(default_factory=lambda: list(LANGUAGES))
+
+    def check(self, key: str, num_clients: int) -> None:
+        unknown = [lang for lang in self.languages if lang not in LANGUAGES]
+        if not self.languages or unknown:
+            raise ValueError(f"{key}.multilingual.languages must be a non-empty list of {', '.join(LANGUAGES)}; "
+                             f"got {self.languages!r}")
+
+    def language_of(self, num_clients: int, seed: int, stream: str) -> list[str]:
+        order = rng_for(seed, stream, self.stream).permutation(num_clients)
+        langs = [""] * num_clients
+        for turn, client in enumerate(order):
+            langs[client] = self.languages[turn % len(self.languages)]
+        return langs
+
+    def apply(self, ds: datasets.Dataset, client_of: np.ndarray, num_clients: int, seed: int,
+              stream: str) -> datasets.Dataset:
+        langs = self.language_of(num_clients, seed, stream)
+        return ds.map(lambda row, i: translate(row, langs[client_of[i]]) if client_of[i] >= 0 else row,
+                      with_indices=True, features=ds.features, desc="scenario multilingual")
 
 
-def apply_scenario(train: datasets.Dataset, shards: Sequence[np.ndarray], name: str, params: dict,
-                   seed: int) -> datasets.Dataset:
-    """A copy of ``train`` (same rows, same order, same features) with the modalities ``name`` drops set
-    to None and has_image / has_text updated; deterministic in ``seed``."""
-    fn = _lookup(name)
-    _check_params(name, fn, params)
-    num_rows = len(train)
-    covered = _covered(shards, num_rows)
-    keep = fn(num_rows, [np.asarray(s, dtype=np.int64) for s in shards], seed, **params)
-    keep[~covered] = True
-    raw = train.cast_column("image", datasets.Image(decode=False))  # no decoding/re-encoding of images
-    out = raw.map(_drop, with_indices=True, batched=True, fn_kwargs={"keep": keep}, features=raw.features,
-                  desc=f"scenario {name}")
-    return out.cast_column("image", train.features["image"])
+DOMAIN_STYLES = ("clean", "noise", "blur", "palette", "invert")
 
 
-def check_scenario(name: str, params: dict) -> None:
-    """Fail early on an unknown scenario or wrong parameter names (values are checked when applied)."""
-    _check_params(name, _lookup(name), params)
+@register
+@dataclass
+class Domain(Step):
+    """Each client's images in one style of ``styles`` (given in turns over a seeded client order):
+    ``noise`` adds Gaussian pixel noise (sigma 80 * strength), ``blur`` a Gaussian blur (radius
+    strength * size / 16), ``palette`` pulls colours towards a sepia cast (by strength), ``invert`` takes
+    the colour negative (a hard shift: colours turn into their complements). ``clean`` leaves them."""
+
+    name = "domain"
+    stream = 4
+    styles: list = field(default_factory=lambda: list(DOMAIN_STYLES))
+    strength: float = 0.5
+
+    def check(self, key: str, num_clients: int) -> None:
+        unknown = [s for s in self.styles if s not in DOMAIN_STYLES]
+        if not self.styles or unknown:
+            raise ValueError(f"{key}.domain.styles must be a non-empty list of {', '.join(DOMAIN_STYLES)}; "
+                             f"got {self.styles!r}")
+        _check_unit(key, self.name, "strength", self.strength)
+
+    def style_of(self, num_clients: int, seed: int, stream: str) -> list[str]:
+        order = rng_for(seed, stream, self.stream).permutation(num_clients)
+        styles = [""] * num_clients
+        for turn, client in enumerate(order):
+            styles[client] = self.styles[turn % len(self.styles)]
+        return styles
+
+    def restyle(self, image: Image.Image, style: str, rng: np.random.Generator) -> Image.Image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+        if style == "noise":
+            pixels = pixels + rng.normal(0, 80 * self.strength, pixels.shape)
+        elif style == "blur":
+            radius = self.strength * image.width / 16
+            return image.convert("RGB").filter(ImageFilter.GaussianBlur(radius))
+        elif style == "palette":
+            grey = pixels.mean(axis=2, keepdims=True) * np.array([1.15, 1.0, 0.75], dtype=np.float32)
+            pixels = (1 - self.strength) * pixels + self.strength * grey
+        elif style == "invert":
+            pixels = 255 - pixels
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+    def apply(self, ds: datasets.Dataset, client_of: np.ndarray, num_clients: int, seed: int,
+              stream: str) -> datasets.Dataset:
+        styles = self.style_of(num_clients, seed, stream)
+
+        def restyle_row(row: dict, i: int) -> dict:
+            client = client_of[i]
+            if client >= 0 and row["image"] is not None and styles[client] != "clean":
+                row["image"] = self.restyle(row["image"], styles[client], rng_for(seed, stream, self.stream, i))
+            return row
+
+        return ds.map(restyle_row, with_indices=True, features=ds.features, desc="scenario domain")
+
+
+@register
+@dataclass
+class ModalityTask(Step):
+    """``image_clients`` clients hold the configured dataset (image + question); the other clients hold a
+    text-only QA source with its own task: ``text_dataset`` (``synthetic`` with ``text_task``, or a real
+    adapter read from ``text_path`` / ``text_hub``). Both test splits are evaluated, each with its metrics."""
+
+    name = "modality_task"
+    image_clients: int
+    text_dataset: str = "synthetic"
+    text_task: str = "textqa"
+    text_path: Any = None
+    text_hub: Any = None
+
+    def check(self, key: str, num_clients: int) -> None:
+        _check_count(key, self.name, "image_clients", self.image_clients, num_clients)
+        if not 0 < self.image_clients < num_clients:
+            raise ValueError(f"{key}.modality_task.image_clients must leave both groups non-empty: an integer "
+                             f"in [1, {num_clients - 1}] for {num_clients} clients, got {self.image_clients!r}")
+
+
+def build_steps(spec: dict, key: str) -> list[Step]:
+    """The steps a ``{step: {param: value}}`` mapping names, in order; ValueError names the bad key."""
+    steps = []
+    for name, params in dict(spec).items():
+        if name not in STEPS:
+            raise ValueError(f"{key}: scenario step {name!r} is unknown: expected one of {', '.join(sorted(STEPS))}")
+        params = {} if params is None else params
+        if not isinstance(params, dict):
+            raise ValueError(f"{key}.{name} must be a mapping of parameters (e.g. {{}}), got {params!r}")
+        accepted = [f.name for f in dataclasses.fields(STEPS[name])]
+        required = [f.name for f in dataclasses.fields(STEPS[name])
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        unknown = sorted(set(params) - set(accepted))
+        missing = [k for k in required if k not in params]
+        if unknown or missing:
+            raise ValueError(f"{key}.{name} takes parameters {accepted or 'none'} (required: {required or 'none'}); "
+                             f"got unknown {unknown or 'none'}, missing {missing or 'none'}")
+        steps.append(STEPS[name](**params))
+    return steps
+
+
+def check_scenarios(spec: dict, key: str, num_clients: int) -> None:
+    """Fail early on unknown steps, wrong parameter names and out-of-range values."""
+    for step in build_steps(spec, key):
+        step.check(key, num_clients)
+
+
+def apply_scenarios(ds: datasets.Dataset, shards: Sequence[np.ndarray], spec: dict, seed: int,
+                    key: str = "data.scenarios", stream: str = "scenario") -> datasets.Dataset:
+    """``ds`` after every step of ``spec`` (same rows, same order, same features); deterministic in
+    ``seed``. ``stream`` names the seed stream, so a test split's draws differ from the training split's."""
+    client_of = client_index(shards, len(ds))
+    for step in build_steps(spec, key):
+        step.check(key, len(shards))
+        ds = step.apply(ds, client_of, len(shards), seed, stream)
+    return ds
 
 
 def modality_mix(train: datasets.Dataset, shards: Sequence[np.ndarray]) -> np.ndarray:
@@ -111,6 +308,20 @@ def modality_mix(train: datasets.Dataset, shards: Sequence[np.ndarray]) -> np.nd
     return mix if mix[:, 3].any() else mix[:, :3]
 
 
+def client_index(shards: Sequence[np.ndarray], num_rows: int) -> np.ndarray:
+    """Each row's client, -1 for rows of no client; shards must be disjoint and index into the split."""
+    client_of = np.full(num_rows, -1, dtype=np.int64)
+    for client, idx in enumerate(shards):
+        idx = np.asarray(idx, dtype=np.int64).ravel()
+        if idx.size and (idx.min() < 0 or idx.max() >= num_rows):
+            raise ValueError(f"shards index rows outside [0, {num_rows}): client {client} has "
+                             f"range [{idx.min()}, {idx.max()}]")
+        if (client_of[idx] >= 0).any() or len(np.unique(idx)) != idx.size:
+            raise ValueError(f"shards must be disjoint: client {client} shares rows with another client")
+        client_of[idx] = client
+    return client_of
+
+
 def _drop(batch: dict, indices: list[int], keep: np.ndarray) -> dict:
     rows = keep[np.asarray(indices, dtype=np.int64)]
     batch["image"] = [im if k else None for im, k in zip(batch["image"], rows[:, 0])]
@@ -120,35 +331,13 @@ def _drop(batch: dict, indices: list[int], keep: np.ndarray) -> dict:
     return batch
 
 
-def _lookup(name: str) -> ScenarioFn:
-    if name not in SCENARIOS:
-        raise ValueError(f"data.scenario {name!r} is unknown: expected one of {', '.join(sorted(SCENARIOS))}")
-    return SCENARIOS[name]
-
-
-def _check_params(name: str, fn: ScenarioFn, params: dict) -> None:
-    signature = inspect.signature(fn)
-    accepted = list(signature.parameters)[3:]
-    unknown = sorted(set(params) - set(accepted))
-    required = [k for k in accepted if signature.parameters[k].default is inspect.Parameter.empty]
-    missing = [k for k in required if k not in params]
-    if unknown or missing:
-        raise ValueError(f"data.scenario={name!r} takes parameters {accepted or 'none'} (required: "
-                         f"{required or 'none'}); got unknown {unknown or 'none'}, missing {missing or 'none'}")
-
-
-def _check_unit(param: str, value: float) -> None:
+def _check_unit(key: str, step: str, param: str, value: Any) -> None:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)) or not 0 <= value <= 1:
-        raise ValueError(f"data.scenario parameter {param} must be a probability in [0, 1], got {value!r}")
+        raise ValueError(f"{key}.{step}.{param} must be a probability in [0, 1], got {value!r}")
 
 
-def _covered(shards: Sequence[np.ndarray], num_rows: int) -> np.ndarray:
-    """Rows that belong to a shard; shards must be disjoint and index into the split."""
-    joined = np.concatenate([np.asarray(s, dtype=np.int64).ravel() for s in shards]) if len(shards) \
-        else np.zeros(0, dtype=np.int64)
-    if joined.size and (joined.min() < 0 or joined.max() >= num_rows):
-        raise ValueError(f"shards index rows outside [0, {num_rows}): range [{joined.min()}, {joined.max()}]")
-    counts = np.bincount(joined, minlength=num_rows)
-    if (counts > 1).any():
-        raise ValueError(f"shards must be disjoint: {int((counts > 1).sum())} row(s) belong to several clients")
-    return counts > 0
+def _check_count(key: str, step: str, param: str, value: Any, num_clients: int) -> None:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or not 0 <= value <= num_clients:
+        raise ValueError(f"{key}.{step}.{param} must be an integer in [0, {num_clients}] (the number of "
+                         f"clients), got {value!r}")

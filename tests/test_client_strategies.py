@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedsim.algorithms import CLIENT_STRATEGIES, LocalContext, build_client_strategy, build_server_strategy
+from fedsim.algorithms.client import edge_layers
 from fedsim.config import ClientAlgoConfig, ServerAlgoConfig
 from fedsim.messages import ClientUpdate
 
@@ -82,7 +83,7 @@ def window_setup():
 
 def test_fedmllm_reg_window_l6_s1() -> None:
     names, layer_of, g, params = window_setup()
-    s = build_client_strategy(ClientAlgoConfig(name="fedmllm_reg", mu=0.5, weight=0.5, window=1))
+    s = build_client_strategy(ClientAlgoConfig(name="fedmllm_reg", mu=0.5, weight=0.5, window=1 / 6))
     s.begin(ctx_for(g, layer_of, num_layers=6))
     # regularized: layers 1..4 (s ≤ l ≤ L−1−s = 4), each ‖θ − θg‖² = 4 + 4 = 8 → Σ = 32
     # penalty = (μ/2)·w·Σ = 0.25·0.5·32 = 4
@@ -99,22 +100,28 @@ def test_fedmllm_reg_window_l6_s1() -> None:
 
 def test_fedmllm_reg_empty_window_raises() -> None:
     _, layer_of, g, _ = window_setup()
-    s = build_client_strategy(ClientAlgoConfig(name="fedmllm_reg", window=3))
-    with pytest.raises(ValueError, match=r"algorithm\.client\.window.*3.*L=6"):
-        s.begin(ctx_for(g, layer_of, num_layers=6))  # 3 > L−1−s = 2
-    s = build_client_strategy(ClientAlgoConfig(name="fedmllm_reg", window=2, mu=1.0, weight=1.0))
+    s = build_client_strategy(ClientAlgoConfig(name="fedmllm_reg", window=0.45))
+    with pytest.raises(ValueError, match=r"algorithm\.client\.window.*0\.45.*= 3.*L=6"):
+        s.begin(ctx_for(g, layer_of, num_layers=6))  # s = round(2.7) = 3 > L−1−s = 2
+    s = build_client_strategy(ClientAlgoConfig(name="fedmllm_reg", window=2 / 6, mu=1.0, weight=1.0))
     s.begin(ctx_for(g, layer_of, num_layers=6))  # layers 2..3
     assert close(s.penalty(window_setup()[3]), 8.0)  # 0.5·(8 + 8)
 
 
+@pytest.mark.parametrize("window,num_layers,edge", [(1 / 7, 28, 4), (1 / 7, 4, 1), (1 / 7, 2, 0), (0.25, 32, 8),
+                                                   (0.0, 5, 0)])
+def test_fedmllm_window_is_a_fraction_of_any_depth(window, num_layers, edge) -> None:
+    assert edge_layers(window, num_layers) == edge
+
+
 def test_fedmllm_reg_without_regularized_parameters_returns_none() -> None:
-    s = build_client_strategy(ClientAlgoConfig(name="fedmllm_reg", window=1))
+    s = build_client_strategy(ClientAlgoConfig(name="fedmllm_reg", window=1 / 6))
     s.begin(ctx_for({"embed": torch.zeros(2)}, {"embed": None}, num_layers=6))
     assert s.penalty(params_of({"embed": [1.0, 1.0]})) is None
 
 
 def test_fedmllm_reg_needs_layer_of_every_parameter() -> None:
-    s = build_client_strategy(ClientAlgoConfig(name="fedmllm_reg", window=1))
+    s = build_client_strategy(ClientAlgoConfig(name="fedmllm_reg", window=1 / 6))
     s.begin(ctx_for({"a": torch.zeros(2)}, {}, num_layers=6))
     with pytest.raises(ValueError, match="'a'.*layer_of"):
         s.penalty(params_of({"a": [1.0, 1.0]}))

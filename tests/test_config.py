@@ -249,7 +249,27 @@ def test_measured_compute_time_is_refused_for_asynchronous_strategies():
     assert "scheduler.compute_time" in message and "modeled" in message
 
 
-def test_scenario_name_and_parameter_names_are_checked_at_load():
-    assert "data.scenario" in _error(["data.scenario=missin"])
-    message = _error(["data.scenario=cross", "data.scenario_params.p=0.3"])
-    assert "image_only" in message and "'p'" in message
+def test_scenario_steps_and_parameters_are_checked_at_load():
+    message = _error(["data.scenarios.missin.beta=0.3"])
+    assert "data.scenarios" in message and "'missin'" in message and "missing" in message
+    message = _error(["data.scenarios.cross.p=0.3"])
+    assert "data.scenarios.cross" in message and "image_only" in message and "'p'" in message
+    assert "data.scenarios.cross.image_only" in _error(["partition.num_clients=10", "data.scenarios.cross.image_only=11"])
+    assert "data.test_scenarios.missing.beta" in _error(["data.test_scenarios.missing.beta=2"])
+    assert "data.scenarios.domain.styles" in _error(["data.scenarios.domain.styles=[sepia]"])
+    assert "data.scenarios.modality_task.image_clients" in _error(
+        ["partition.num_clients=10", "data.scenarios.modality_task.image_clients=10"])
+
+
+def test_composed_scenarios_load_in_order():
+    cfg = load_config(None, ["data.scenarios.missing.beta=0.3", "data.scenarios.domain.styles=[noise,blur]",
+                             "partition.scheme=dirichlet", "partition.alpha=0.5"])
+    assert list(cfg.data.scenarios) == ["missing", "domain"]
+    assert cfg.data.scenarios["domain"] == {"styles": ["noise", "blur"]}
+
+
+def test_data_source_errors_name_the_key():
+    assert "data.path" in _error(["data.path=/somewhere"])  # synthetic data has no path
+    assert "data.num_train" in _error(["data.num_train=0"])
+    assert "data.prompt" in _error(["data.prompt=augmented"])
+    assert "algorithm.client.window" in _error(["algorithm.client.window=0.5"])

@@ -38,7 +38,7 @@ def test_training_beats_zero_shot_and_writes_a_complete_run(tmp_path, tiny_path)
     base, processor, device = load_backbone(ModelConfig(name=str(tiny_path)))
     model = PeftModel.from_pretrained(base, run / "adapter", is_trainable=True)
     splits = load_dataset_splits(cfg.data, derive_seed(cfg.seed, "data"))
-    evaluator = Evaluator(processor, splits.test, splits.num_classes, cfg.eval, cfg.data.max_length, device)
+    evaluator = Evaluator(processor, splits.test, cfg.eval, cfg.data.max_length, device)
     assert evaluator.evaluate(model) == summary["final_metrics"]
 
 
@@ -54,7 +54,7 @@ def test_same_seed_same_adapter(tmp_path):
                                            ("fedyogi", "fedprox")])
 def test_algorithms_run_end_to_end(tmp_path, server, client):
     cfg = small_config(tmp_path, f"algorithm.server.name={server}", f"algorithm.client.name={client}",
-                       "algorithm.client.window=1", "eval.zero_shot=false", "federation.rounds=2")
+                       "eval.zero_shot=false", "federation.rounds=2")
     summary = run_sequential(cfg, tmp_path / "run")
     assert summary["rounds"] == 2 and 0.0 <= summary["final_metrics"]["accuracy"] <= 1.0
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
@@ -106,12 +106,46 @@ def test_measured_compute_time_and_a_deadline_without_quorum(tmp_path):
 
 def test_a_modality_scenario_reaches_client_training(tmp_path):
     """missing beta=0.5: clients train on samples without image and without text; the test split stays whole."""
-    from fedsim.engine.sequential import load_client_data
+    from fedsim.clientdata import load_client_data
 
-    cfg = small_config(tmp_path, "data.scenario=missing", "data.scenario_params.beta=0.5", "federation.rounds=1")
+    cfg = small_config(tmp_path, "data.scenarios.missing.beta=0.5", "federation.rounds=1", "data.prompt=modality")
     data = load_client_data(cfg)
     train = data.splits.train
     assert 0 < sum(train["has_image"]) < len(train) and 0 < sum(train["has_text"]) < len(train)
     assert all(data.splits.test["has_image"]) and all(data.splits.test["has_text"])
     summary = run_sequential(cfg, tmp_path / "run")
     assert summary["client_updates"] == 3
+
+
+def test_modality_task_clients_train_on_two_sources_and_are_scored_per_source(tmp_path):
+    """Image+question VQA clients beside text-only QA clients: each group holds only its own source, and
+    the final metrics score both test splits."""
+    from fedsim.clientdata import load_client_data
+
+    cfg = small_config(tmp_path, "data.task=vqa", "data.scenarios.modality_task.image_clients=2",
+                       "federation.rounds=1", "eval.max_new_tokens=3", "eval.zero_shot=false")
+    data = load_client_data(cfg)
+    train, test = data.splits.train, data.splits.test
+    assert len(data.shards) == 6 and len(train) == 480 and len(test) == 120
+    for client, idx in enumerate(data.shards):
+        rows = train.select(idx)
+        assert all(rows["has_image"]) if client < 2 else not any(rows["has_image"])
+        assert set(rows["question"]) <= ({"What colour is the item the note points to?"} if client < 2
+                                         else {"Can other parcels be stacked on it?"})
+    assert sum(len(s) for s in data.shards[:2]) == 240 and sum(len(s) for s in data.shards[2:]) == 240
+    summary = run_sequential(cfg, tmp_path / "run")
+    metrics = summary["final_metrics"]
+    assert {"synthetic/vqa/accuracy", "synthetic/textqa/accuracy", "synthetic/textqa/closed_accuracy",
+            "accuracy"} <= set(metrics)
+    assert metrics["accuracy"] == pytest.approx((metrics["synthetic/vqa/accuracy"]
+                                                 + metrics["synthetic/textqa/accuracy"]) / 2)
+
+
+def test_test_scenarios_transform_the_test_split(tmp_path):
+    from fedsim.clientdata import load_client_data
+
+    cfg = small_config(tmp_path, "data.test_scenarios.missing.beta=0.5",
+                       "data.test_scenarios.multilingual.languages=[de]")
+    test = load_client_data(cfg).splits.test
+    assert 0 < sum(test["has_image"]) < len(test) and 0 < sum(test["has_text"]) < len(test)
+    assert set(test["question"]) == {"Wie soll das Paket beschriftet werden?"}

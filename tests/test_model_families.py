@@ -189,7 +189,7 @@ def test_mixed_batch_keeps_every_input_the_model_needs(loaded, mixed_samples):
 
 def test_evaluate_train_evaluate(loaded, mixed_samples):
     test = generate("classification", 4, "test", seed=0)
-    evaluator = Evaluator(loaded.processor, test, 4, EvalConfig(batch_size=4), 256, loaded.device)
+    evaluator = Evaluator(loaded.processor, test, EvalConfig(batch_size=4), 256, loaded.device)
     before = evaluator.evaluate(loaded.model)
     assert 0.0 <= before["accuracy"] <= 1.0
 
@@ -206,6 +206,6 @@ def test_evaluate_train_evaluate(loaded, mixed_samples):
 
 def test_greedy_answers_for_open_questions(loaded):
     test = generate("vqa", 3, "test", seed=0)
-    evaluator = Evaluator(loaded.processor, test, 6, EvalConfig(batch_size=3, max_new_tokens=2), 256, loaded.device)
+    evaluator = Evaluator(loaded.processor, test, EvalConfig(batch_size=3, max_new_tokens=2), 256, loaded.device)
     scores = evaluator.evaluate(loaded.model)
     assert 0.0 <= scores["accuracy"] <= 1.0 and 0.0 <= scores["token_f1"] <= 1.0

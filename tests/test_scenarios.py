@@ -3,7 +3,7 @@ import pytest
 
 from fedsim.data.schema import FEATURES
 from fedsim.data.synthetic import generate
-from fedsim.scenarios import SCENARIOS, apply_scenario, modality_mix
+from fedsim.scenarios import STEPS, apply_scenarios, modality_mix
 
 N = 3000
 
@@ -32,7 +32,7 @@ def _check_consistent(ds) -> None:
 
 
 def test_missing_rates(train, shards):
-    out = apply_scenario(train, shards, "missing", {"beta": 0.3}, seed=1)
+    out = apply_scenarios(train, shards, {"missing": {"beta": 0.3}}, seed=1)
     _check_consistent(out)
     has_image, has_text = _flags(out)
     assert abs((~has_image).mean() - 0.3) <= 0.03
@@ -44,8 +44,8 @@ def test_missing_rates(train, shards):
 
 
 def test_missing_without_both(train, shards):
-    both = apply_scenario(train, shards, "missing", {"beta": 0.3}, seed=1)
-    out = apply_scenario(train, shards, "missing", {"beta": 0.3, "allow_both": False}, seed=1)
+    both = apply_scenarios(train, shards, {"missing": {"beta": 0.3}}, seed=1)
+    out = apply_scenarios(train, shards, {"missing": {"beta": 0.3, "allow_both": False}}, seed=1)
     has_image, has_text = _flags(out)
     assert not (~has_image & ~has_text).any()
     # Only the rows that would have lost both differ.
@@ -56,7 +56,7 @@ def test_missing_without_both(train, shards):
 
 
 def test_cross_splits_clients(train, shards):
-    out = apply_scenario(train, shards, "cross", {"image_only": 3}, seed=1)
+    out = apply_scenarios(train, shards, {"cross": {"image_only": 3}}, seed=1)
     _check_consistent(out)
     has_image, has_text = _flags(out)
     image_clients = [c for c, idx in enumerate(shards) if has_image[idx].all() and not has_text[idx].any()]
@@ -67,7 +67,7 @@ def test_cross_splits_clients(train, shards):
 
 
 def test_hybrid_per_client_pattern(train, shards):
-    out = apply_scenario(train, shards, "hybrid", {"p": 0.6}, seed=1)
+    out = apply_scenarios(train, shards, {"hybrid": {"p": 0.6}}, seed=1)
     _check_consistent(out)
     has_image, has_text = _flags(out)
     for idx in shards:
@@ -78,7 +78,7 @@ def test_hybrid_per_client_pattern(train, shards):
 def test_hybrid_rate_over_many_clients(train):
     small = train.select(range(1000))
     tiny = list(np.arange(1000).reshape(500, 2))
-    has_image, has_text = _flags(apply_scenario(small, tiny, "hybrid", {"p": 0.6}, seed=3))
+    has_image, has_text = _flags(apply_scenarios(small, tiny, {"hybrid": {"p": 0.6}}, seed=3))
     assert (has_image | has_text).all()
     # Kept w.p. p plus half of the (1-p)^2 clients that fall back to one modality: 0.68.
     assert abs(has_image[::2].mean() - (0.6 + 0.4**2 / 2)) <= 0.06
@@ -86,14 +86,14 @@ def test_hybrid_rate_over_many_clients(train):
 
 
 def test_aligned_is_identity(train, shards):
-    out = apply_scenario(train, shards, "aligned", {}, seed=1)
+    out = apply_scenarios(train, shards, {"aligned": {}}, seed=1)
     assert out.features == train.features
     assert out["text"] == train["text"]
     np.testing.assert_array_equal(_flags(out), _flags(train))
 
 
 def test_rows_outside_shards_untouched(train):
-    out = apply_scenario(train, [np.arange(100), np.arange(100, 200)], "cross", {"image_only": 1}, seed=0)
+    out = apply_scenarios(train, [np.arange(100), np.arange(100, 200)], {"cross": {"image_only": 1}}, seed=0)
     has_image, has_text = _flags(out)
     assert has_image[200:].all() and has_text[200:].all()
 
@@ -101,35 +101,115 @@ def test_rows_outside_shards_untouched(train):
 @pytest.mark.parametrize("name,params", [("missing", {"beta": 0.4}), ("cross", {"image_only": 5}),
                                          ("hybrid", {"p": 0.7})])
 def test_deterministic_by_seed(train, shards, name, params):
-    a = _flags(apply_scenario(train, shards, name, params, seed=11))
-    b = _flags(apply_scenario(train, shards, name, params, seed=11))
+    a = _flags(apply_scenarios(train, shards, {name: params}, seed=11))
+    b = _flags(apply_scenarios(train, shards, {name: params}, seed=11))
     np.testing.assert_array_equal(a, b)
-    others = [_flags(apply_scenario(train, shards, name, params, seed=s)) for s in (12, 13, 14)]
+    others = [_flags(apply_scenarios(train, shards, {name: params}, seed=s)) for s in (12, 13, 14)]
     assert any(not np.array_equal(a, o) for o in others)
 
 
 def test_registry_names():
-    assert set(SCENARIOS) == {"aligned", "missing", "cross", "hybrid"}
+    assert set(STEPS) == {"aligned", "missing", "cross", "hybrid", "multilingual", "domain", "modality_task"}
 
 
 @pytest.mark.parametrize("name,params,match", [
-    ("mising", {"beta": 0.3}, "data.scenario 'mising' is unknown.*aligned, cross, hybrid, missing"),
+    ("mising", {"beta": 0.3}, "data.scenarios: scenario step 'mising' is unknown.*aligned, cross, domain"),
     ("missing", {}, "missing \\['beta'\\]"),
     ("missing", {"beta": 0.3, "rate": 1}, "unknown \\['rate'\\]"),
-    ("missing", {"beta": 1.5}, "beta must be a probability in \\[0, 1\\]"),
+    ("missing", {"beta": 1.5}, "data.scenarios.missing.beta must be a probability in \\[0, 1\\]"),
     ("missing", {"beta": 0.3, "allow_both": "no"}, "allow_both"),
     ("cross", {"image_only": 11}, "image_only must be an integer in \\[0, 10\\]"),
     ("cross", {"image_only": 2.5}, "image_only"),
     ("hybrid", {"p": -0.1}, "p must be a probability"),
     ("aligned", {"p": 0.5}, "unknown \\['p'\\]"),
+    ("multilingual", {"languages": ["en", "xx"]}, "multilingual.languages"),
+    ("domain", {"styles": []}, "domain.styles"),
+    ("domain", {"strength": 2}, "domain.strength"),
+    ("missing", 0.3, "data.scenarios.missing must be a mapping"),
 ])
 def test_errors(train, shards, name, params, match):
     with pytest.raises(ValueError, match=match):
-        apply_scenario(train, shards, name, params, seed=0)
+        apply_scenarios(train, shards, {name: params}, seed=0)
 
 
 def test_bad_shards(train):
     with pytest.raises(ValueError, match="disjoint"):
-        apply_scenario(train, [np.arange(10), np.arange(5, 15)], "aligned", {}, seed=0)
+        apply_scenarios(train, [np.arange(10), np.arange(5, 15)], {"aligned": {}}, seed=0)
     with pytest.raises(ValueError, match="outside"):
-        apply_scenario(train, [np.arange(N + 1)], "aligned", {}, seed=0)
+        apply_scenarios(train, [np.arange(N + 1)], {"aligned": {}}, seed=0)
+
+
+def test_steps_compose_in_order_and_keep_their_own_draws(train, shards):
+    """Layering missing on hybrid removes more; each step draws from its own stream, so missing's per-row
+    draws are the same with or without the hybrid step before it."""
+    alone = _flags(apply_scenarios(train, shards, {"missing": {"beta": 0.3}}, seed=5))
+    layered = _flags(apply_scenarios(train, shards, {"hybrid": {"p": 0.6}, "missing": {"beta": 0.3}}, seed=5))
+    hybrid = _flags(apply_scenarios(train, shards, {"hybrid": {"p": 0.6}}, seed=5))
+    for a, l, h in zip(alone, layered, hybrid):
+        np.testing.assert_array_equal(l, a & h)
+
+
+def test_alpha_partition_with_missing_beta_as_the_paper_layers_them():
+    """alpha=0.5 label skew, then missing beta=0.3 on top: the rates hold on 3,000 rows, and the label
+    skew of the partition is untouched."""
+    from fedsim.config import PartitionConfig
+    from fedsim.partition import label_histogram, partition
+
+    data = generate("classification", N, "train", 2)
+    labels = np.asarray(data["label"])
+    parts = partition(labels, PartitionConfig(scheme="dirichlet", num_clients=10, alpha=0.5), seed=4)
+    out = apply_scenarios(data, parts, {"missing": {"beta": 0.3}}, seed=4)
+    has_image, has_text = _flags(out)
+    assert abs((~has_image).mean() - 0.3) <= 0.03 and abs((~has_text).mean() - 0.3) <= 0.03
+    assert abs((~has_image & ~has_text).mean() - 0.09) <= 0.02
+    np.testing.assert_array_equal(label_histogram(np.asarray(out["label"]), parts, 4),
+                                  label_histogram(labels, parts, 4))
+
+
+def test_multilingual_translates_each_client_into_one_language(shards):
+    from fedsim.data.languages import LANGUAGES
+
+    data = generate("vqa", N, "train", 0)
+    out = apply_scenarios(data, shards, {"multilingual": {}}, seed=3)
+    assert out.features == FEATURES
+    english = set(data["question"])
+    counts = {}
+    for idx in shards:
+        questions = set(out.select(idx)["question"])
+        assert len(questions) == 1  # one language per client
+        lang_is_english = questions <= english
+        counts[lang_is_english] = counts.get(lang_is_english, 0) + 1
+    # 10 clients over 4 languages in turns: 2 or 3 English clients.
+    assert counts[True] in (2, 3) and counts[False] == 10 - counts[True] and len(LANGUAGES) == 4
+    german = [i for i in range(N) if out[i]["question"].startswith("Welche Farbe")]
+    row, src = out[german[0]], data[german[0]]
+    colours = {"red": "rot", "orange": "orange", "yellow": "gelb", "green": "grün", "blue": "blau", "purple": "lila"}
+    assert row["answer"] == colours[src["answer"]] and row["text"].startswith("die Notiz zeigt auf den")
+    assert out["label"] == data["label"]
+
+
+def test_multilingual_option_texts_and_letters(shards):
+    data = generate("classification", N, "train", 0)
+    out = apply_scenarios(data, shards, {"multilingual": {"languages": ["fr"]}}, seed=3)
+    row = out[0]
+    assert row["options"] == ["chaud fragile", "chaud solide", "froid fragile", "froid solide"]
+    assert row["answer"] == data[0]["answer"] and row["question"] == "Quelle étiquette mettre sur le colis ?"
+    assert " et " in row["text"] and "and" not in row["text"].split()
+
+
+def test_domain_styles_per_client(shards):
+    data = generate("classification", N, "train", 0)
+    out = apply_scenarios(data, shards, {"domain": {"styles": ["clean", "invert"]}}, seed=3)
+    inverted = 0
+    for idx in shards:
+        before = np.stack([np.asarray(data[int(i)]["image"], dtype=np.int16) for i in idx[:5]])
+        after = np.stack([np.asarray(out[int(i)]["image"], dtype=np.int16) for i in idx[:5]])
+        if np.array_equal(after, before):
+            continue
+        np.testing.assert_array_equal(after, 255 - before)
+        inverted += 1
+    assert inverted == 5  # two styles over 10 clients in turns
+    for style in ("noise", "blur", "palette"):
+        changed = apply_scenarios(data.select(range(300)), [np.arange(300)], {"domain": {"styles": [style]}}, seed=3)
+        a, b = np.asarray(changed[0]["image"], dtype=float), np.asarray(data[0]["image"], dtype=float)
+        assert a.shape == b.shape and np.abs(a - b).mean() > 2, style

@@ -58,7 +58,7 @@ def test_generated_rows_follow_the_schema(task):
     assert ds.features == FEATURES
     assert len(ds) == 20
     check_schema(ds, task)
-    assert set(ds["source"]) == {"synthetic"}
+    assert set(ds["source"]) == {f"synthetic/{task}"}
 
 
 def test_check_schema_names_missing_columns():
@@ -108,7 +108,15 @@ def test_unknown_task_rejected():
 
 
 def test_num_classes_per_task():
-    assert TASK_NUM_CLASSES == {"classification": 4, "vqa": 6}
+    assert TASK_NUM_CLASSES == {"classification": 4, "vqa": 6, "textqa": 2}
+
+
+def test_textqa_is_text_only_and_answers_from_the_note():
+    rows = generate("textqa", 400, "train", seed=0)
+    assert not any(rows["has_image"]) and all(rows["has_text"]) and set(rows["task"]) == {"vqa"}
+    for row in rows:
+        assert row["answer"] == ("yes" if _qualifier(row["text"]) in STURDY else "no")
+    assert 0.4 < np.mean([a == "yes" for a in rows["answer"]]) < 0.6
 
 
 def test_classification_label_matches_text_and_image(classification):

@@ -121,22 +121,29 @@ class FedProx(ClientStrategy):
         return 0.5 * self.scale() * sq
 
 
+def edge_layers(window: float, num_layers: int) -> int:
+    """s = round(window · L): the layers at each end that FedMLLM's regularization leaves free."""
+    s = int(round(window * num_layers))
+    if not 0 <= window < 0.5 or s > num_layers - 1 - s:
+        raise ValueError(f"config key 'algorithm.client.window' has invalid value {window}: s = round(window*L) = "
+                         f"{s} leaves no regularized layer among L={num_layers} decoder layers; expected "
+                         f"window < {((num_layers - 1) // 2 + 0.5) / num_layers:.3f}")
+    return s
+
+
 @register
 class FedMLLMReg(FedProx):
     """FedMLLM's adaptive regularization: loss += (μ/2) · w · Σ_{s ≤ l ≤ L−1−s} ‖θ_l − θ_global,l‖².
 
     Only parameters of the middle decoder layers are pulled to the global model; the first and last
-    s = ``window`` layers and parameters outside decoder layers train freely.
+    s layers and parameters outside decoder layers train freely. s = round(``window`` · L), so one
+    config serves any depth: the paper's s=4 of L=28 is window=1/7, which keeps s=1 of the tiny preset's 4.
     """
 
     name = "fedmllm_reg"
 
     def begin(self, ctx: LocalContext) -> None:
-        s, num_layers = self.cfg.window, ctx.num_layers
-        if s > num_layers - 1 - s:
-            raise ValueError(f"config key 'algorithm.client.window' has invalid value {s}: the regularized "
-                             f"layers s..L-1-s are empty for L={num_layers} decoder layers; "
-                             f"expected window <= {(num_layers - 1) // 2}")
+        self.edge = edge_layers(self.cfg.window, ctx.num_layers)
         super().begin(ctx)
 
     def scale(self) -> float:
@@ -147,7 +154,7 @@ class FedMLLMReg(FedProx):
         if name not in ctx.layer_of:
             raise ValueError(f"trainable parameter {name!r} is missing from LocalContext.layer_of")
         layer = ctx.layer_of[name]
-        return layer is not None and self.cfg.window <= layer <= ctx.num_layers - 1 - self.cfg.window
+        return layer is not None and self.edge <= layer <= ctx.num_layers - 1 - self.edge
 
 
 @register

@@ -23,41 +23,66 @@ TEXT_KEYS = ("input_ids", "attention_mask")
 TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
 
 
-def user_text(sample: dict) -> str:
-    """The user turn's text: context note, question and, for multiple choice, the lettered options."""
+# How a prompt refers to the modalities a sample holds (``data.prompt``). ``modality`` names the ones
+# present, as FedMLLM's baseline prompts do; ``agnostic`` is FedMLLM's prompt augmentation: one phrase for
+# every sample, whatever it holds, so that all clients see one prompt distribution.
+MODALITY_PHRASES = {(True, True): "Answer based on the text and image.", (True, False): "Answer based on the image.",
+                    (False, True): "Answer based on the text.", (False, False): "Answer based on the question."}
+AGNOSTIC_PHRASE = "Answer from whatever is given, image, text or both, regardless of which are missing."
+PROMPT_STYLES = ("plain", "modality", "agnostic")
+
+
+def check_prompt_style(prompt: str) -> None:
+    if prompt not in PROMPT_STYLES:
+        raise ValueError(f"prompt style {prompt!r} is unknown: expected one of {', '.join(PROMPT_STYLES)}")
+
+
+def modality_phrase(sample: dict, prompt: str) -> str | None:
+    check_prompt_style(prompt)
+    if prompt == "modality":
+        return MODALITY_PHRASES[(sample["image"] is not None, sample["text"] is not None)]
+    return AGNOSTIC_PHRASE if prompt == "agnostic" else None
+
+
+def user_text(sample: dict, prompt: str = "plain") -> str:
+    """The user turn's text: context note, question, the modality phrase of the prompt style and, for
+    multiple choice, the lettered options."""
     parts = []
     if sample["text"] is not None:
         parts.append(f"Note: {sample['text']}")
     parts.append(sample["question"])
+    phrase = modality_phrase(sample, prompt)
+    if phrase:
+        parts.append(phrase)
     if sample["options"]:
         parts.append("Options: " + " ".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(sample["options"])))
         parts.append("Answer with the option's letter.")
     return "\n".join(parts)
 
 
-def build_messages(sample: dict, with_answer: bool) -> list[dict]:
+def build_messages(sample: dict, with_answer: bool, prompt: str = "plain") -> list[dict]:
     content: list[dict] = [{"type": "image"}] if sample["image"] is not None else []
-    content.append({"type": "text", "text": user_text(sample)})
+    content.append({"type": "text", "text": user_text(sample, prompt)})
     messages = [{"role": "user", "content": content}]
     if with_answer:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": sample["answer"]}]})
     return messages
 
 
-def prompt_and_answer(processor: Any, sample: dict) -> tuple[str, str]:
+def prompt_and_answer(processor: Any, sample: dict, prompt: str = "plain") -> tuple[str, str]:
     """Render the chat template; the answer is what the full conversation adds after the generation prompt
     (the answer plus the template's end-of-turn marker, so the model learns to stop)."""
-    prompt = processor.apply_chat_template(build_messages(sample, False), add_generation_prompt=True,
-                                           tokenize=False)
-    full = processor.apply_chat_template(build_messages(sample, True), tokenize=False)
-    if not full.startswith(prompt):
+    rendered = processor.apply_chat_template(build_messages(sample, False, prompt), add_generation_prompt=True,
+                                             tokenize=False)
+    full = processor.apply_chat_template(build_messages(sample, True, prompt), tokenize=False)
+    if not full.startswith(rendered):
         raise ValueError("the chat template renders the prompt differently with and without the answer; "
                          "fedsim needs the answer to extend the generation prompt")
-    return prompt, full[len(prompt):]
+    return rendered, full[len(rendered):]
 
 
-def answer_token_ids(processor: Any, sample: dict) -> list[int]:
-    _, answer = prompt_and_answer(processor, sample)
+def answer_token_ids(processor: Any, sample: dict, prompt: str = "plain") -> list[int]:
+    _, answer = prompt_and_answer(processor, sample, prompt)
     return processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
 
 
@@ -79,12 +104,16 @@ class Collator:
 
     ``train=True``: prompt + answer, labels masked to the answer tokens.
     ``train=False``: prompt only, for next-token scoring (right padding) or generation (left padding).
+    ``prompt``: how prompts refer to modalities (PROMPT_STYLES).
     """
 
-    def __init__(self, processor: Any, max_length: int, train: bool, padding_side: str = "right"):
+    def __init__(self, processor: Any, max_length: int, train: bool, padding_side: str = "right",
+                 prompt: str = "plain"):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        check_prompt_style(prompt)
         self.processor = processor
+        self.prompt = prompt
         self.max_length = max_length
         self.train = train
         self.padding_side = padding_side
@@ -92,7 +121,7 @@ class Collator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def encode(self, sample: dict) -> dict[str, torch.Tensor]:
-        prompt, answer = prompt_and_answer(self.processor, sample)
+        prompt, answer = prompt_and_answer(self.processor, sample, self.prompt)
         images = [sample["image"].convert("RGB")] if sample["image"] is not None else None
         encoded = dict(self.processor(text=prompt, images=images, return_tensors="pt", add_special_tokens=False))
         ids = encoded["input_ids"][0]

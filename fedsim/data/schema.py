@@ -30,8 +30,9 @@ class DatasetSplits:
 
     train: datasets.Dataset
     test: datasets.Dataset
-    num_classes: int
-    task: str
+    num_classes: int  # options of a multiple-choice task (the most any row has); answer classes for VQA
+    task: str  # "classification" | "vqa"
+    metric: str = "accuracy"  # the headline metric, as the source's benchmark reports it
 
 
 def check_schema(ds: datasets.Dataset, name: str) -> None:

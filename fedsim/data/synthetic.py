@@ -7,6 +7,8 @@ Every answer needs BOTH modalities, and each modality alone still carries part o
   4 options, chance 25%, either modality alone caps accuracy at 50%.
 - ``vqa``: two shapes of different colours, left and right; the note says which one is meant (with
   synonyms); the answer is that item's colour word. Without text 50%, without image 1/6.
+- ``textqa``: text only, a yes/no question about a note ("Can other parcels be stacked on it?": yes when
+  the parcel is sturdy); the text-only QA clients' task in the ``modality_task`` scenario.
 - ``pretrain``: generic questions (colour of the left/right item, its shape, the describing word of a
   note, option-letter answers) used only to pre-train the tiny preset, never for client data.
 """
@@ -40,8 +42,10 @@ RIGHT = ("right", "east", "second")
 CLASS_OPTIONS = ["warm fragile", "warm sturdy", "cool fragile", "cool sturdy"]
 CLASS_QUESTION = "How should the parcel be labelled?"
 VQA_QUESTION = "What colour is the item the note points to?"
+POINTING_NOTE = "the note points to the {side} item"
+TEXTQA_QUESTION = "Can other parcels be stacked on it?"
 SPLIT_STREAMS = {"train": 0, "test": 1, "pretrain": 2}
-TASK_NUM_CLASSES = {"classification": len(CLASS_OPTIONS), "vqa": len(COLOURS)}
+TASK_NUM_CLASSES = {"classification": len(CLASS_OPTIONS), "vqa": len(COLOURS), "textqa": 2}
 
 
 def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float) -> np.ndarray:
@@ -80,11 +84,14 @@ def _note(qualifier: str, rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
+SOURCE = "synthetic"
+
+
 def _sample(image, text, question, answer, label, options, task) -> dict:
     return {
         "image": image, "text": text, "question": question, "answer": answer, "label": int(label),
         "options": options, "has_image": image is not None, "has_text": text is not None,
-        "task": task, "source": "synthetic",
+        "task": task, "source": SOURCE,
     }
 
 
@@ -105,8 +112,14 @@ def vqa_sample(rng: np.random.Generator, size: int) -> dict:
     target = right if points_right else left
     image = _render([_random_item(left, size, (0.0, 0.5), rng), _random_item(right, size, (0.5, 1.0), rng)],
                     size, rng)
-    text = f"the note points to the {side} item"
+    text = POINTING_NOTE.format(side=side)
     return _sample(image, text, VQA_QUESTION, target, list(COLOURS).index(target), [], "vqa")
+
+
+def textqa_sample(rng: np.random.Generator, size: int) -> dict:
+    sturdy = bool(rng.random() < 0.5)
+    note = _note(str(rng.choice(STURDY if sturdy else FRAGILE)), rng)
+    return _sample(None, note, TEXTQA_QUESTION, "yes" if sturdy else "no", int(sturdy), [], "vqa")
 
 
 def pretrain_sample(rng: np.random.Generator, size: int) -> dict:
@@ -143,7 +156,8 @@ def pretrain_sample(rng: np.random.Generator, size: int) -> dict:
                    OPTION_LETTERS[answer], answer, options, "classification")
 
 
-GENERATORS = {"classification": classification_sample, "vqa": vqa_sample, "pretrain": pretrain_sample}
+GENERATORS = {"classification": classification_sample, "vqa": vqa_sample, "pretrain": pretrain_sample,
+              "textqa": textqa_sample}
 
 
 def generate(task: str, num_samples: int, split: str, seed: int, image_size: int = 32) -> datasets.Dataset:
@@ -155,6 +169,7 @@ def generate(task: str, num_samples: int, split: str, seed: int, image_size: int
     rng = np.random.default_rng([seed, SPLIT_STREAMS[split], list(GENERATORS).index(task)])
     rows = [GENERATORS[task](rng, image_size) for _ in range(num_samples)]
     columns = {key: [row[key] for row in rows] for key in FEATURES}
+    columns["source"] = [f"{SOURCE}/{task}"] * num_samples  # per task: mixed test splits are scored per source
     return datasets.Dataset.from_dict(columns, features=FEATURES)
 
 
@@ -163,6 +178,6 @@ def load_synthetic(task: str, num_train: int, num_test: int, image_size: int, se
         train=generate(task, num_train, "train", seed, image_size),
         test=generate(task, num_test, "test", seed, image_size),
         num_classes=TASK_NUM_CLASSES[task],
-        task=task,
+        task="classification" if task == "classification" else "vqa",
     )
 

@@ -6,18 +6,16 @@ aggregator and loop, with client tasks run in this process instead of on workers
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedsim.aggregator import Aggregator
 from fedsim.algorithms import build_server_strategy
 from fedsim.client import ClientTrainer
+from fedsim.clientdata import load_client_data
 from fedsim.config import ExperimentConfig
-from fedsim.data import DatasetSplits, load_dataset_splits
 from fedsim.engine.inprocess import InProcessExecutor
 from fedsim.engine.loop import run_federation
 from fedsim.evaluation import Evaluator
@@ -25,26 +23,7 @@ from fedsim.guard import UpdateGuard
 from fedsim.messages import nbytes
 from fedsim.models.adapter import get_weights
 from fedsim.models.loading import load_model
-from fedsim.partition import partition
-from fedsim.scenarios import apply_scenario
 from fedsim.seeding import derive_seed
-
-
-@dataclass
-class ClientData:
-    splits: DatasetSplits
-    shards: list[np.ndarray]
-
-
-def load_client_data(cfg: ExperimentConfig) -> ClientData:
-    """The benchmark, its partition into client shards and its modality scenario (every engine and worker
-    derives the same from the seed)."""
-    splits = load_dataset_splits(cfg.data, derive_seed(cfg.seed, "data"))
-    shards = partition(np.asarray(splits.train["label"]), cfg.partition, derive_seed(cfg.seed, "partition"))
-    if cfg.data.scenario != "aligned":
-        train = apply_scenario(splits.train, shards, cfg.data.scenario, dict(cfg.data.scenario_params), cfg.seed)
-        splits = replace(splits, train=train)
-    return ClientData(splits, shards)
 
 
 def run_sequential(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
@@ -54,8 +33,8 @@ def run_sequential(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     loaded = load_model(cfg.model, derive_seed(cfg.seed, "lora_init"))
     strategy = build_server_strategy(cfg.algorithm.server, cfg.partition.num_clients)
     trainer = ClientTrainer(cfg, loaded, data.splits.train, data.shards, strategy.personalized)
-    evaluator = Evaluator(loaded.processor, data.splits.test, data.splits.num_classes, cfg.eval,
-                          cfg.data.max_length, loaded.device)
+    evaluator = Evaluator(loaded.processor, data.splits.test, cfg.eval, cfg.data.max_length, loaded.device,
+                          cfg.data.prompt)
     initial = get_weights(loaded.model)
     aggregator = Aggregator(strategy, UpdateGuard(cfg.runtime.max_update_norm))
     aggregator.init(initial)

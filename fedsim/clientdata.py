@@ -1,0 +1,66 @@
+"""Client data: the benchmark, its partition into client shards and its heterogeneity scenario.
+
+Every engine and every Ray worker derives the same ``ClientData`` from the config's seed, so no client
+data crosses the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import datasets
+import numpy as np
+
+from fedsim.config import ExperimentConfig
+from fedsim.data import DatasetSplits, load_dataset_splits
+from fedsim.partition import partition
+from fedsim.scenarios import ModalityTask, apply_scenarios, build_steps
+from fedsim.seeding import derive_seed
+
+
+@dataclass
+class ClientData:
+    splits: DatasetSplits
+    shards: list[np.ndarray]
+
+
+def load_client_data(cfg: ExperimentConfig) -> ClientData:
+    steps = dict(cfg.data.scenarios)
+    task_step = steps.pop(ModalityTask.name, None)
+    splits = load_dataset_splits(cfg.data, derive_seed(cfg.seed, "data"))
+    if task_step is None:
+        shards = partition(np.asarray(splits.train["label"]), cfg.partition, derive_seed(cfg.seed, "partition"))
+    else:
+        splits, shards = _modality_task(cfg, splits, build_steps({ModalityTask.name: task_step}, "data.scenarios")[0])
+    if steps:
+        splits = replace(splits, train=apply_scenarios(splits.train, shards, steps, cfg.seed))
+    if cfg.data.test_scenarios:
+        test = splits.test
+        test = apply_scenarios(test, [np.arange(len(test))], dict(cfg.data.test_scenarios), cfg.seed,
+                               key="data.test_scenarios", stream="test_scenario")
+        splits = replace(splits, test=test)
+    return ClientData(splits, shards)
+
+
+def _modality_task(cfg: ExperimentConfig, image_splits: DatasetSplits, step: ModalityTask
+                   ) -> tuple[DatasetSplits, list[np.ndarray]]:
+    """Clients 0..image_clients-1 share the configured dataset, the others the text-only source; each
+    group is partitioned by ``cfg.partition``; train and test splits are the two sources concatenated."""
+    step.check("data.scenarios", cfg.partition.num_clients)
+    text_cfg = replace(cfg.data, dataset=step.text_dataset, task=step.text_task, path=step.text_path,
+                       hub=step.text_hub)
+    text_splits = load_dataset_splits(text_cfg, derive_seed(cfg.seed, "data", 1))
+    groups = ((image_splits, step.image_clients), (text_splits, cfg.partition.num_clients - step.image_clients))
+    shards, offset = [], 0
+    for group, (splits, num_clients) in enumerate(groups):
+        group_cfg = replace(cfg.partition, num_clients=num_clients)
+        shards += [s + offset for s in partition(np.asarray(splits.train["label"]), group_cfg,
+                                                 derive_seed(cfg.seed, "partition", group))]
+        offset += len(splits.train)
+    merged = DatasetSplits(
+        train=datasets.concatenate_datasets([image_splits.train, text_splits.train]),
+        test=datasets.concatenate_datasets([image_splits.test, text_splits.test]),
+        num_classes=max(image_splits.num_classes, text_splits.num_classes),
+        task=image_splits.task if image_splits.task == text_splits.task else "mixed",
+        metric="accuracy")
+    return merged, shards

@@ -1,0 +1,291 @@
+"""What every real dataset adapter shares: source checks, file readers, row builders, subsampling, the registry.
+
+An adapter turns one published dataset into fedsim's common schema (``fedsim.data.schema.FEATURES``). It reads
+either a local folder in the source's own format (``data.path``) or a Hugging Face hub dataset (``data.hub``)
+and returns rows; this module subsamples them, gives VQA answers their labels and builds the ``datasets``.
+Local images are stored as file paths, so they are decoded only when a row is read.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import datasets
+import numpy as np
+
+from fedsim.data.schema import FEATURES, OPTION_LETTERS, DatasetSplits
+
+log = logging.getLogger("fedsim.data")
+
+# A required entry under data.path: a relative path ("img/" for a folder) or a tuple of alternatives.
+Required = Union[str, tuple[str, ...]]
+HOLDOUT_STREAM = 1  # second seed word of the holdout draw, so it never repeats the subsampling draw
+
+REAL_DATASETS: dict[str, "RealDataset"] = {}
+
+
+def register(cls: type["RealDataset"]) -> type["RealDataset"]:
+    """Class decorator: add one instance of the adapter to ``REAL_DATASETS`` under its ``name``."""
+    if cls.name in REAL_DATASETS:
+        raise ValueError(f"real dataset {cls.name!r} is registered twice")
+    REAL_DATASETS[cls.name] = cls()
+    return cls
+
+
+def doc_section(doc: Optional[str], title: str) -> str:
+    """The indented block under the line ``title:`` of a module docstring, dedented (a layout, a hub note)."""
+    lines = (doc or "").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip().startswith(title)), None)
+    if start is None:
+        return ""
+    block = []
+    for line in lines[start + 1:]:
+        if line.strip() and not line.startswith(" "):
+            break
+        block.append(line)
+    text = "\n".join(block).rstrip()
+    indent = min((len(line) - len(line.lstrip()) for line in block if line.strip()), default=0)
+    return "\n".join(line[indent:] for line in text.splitlines())
+
+
+class RealDataset:
+    """One published dataset in fedsim's schema. Subclasses set the class attributes and the row readers."""
+
+    name: str  # registry name, = data.dataset
+    task: str  # "classification" | "vqa"
+    metric: str  # headline metric: "roc_auc" | "macro_f1" | "accuracy"
+    layout: str  # the expected local files and columns, shown in every data.path error
+    required: tuple[Required, ...] = ()  # entries that must exist under data.path
+    hub_example: str = ""  # the hub dataset the column mapping was written for
+    hub_config: Optional[str] = None  # the hub dataset's configuration (subset), when it has several
+    hub_splits: dict[str, tuple[str, ...]] = {"train": ("train",), "test": ("test",)}  # candidates, in order
+
+    # -- source checks -------------------------------------------------------------------------------------
+
+    def check_source(self, cfg: Any) -> None:
+        """Fail early (ValueError) unless exactly one of data.path / data.hub is set and the folder is complete."""
+        path, _ = self.source(cfg)
+        if path is not None:
+            self.resolve(path)
+
+    def source(self, cfg: Any) -> tuple[Optional[Path], Optional[str]]:
+        """``(local folder, None)`` or ``(None, hub name)``; ValueError when neither or both are set."""
+        path, hub = getattr(cfg, "path", None) or None, getattr(cfg, "hub", None) or None
+        if (path is None) == (hub is None):
+            got = "both" if path is not None else "neither"
+            raise ValueError(
+                f"dataset {self.name!r} needs exactly one of data.path (a local folder in the source's format) "
+                f"or data.hub (a Hugging Face hub dataset, e.g. {self.hub_example!r}); got {got}")
+        return (Path(path).expanduser() if path is not None else None), hub
+
+    def resolve(self, root: Path) -> dict[Required, Path]:
+        """The path of each required entry under ``root``; ValueError naming the folder and what is missing."""
+        if not root.exists():
+            raise self._layout_error(root, "does not exist")
+        if not root.is_dir():
+            raise self._layout_error(root, "is not a folder")
+        found = {}
+        for entry in self.required:
+            alternatives = (entry,) if isinstance(entry, str) else entry
+            hit = next((root / alt for alt in alternatives if _exists(root / alt, alt.endswith("/"))), None)
+            if hit is None:
+                others = f" (or {', '.join(repr(alt) for alt in alternatives[1:])})" if len(alternatives) > 1 else ""
+                raise self._layout_error(root, f"lacks {alternatives[0]!r}{others}")
+            found[entry] = hit
+        return found
+
+    def fields(self, items: list[dict], fields: Iterable[str], path: Path) -> list[dict]:
+        """``items`` read from ``path``, after checking that the first one has ``fields`` (ValueError if not)."""
+        missing = [field for field in fields if items and field not in items[0]]
+        if missing:
+            raise ValueError(f"{path} for dataset {self.name!r} lacks fields {missing} (it has {sorted(items[0])}); "
+                             f"expected layout:\n{self.layout}")
+        return items
+
+    def _layout_error(self, root: Path, problem: str) -> ValueError:
+        return ValueError(f"data.path '{root}' for dataset {self.name!r} {problem}; expected layout:\n{self.layout}")
+
+    # -- loading -------------------------------------------------------------------------------------------
+
+    def load(self, cfg: Any, seed: int) -> DatasetSplits:
+        """Train and test splits in fedsim's schema, each a seeded subsample of at most num_train / num_test rows."""
+        self.check_source(cfg)
+        path, hub = self.source(cfg)
+        splits = self.local_rows(path, seed) if path is not None else self.hub_rows(hub, seed)
+        rows = {}
+        for split, limit in (("train", cfg.num_train), ("test", cfg.num_test)):
+            present = drop_missing_images(splits[split], f"{self.name} {split}")
+            if not present:
+                raise ValueError(f"dataset {self.name!r} from {str(path or hub)!r} has no usable {split} rows; "
+                                 f"expected layout:\n{self.layout}")
+            rows[split] = subsample(present, limit, seed, f"{self.name} {split}")
+        if self.task == "vqa":
+            num_classes = assign_answer_labels(rows["train"], rows["test"])
+        else:
+            num_classes = max(len(row["options"]) for row in rows["train"] + rows["test"])
+        return DatasetSplits(train=to_dataset(rows["train"]), test=to_dataset(rows["test"]),
+                             num_classes=num_classes, task=self.task, metric=self.metric)
+
+    def local_rows(self, root: Path, seed: int) -> dict[str, list[dict]]:
+        """Rows of the ``train`` and ``test`` splits read from a local folder in the source's format."""
+        raise NotImplementedError
+
+    def hub_rows(self, hub: str, seed: int) -> dict[str, list[dict]]:
+        """Rows of the ``train`` and ``test`` splits of a hub dataset, through ``map_hub``."""
+        return {split: self.map_hub(load_hub_split(hub, self.hub_config, names))
+                for split, names in self.hub_splits.items()}
+
+    def map_hub(self, ds: datasets.Dataset) -> list[dict]:
+        """Map one split of the hub dataset (its own columns) to schema rows."""
+        raise NotImplementedError
+
+
+# -- rows -------------------------------------------------------------------------------------------------
+
+
+def _clean(text: Any) -> Optional[str]:
+    """A context text, or None when the source has none (missing, empty or whitespace)."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    return text or None
+
+
+def _row(source: str, image: Any, text: Any, question: str, answer: str, label: int, options: list[str],
+         task: str) -> dict:
+    text = _clean(text)
+    return {"image": image, "text": text, "question": str(question).strip(), "answer": answer, "label": int(label),
+            "options": options, "has_image": image is not None, "has_text": text is not None, "task": task,
+            "source": source}
+
+
+def choice_row(source: str, question: str, options: list[str], index: int, image: Any = None,
+               text: Any = None) -> dict:
+    """A multiple-choice row: the answer is the letter of option ``index``."""
+    options = [str(option) for option in options]
+    if not 0 <= index < len(options):
+        raise ValueError(f"{source}: answer index {index} outside the {len(options)} options {options}")
+    return _row(source, image, text, question, OPTION_LETTERS[index], index, options, "classification")
+
+
+def open_row(source: str, question: str, answer: Any, image: Any = None, text: Any = None) -> dict:
+    """An open question; its label is set later from the train answer vocabulary."""
+    return _row(source, image, text, question, str(answer).strip(), -1, [], "vqa")
+
+
+def image_file(path: Path) -> str:
+    """A local image stored by path: decoded by the Image feature only when the row is read."""
+    return str(path.resolve())
+
+
+def hub_images(ds: datasets.Dataset, column: str) -> list[Optional[dict]]:
+    """The image column of a hub split as undecoded {"bytes", "path"} dicts (None where a row has no image)."""
+    return list(ds.cast_column(column, datasets.Image(decode=False))[column])
+
+
+def require_columns(ds: datasets.Dataset, columns: Iterable[str], name: str) -> None:
+    """ValueError naming the columns a hub split lacks for the mapping of dataset ``name``."""
+    missing = [column for column in columns if column not in ds.column_names]
+    if missing:
+        raise ValueError(f"hub split for dataset {name!r} lacks columns {missing}; it has {ds.column_names}")
+
+
+def drop_missing_images(rows: list[dict], what: str) -> list[dict]:
+    """Rows whose image is absent (None where one is expected is the adapter's call) or a path that is gone."""
+    kept = [row for row in rows if not isinstance(row["image"], str) or Path(row["image"]).is_file()]
+    if len(kept) < len(rows):
+        log.warning("%s: dropped %d of %d rows whose image file is missing", what, len(rows) - len(kept), len(rows))
+    return kept
+
+
+def subsample(rows: list[dict], limit: int, seed: int, what: str) -> list[dict]:
+    """At most ``limit`` rows (0: all), drawn with ``default_rng(seed)``, in their source order."""
+    if limit <= 0 or len(rows) <= limit:
+        return rows
+    keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=limit, replace=False))
+    log.info("%s: kept a seeded subsample of %d of %d rows", what, limit, len(rows))
+    return [rows[i] for i in keep]
+
+
+def holdout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split a source without an official test set: ``fraction`` of the rows (at least one) go to test.
+
+    The test rows are ``default_rng([seed, HOLDOUT_STREAM]).permutation(n)[:ceil(fraction * n)]``; both parts
+    keep the source order.
+    """
+    n = len(rows)
+    size = min(n, max(1, int(np.ceil(fraction * n)))) if n else 0
+    test = np.zeros(n, dtype=bool)
+    test[np.random.default_rng([seed, HOLDOUT_STREAM]).permutation(n)[:size]] = True
+    return [r for r, t in zip(rows, test) if not t], [r for r, t in zip(rows, test) if t]
+
+
+def answer_key(answer: str) -> str:
+    return answer.strip().lower()
+
+
+def assign_answer_labels(train: list[dict], test: list[dict]) -> int:
+    """Label open answers by their index in the sorted, lowercased train answer vocabulary (-1: unseen)."""
+    vocab = {key: i for i, key in enumerate(sorted({answer_key(row["answer"]) for row in train}))}
+    for row in train + test:
+        row["label"] = vocab.get(answer_key(row["answer"]), -1)
+    return len(vocab)
+
+
+def to_dataset(rows: list[dict]) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in FEATURES}, features=FEATURES)
+
+
+# -- files ------------------------------------------------------------------------------------------------
+
+
+def _exists(path: Path, folder: bool) -> bool:
+    return path.is_dir() if folder else path.is_file()
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_tsv(path: Path) -> list[dict]:
+    """Rows of a tab-separated file with a header; quotes are plain characters (tweets contain them)."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+# -- hub --------------------------------------------------------------------------------------------------
+
+
+def load_hub_split(hub: str, config: Optional[str], candidates: tuple[str, ...]) -> datasets.Dataset:
+    """The first of ``candidates`` that the hub dataset has, as a ``datasets.Dataset``."""
+    available = datasets.get_dataset_split_names(hub, config)
+    split = next((name for name in candidates if name in available), None)
+    if split is None:
+        raise ValueError(f"hub dataset {hub!r} has splits {available}; expected one of {list(candidates)}")
+    return datasets.load_dataset(hub, config, split=split)
+
+
+def unpack_hub_archive(hub: str, filename: str) -> Path:
+    """Download a zip that a hub dataset ships beside its tables and unpack it once into the datasets cache."""
+    from huggingface_hub import hf_hub_download
+
+    archive = Path(hf_hub_download(hub, filename, repo_type="dataset"))
+    target = Path(datasets.config.HF_DATASETS_CACHE) / "fedsim" / hub.replace("/", "__") / Path(filename).stem
+    done = target / ".unpacked"
+    if not done.exists():
+        log.info("unpacking %s of hub dataset %s into %s", filename, hub, target)
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(target)
+        done.touch()
+    return target

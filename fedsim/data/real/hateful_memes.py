@@ -1,0 +1,54 @@
+"""Facebook Hateful Memes (Kiela et al., 2020): is a meme hateful? Two options; the headline metric is AUROC.
+
+Layout (data.path, the folder of the official release):
+    img/                  the meme images, e.g. img/01235.png
+    train.jsonl           one JSON object a line: {"id", "img": "img/01235.png", "label": 0 or 1, "text"}
+    dev_seen.jsonl        the same fields; used as the test split (older releases: dev.jsonl)
+    (test*.jsonl and dev_unseen.jsonl are not read: the test files carry no labels)
+
+Hub (data.hub): e.g. biecho/hateful_memes, columns id, image, text, label (0 not hateful, 1 hateful);
+    splits train -> train, dev_seen (or validation) -> test. Rows without an image are dropped.
+
+Each row: image = the meme, text = the meme's overlaid text, question "Is this meme hateful?",
+options ["not hateful", "hateful"], answer "A"/"B", label = the source label.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+
+from fedsim.data.real.base import (RealDataset, choice_row, doc_section, hub_images, image_file, read_jsonl,
+                                   register, require_columns)
+
+QUESTION = "Is this meme hateful?"
+OPTIONS = ["not hateful", "hateful"]
+TEST_FILES = ("dev_seen.jsonl", "dev.jsonl")
+LAYOUT = doc_section(__doc__, "Layout")
+
+
+@register
+class HatefulMemes(RealDataset):
+    name = "hateful_memes"
+    task = "classification"
+    metric = "roc_auc"
+    layout = LAYOUT
+    required = ("img/", "train.jsonl", TEST_FILES)
+    hub_example = "biecho/hateful_memes"
+    hub_splits = {"train": ("train",), "test": ("dev_seen", "validation")}
+
+    def local_rows(self, root: Path, seed: int) -> dict[str, list[dict]]:
+        files = self.resolve(root)
+        return {split: [self._row(image_file(root / item["img"]), item["text"], item["label"])
+                        for item in read_jsonl(files[entry])]
+                for split, entry in (("train", "train.jsonl"), ("test", TEST_FILES))}
+
+    def map_hub(self, ds: datasets.Dataset) -> list[dict]:
+        require_columns(ds, ("image", "text", "label"), self.name)
+        return [self._row(image, text, label)
+                for image, text, label in zip(hub_images(ds, "image"), ds["text"], ds["label"])
+                if image is not None]
+
+    def _row(self, image, text, label) -> dict:
+        return choice_row(self.name, QUESTION, OPTIONS, int(label), image=image, text=text)

@@ -1,0 +1,495 @@
+"""Real dataset adapters on tiny fixtures in each source's own format (no network)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import pytest
+from PIL import Image
+
+from fedsim.config import DataConfig
+from fedsim.data import check_data_source
+from fedsim.data.real import REAL_DATASETS, RealDataset
+from fedsim.data.real import base as real_base
+from fedsim.data.real.crisismmd import MERGED, OPTIONS as CRISIS_OPTIONS, class_index
+from fedsim.data.real.slake import Slake
+from fedsim.data.schema import FEATURES, OPTION_LETTERS
+
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200),
+           (120, 120, 120), (250, 250, 250), (10, 10, 10), (90, 40, 160)]
+
+
+def _image(path: Path, i: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), COLOURS[i % len(COLOURS)]).save(path)
+
+
+def _pil(i: int) -> Image.Image:
+    return Image.new("RGB", (8, 8), COLOURS[i % len(COLOURS)])
+
+
+def _colour(image: Image.Image) -> int:
+    """Index of the fixture colour an image was filled with (JPEG shifts a channel by a few levels)."""
+    pixel = image.convert("RGB").getpixel((4, 4))
+    return min(range(len(COLOURS)), key=lambda i: sum(abs(a - b) for a, b in zip(pixel, COLOURS[i])))
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+
+
+# -- fixtures in each source's format ---------------------------------------------------------------------
+
+
+def make_hateful_memes(root: Path) -> None:
+    for split, ids in (("train", range(6)), ("dev_seen", range(10, 13))):
+        lines = []
+        for i in ids:
+            _image(root / "img" / f"{i:05d}.png", i)
+            lines.append(json.dumps({"id": i, "img": f"img/{i:05d}.png", "label": i % 2, "text": f"meme text {i}"}))
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "test_seen.jsonl").write_text(json.dumps({"id": 99, "img": "img/00099.png", "text": "no label"}) + "\n")
+
+
+CRISIS_HEADER = ["event_name", "tweet_id", "image_id", "tweet_text", "image", "label", "label_text", "label_image",
+                 "label_text_image"]
+CRISIS_TRAIN = [("rescue_volunteering_or_donation_effort", "Volunteers needed at the shelter"),
+                ("not_humanitarian", 'He said "what a storm'),  # a stray quote must not swallow the next line
+                ("infrastructure_and_utility_damage", "Bridge washed out"),
+                ("vehicle_damage", "Cars burned"),  # a fine class, merged
+                ("other_relevant_information", "Tornado watch for three counties"),
+                ("affected_individuals", "Families displaced")]
+CRISIS_TEST = [("not_humanitarian", "Good morning"), ("affected_individuals", "Four injured")]
+
+
+def make_crisismmd(root: Path) -> None:
+    for split, items in (("train", CRISIS_TRAIN), ("dev", CRISIS_TEST), ("test", CRISIS_TEST)):
+        lines = ["\t".join(CRISIS_HEADER)]
+        for i, (label, text) in enumerate(items):
+            tweet = f"{split}{i}"
+            image = f"data_image/hurricane_harvey/10_9_2017/{tweet}_0.jpg"
+            _image(root / image, i)
+            merged = MERGED.get(label, label)
+            lines.append("\t".join(["hurricane_harvey", tweet, f"{tweet}_0", text, image, label, merged, merged,
+                                    "Positive"]))
+        path = root / "crisismmd_datasplit_agreed_label" / f"task_humanitarian_text_img_agreed_lab_{split}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+VQA_RAD_ITEMS = [
+    ("synpic1.jpg", "Is there a fracture?", "yes", "freeform"),
+    ("synpic1.jpg", "Is a bone broken?", "Yes", "para"),
+    ("synpic2.jpg", "How many lesions are seen?", 2, "freeform"),
+    ("synpic3.jpg", "What organ is shown?", "lung", "freeform"),
+    ("synpic3.jpg", "Which organ is this?", "lung", "test_freeform"),
+    ("synpic2.jpg", "Is there a mass?", "no", "test_para"),
+]
+
+
+def make_vqa_rad(root: Path) -> None:
+    for i, name in enumerate(("synpic1.jpg", "synpic2.jpg", "synpic3.jpg")):
+        _image(root / "VQA_RAD Image Folder" / name, i)
+    _write_json(root / "VQA_RAD Dataset Public.json",
+                [{"qid": i, "image_name": img, "question": q, "answer": a, "answer_type": "CLOSED",
+                  "phrase_type": phrase, "question_type": "PRES", "image_organ": "CHEST"}
+                 for i, (img, q, a, phrase) in enumerate(VQA_RAD_ITEMS)])
+
+
+def _slake_item(qid: int, img: int, question: str, answer: str, lang: str = "en") -> dict:
+    return {"img_id": img, "img_name": f"xmlab{img}/source.jpg", "question": question, "answer": answer,
+            "q_lang": lang, "location": "Lung", "modality": "CT", "answer_type": "OPEN", "base_type": "vqa",
+            "content_type": "Organ", "triple": ["vhead", "_", "_"], "qid": qid}
+
+
+def make_slake(root: Path) -> None:
+    for img in range(3):
+        _image(root / "imgs" / f"xmlab{img}" / "source.jpg", img)
+    _write_json(root / "train.json", [
+        _slake_item(1, 0, "What modality is used to take this image?", "CT"),
+        _slake_item(2, 0, "这张图片使用了什么模态？", "CT", lang="zh"),
+        _slake_item(3, 1, "Which organ is abnormal?", "Lung"),
+        _slake_item(4, 1, "Does the picture contain liver?", "No"),
+        _slake_item(5, 2, "Where is the abnormality?", "Left Lung"),
+    ])
+    _write_json(root / "validate.json", [_slake_item(6, 2, "Is this a CT?", "Yes")])
+    _write_json(root / "test.json", [_slake_item(7, 2, "What is the largest organ?", "Liver"),
+                                     _slake_item(8, 2, "最大的器官是什么？", "肝脏", lang="zh")])
+
+
+def make_medalpaca(root: Path) -> None:
+    cards = [{"instruction": "Answer this question truthfully", "input": f"What does marker {i} indicate?",
+              "output": f"Condition {i}."} for i in range(20)]
+    cards.insert(3, {"instruction": "Answer this question truthfully", "input": "", "output": "orphan answer"})
+    _write_json(root / "medical_meadow_wikidoc_medical_flashcards.json", cards)
+
+
+SCIENCEQA_PROBLEMS = {
+    "1": {"question": "Which animal's mouth is adapted to tear meat?", "choices": ["sheep", "wolf", "horse"],
+          "answer": 1, "hint": "Look at the picture.", "image": "image.png", "split": "train"},
+    "2": {"question": "Which is a solid?", "choices": ["milk", "rock"], "answer": 1, "hint": "",
+          "image": "image.png", "split": "train"},
+    "3": {"question": "Which word comes first?", "choices": ["apple", "pear"], "answer": 0, "hint": "",
+          "image": None, "split": "train"},
+    "4": {"question": "Which state is highlighted?", "choices": ["Ohio", "Iowa", "Utah", "Idaho", "Maine"],
+          "answer": 4, "hint": "", "image": "image.png", "split": "train"},
+    "5": {"question": "Which is a mammal?", "choices": ["cat", "frog"], "answer": 0, "hint": "",
+          "image": "image.png", "split": "val"},
+    "6": {"question": "What is the capital of Texas?", "choices": ["Austin", "Dallas", "Houston"], "answer": 0,
+          "hint": "Texas is a state.", "image": "image.png", "split": "test"},
+    "7": {"question": "Which magnet pair attracts?", "choices": ["pair 1", "pair 2"], "answer": 1, "hint": "",
+          "image": "image.png", "split": "test"},
+}
+
+
+def make_scienceqa(root: Path) -> None:
+    for i, (pid, item) in enumerate(SCIENCEQA_PROBLEMS.items()):
+        item = dict(item, task="closed choice", grade="grade3", subject="natural science", lecture="", solution="")
+        if item["image"]:
+            _image(root / "images" / item["split"] / pid / "image.png", i)
+    _write_json(root / "problems.json", SCIENCEQA_PROBLEMS)
+    _write_json(root / "pid_splits.json", {"train": ["1", "2", "3", "4"], "val": ["5"], "test": ["6", "7"]})
+
+
+# name -> (builder, train rows, test rows, every row has an image, has_text per train row or one flag, classes)
+CASES = {
+    "hateful_memes": (make_hateful_memes, 6, 3, True, True, 2),
+    "crisismmd": (make_crisismmd, 6, 2, True, True, 5),
+    "vqa_rad": (make_vqa_rad, 4, 2, True, False, 3),  # train answers yes, Yes, 2, lung -> {yes, 2, lung}
+    "slake": (make_slake, 4, 1, True, False, 4),
+    "medalpaca": (make_medalpaca, 18, 2, False, True, 18),
+    "scienceqa": (make_scienceqa, 3, 2, True, [True, False, False], 5),
+}
+
+
+def _cfg(name: str, path=None, hub=None, num_train: int = 0, num_test: int = 0) -> DataConfig:
+    return DataConfig(dataset=name, path=None if path is None else str(path), hub=hub, num_train=num_train,
+                      num_test=num_test)
+
+
+@pytest.fixture
+def source(request, tmp_path: Path) -> tuple[str, Path]:
+    name = request.param
+    root = tmp_path / name
+    root.mkdir()
+    CASES[name][0](root)
+    return name, root
+
+
+def _rows(ds: datasets.Dataset) -> list[dict]:
+    return [ds[i] for i in range(len(ds))]
+
+
+# -- every adapter ----------------------------------------------------------------------------------------
+
+
+def test_registry_matches_the_contract():
+    assert set(REAL_DATASETS) == set(CASES)
+    for name, adapter in REAL_DATASETS.items():
+        assert isinstance(adapter, RealDataset)
+        assert adapter.name == name
+        assert adapter.task in ("classification", "vqa")
+        assert adapter.metric in ("roc_auc", "macro_f1", "accuracy")
+        assert adapter.layout.strip()
+    assert REAL_DATASETS["hateful_memes"].metric == "roc_auc"
+    assert REAL_DATASETS["crisismmd"].metric == "macro_f1"
+
+
+@pytest.mark.parametrize("source", list(CASES), indirect=True)
+def test_load_follows_the_schema(source):
+    name, root = source
+    _, n_train, n_test, with_image, with_text, num_classes = CASES[name]
+    adapter = REAL_DATASETS[name]
+    adapter.check_source(_cfg(name, root))
+    splits = adapter.load(_cfg(name, root), seed=0)
+
+    assert splits.train.features == FEATURES and splits.test.features == FEATURES
+    assert (len(splits.train), len(splits.test)) == (n_train, n_test)
+    assert splits.task == adapter.task and splits.metric == adapter.metric
+    assert splits.num_classes == num_classes
+    train = _rows(splits.train)
+    for row in train + _rows(splits.test):
+        assert row["source"] == name and row["task"] == adapter.task and row["question"]
+        assert row["has_image"] == (row["image"] is not None) == with_image
+        assert row["has_text"] == (row["text"] is not None)
+        if with_image:
+            assert isinstance(row["image"], Image.Image) and row["image"].size == (8, 8)
+        if adapter.task == "classification":
+            assert row["options"] and row["answer"] == OPTION_LETTERS[row["label"]]
+        else:
+            assert row["options"] == []
+    flags = [row["has_text"] for row in train]
+    assert flags == (with_text if isinstance(with_text, list) else [with_text] * n_train)
+    if adapter.task == "vqa":  # train labels index the train answer vocabulary
+        assert sorted({row["label"] for row in train}) == list(range(num_classes))
+
+
+@pytest.mark.parametrize("source", list(CASES), indirect=True)
+def test_subsample_is_capped_seeded_and_in_source_order(source, caplog):
+    name, root = source
+    adapter = REAL_DATASETS[name]
+    full = adapter.load(_cfg(name, root), seed=0)
+    with caplog.at_level(logging.INFO, logger="fedsim.data"):
+        small = adapter.load(_cfg(name, root, num_train=2, num_test=1), seed=3)
+    assert (len(small.train), len(small.test)) == (2, 1)
+    assert any("subsample" in r.getMessage() and r.name == "fedsim.data" for r in caplog.records)
+    again = adapter.load(_cfg(name, root, num_train=2, num_test=1), seed=3)
+    assert small.train["question"] == again.train["question"] and small.test["question"] == again.test["question"]
+    # kept rows appear in the order of the full split
+    key = [f"{q}|{t}" for q, t in zip(full.train["question"], full.train["text"])]
+    picked = [key.index(f"{q}|{t}") for q, t in zip(small.train["question"], small.train["text"])]
+    assert picked == sorted(picked)
+    # a cap above the size keeps everything
+    assert len(adapter.load(_cfg(name, root, num_train=1000), seed=0).train) == len(full.train)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_missing_path_names_the_path_and_the_layout(name, tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError) as err:
+        REAL_DATASETS[name].check_source(_cfg(name, missing))
+    message = str(err.value)
+    assert str(missing) in message and "does not exist" in message and "data.path" in message
+    assert REAL_DATASETS[name].layout in message
+
+
+MISSING = {  # name -> (entry to delete, text the message must contain)
+    "hateful_memes": ("dev_seen.jsonl", "'dev_seen.jsonl' (or 'dev.jsonl')"),
+    "crisismmd": ("crisismmd_datasplit_agreed_label/task_humanitarian_text_img_agreed_lab_test.tsv",
+                  "task_humanitarian_text_img_agreed_lab_test.tsv"),
+    "vqa_rad": ("VQA_RAD Image Folder", "VQA_RAD Image Folder/"),
+    "slake": ("test.json", "test.json"),
+    "medalpaca": ("medical_meadow_wikidoc_medical_flashcards.json", "medical_meadow_wikidoc_medical_flashcards"),
+    "scienceqa": ("problems.json", "problems.json"),
+}
+
+
+@pytest.mark.parametrize("source", list(CASES), indirect=True)
+def test_missing_file_is_named(source):
+    name, root = source
+    entry, expected = MISSING[name]
+    target = root / entry
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(ValueError) as err:
+        REAL_DATASETS[name].check_source(_cfg(name, root))
+    assert str(root) in str(err.value) and expected in str(err.value)
+    assert REAL_DATASETS[name].layout in str(err.value)
+    with pytest.raises(ValueError):
+        REAL_DATASETS[name].load(_cfg(name, root), seed=0)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_exactly_one_of_path_and_hub(name, tmp_path):
+    adapter = REAL_DATASETS[name]
+    with pytest.raises(ValueError, match=r"data\.path.*data\.hub.*neither"):
+        adapter.check_source(_cfg(name))
+    with pytest.raises(ValueError, match=r"data\.path.*data\.hub.*both"):
+        adapter.check_source(_cfg(name, tmp_path, hub="someone/something"))
+    adapter.check_source(_cfg(name, hub="someone/something"))  # no network: the hub is only read by load
+
+
+def test_check_data_source_dispatches_to_the_adapter(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        check_data_source(_cfg("vqa_rad", tmp_path / "absent"))
+    cfg = SimpleNamespace(dataset="slake", path=str(tmp_path), hub=None, num_train=0, num_test=0)
+    with pytest.raises(ValueError, match="lacks 'train.json'"):
+        REAL_DATASETS["slake"].check_source(cfg)
+
+
+# -- per-dataset mapping ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["hateful_memes"], indirect=True)
+def test_hateful_memes_rows(source):
+    name, root = source
+    splits = REAL_DATASETS[name].load(_cfg(name, root), seed=0)
+    row = splits.train[1]
+    assert row["text"] == "meme text 1" and row["question"] == "Is this meme hateful?"
+    assert row["options"] == ["not hateful", "hateful"] and (row["answer"], row["label"]) == ("B", 1)
+    assert splits.train[0]["answer"] == "A"
+    assert splits.test["text"] == ["meme text 10", "meme text 11", "meme text 12"]  # dev_seen, not test_seen
+    assert _colour(splits.train[2]["image"]) == 2
+
+
+@pytest.mark.parametrize("source", ["hateful_memes"], indirect=True)
+def test_hateful_memes_falls_back_to_dev_jsonl_and_drops_missing_images(source, caplog):
+    name, root = source
+    (root / "dev_seen.jsonl").rename(root / "dev.jsonl")
+    (root / "img" / "00004.png").unlink()
+    with caplog.at_level(logging.WARNING, logger="fedsim.data"):
+        splits = REAL_DATASETS[name].load(_cfg(name, root), seed=0)
+    assert (len(splits.train), len(splits.test)) == (5, 3)
+    assert "meme text 4" not in splits.train["text"]
+    assert any("missing" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("source", ["crisismmd"], indirect=True)
+def test_crisismmd_rows(source):
+    name, root = source
+    splits = REAL_DATASETS[name].load(_cfg(name, root), seed=0)
+    assert splits.train["options"][0] == CRISIS_OPTIONS == [
+        "affected individuals", "infrastructure and utility damage", "not humanitarian",
+        "other relevant information", "rescue, volunteering or donation effort"]
+    assert splits.train["text"] == [text for _, text in CRISIS_TRAIN]  # the quote did not merge lines
+    assert splits.train["answer"] == ["E", "C", "B", "B", "D", "A"]  # vehicle damage -> infrastructure
+    assert splits.test["label"] == [2, 0]
+    assert _colour(splits.train[0]["image"]) == 0
+
+
+def test_crisismmd_class_merge_and_unknown_class():
+    assert class_index("injured_or_dead_people") == class_index("missing_or_found_people") == 0
+    assert class_index("vehicle_damage") == 1
+    with pytest.raises(ValueError, match="unknown humanitarian class 'weather'"):
+        class_index("weather")
+
+
+@pytest.mark.parametrize("source", ["vqa_rad"], indirect=True)
+def test_vqa_rad_rows(source):
+    name, root = source
+    splits = REAL_DATASETS[name].load(_cfg(name, root), seed=0)
+    assert splits.test["question"] == ["Which organ is this?", "Is there a mass?"]  # phrase_type test_*
+    row = splits.train[2]
+    assert (row["question"], row["answer"], row["text"]) == ("How many lesions are seen?", "2", None)
+    # labels index the sorted, lowercased train answers: ["2", "lung", "yes"]; unseen test answers get -1
+    assert splits.train["label"] == [2, 2, 0, 1]
+    assert splits.test["label"] == [1, -1]
+    assert _colour(splits.train[0]["image"]) == 0
+
+
+@pytest.mark.parametrize("source", ["slake"], indirect=True)
+def test_slake_rows_keep_english_only(source):
+    name, root = source
+    splits = REAL_DATASETS[name].load(_cfg(name, root), seed=0)
+    assert splits.train["question"] == ["What modality is used to take this image?", "Which organ is abnormal?",
+                                        "Does the picture contain liver?", "Where is the abnormality?"]
+    assert splits.train["answer"] == ["CT", "Lung", "No", "Left Lung"]
+    assert splits.test["answer"] == ["Liver"] and splits.test["label"] == [-1]
+    assert _colour(splits.train[1]["image"]) == 1
+
+
+@pytest.mark.parametrize("source", ["medalpaca"], indirect=True)
+def test_medalpaca_rows_and_seeded_holdout(source):
+    name, root = source
+    adapter = REAL_DATASETS[name]
+    a, b = adapter.load(_cfg(name, root), seed=0), adapter.load(_cfg(name, root), seed=0)
+    assert a.test["text"] == b.test["text"]
+    row = a.train[0]
+    assert row["question"] == "Answer this question truthfully"
+    assert row["text"].startswith("What does marker ") and row["answer"] == f"Condition {row['text'].split()[3]}."
+    assert "orphan answer" not in list(a.train["answer"]) + list(a.test["answer"])
+    assert not set(a.train["text"]) & set(a.test["text"])
+    assert len(set(a.train["text"]) | set(a.test["text"])) == 20
+    tests = {tuple(adapter.load(_cfg(name, root), seed=s).test["text"]) for s in range(5)}
+    assert len(tests) > 1  # the holdout depends on the seed
+
+
+@pytest.mark.parametrize("source", ["scienceqa"], indirect=True)
+def test_scienceqa_rows(source):
+    name, root = source
+    splits = REAL_DATASETS[name].load(_cfg(name, root), seed=0)
+    assert splits.train["question"] == [SCIENCEQA_PROBLEMS[p]["question"] for p in ("1", "2", "4")]
+    assert [len(o) for o in splits.train["options"]] == [3, 2, 5]
+    assert splits.train["answer"] == ["B", "B", "E"]
+    assert splits.train["text"] == ["Look at the picture.", None, None]
+    row = splits.test[0]
+    assert (row["options"], row["answer"], row["label"]) == (["Austin", "Dallas", "Houston"], "A", 0)
+    assert _colour(splits.test[1]["image"]) == 6
+
+
+# -- hub column mappings on local datasets with the hub's columns -------------------------------------------
+
+
+def _with_images(columns: dict, images: list) -> datasets.Dataset:
+    ds = datasets.Dataset.from_dict({**columns, "image": images})
+    return ds.cast_column("image", datasets.Image())
+
+
+def _to_splits(rows: list[dict]) -> datasets.Dataset:
+    return real_base.to_dataset(rows)
+
+
+def test_hateful_memes_hub_mapping():
+    ds = _with_images({"id": ["1", "2", "3"], "text": ["a", "b", "c"], "label": [0, 1, 1]}, [_pil(0), None, _pil(2)])
+    rows = REAL_DATASETS["hateful_memes"].map_hub(ds)
+    assert [(r["text"], r["answer"], r["label"]) for r in rows] == [("a", "A", 0), ("c", "B", 1)]
+    out = _to_splits(rows)
+    assert out.features == FEATURES and _colour(out[1]["image"]) == 2
+    with pytest.raises(ValueError, match="lacks columns"):
+        REAL_DATASETS["hateful_memes"].map_hub(datasets.Dataset.from_dict({"img": ["img/1.png"], "text": ["a"],
+                                                                           "label": [0]}))
+
+
+def test_crisismmd_hub_mapping_merges_fine_classes():
+    names = ["affected_individuals", "infrastructure_and_utility_damage", "injured_or_dead_people",
+             "missing_or_found_people", "not_humanitarian", "other_relevant_information",
+             "rescue_volunteering_or_donation_effort", "vehicle_damage"]
+    ds = _with_images({"event_name": ["e"] * 3, "tweet_id": ["1", "2", "3"], "image_id": ["1_0", "2_0", "3_0"],
+                       "tweet_text": ["hurt", "car", "help"], "image_path": ["p1", "p2", "p3"],
+                       "label": [2, 7, 6]}, [_pil(0), _pil(1), _pil(2)])
+    ds = ds.cast_column("label", datasets.ClassLabel(names=names))
+    rows = REAL_DATASETS["crisismmd"].map_hub(ds)
+    assert [(r["text"], r["answer"]) for r in rows] == [("hurt", "A"), ("car", "B"), ("help", "E")]
+    assert all(r["options"] == CRISIS_OPTIONS for r in rows)
+
+
+def test_vqa_rad_hub_mapping_and_load_through_the_hub_path(monkeypatch):
+    hub = {"train": _with_images({"question": ["is it normal?", "which organ?"], "answer": ["no", "liver"]},
+                                 [_pil(0), _pil(1)]),
+           "test": _with_images({"question": ["is it a ct?"], "answer": ["yes"]}, [_pil(2)])}
+    requested = []
+
+    def fake_split(name, config, candidates):
+        requested.append((name, config, candidates))
+        return hub[candidates[0]]
+
+    monkeypatch.setattr(real_base, "load_hub_split", fake_split)
+    splits = REAL_DATASETS["vqa_rad"].load(_cfg("vqa_rad", hub="flaviagiammarino/vqa-rad"), seed=0)
+    assert requested == [("flaviagiammarino/vqa-rad", None, ("train",)), ("flaviagiammarino/vqa-rad", None, ("test",))]
+    assert splits.train.features == FEATURES and splits.train["answer"] == ["no", "liver"]
+    assert splits.num_classes == 2 and splits.test["label"] == [-1]
+    assert _colour(splits.test[0]["image"]) == 2
+
+
+def test_slake_hub_mapping_with_image_folder_or_image_column(tmp_path):
+    images = tmp_path / "imgs"
+    _image(images / "xmlab0" / "source.jpg", 4)
+    ds = datasets.Dataset.from_dict({
+        "img_id": [0, 0], "img_name": ["xmlab0/source.jpg"] * 2, "question": ["Which organ?", "哪个器官？"],
+        "answer": ["Liver", "肝脏"], "q_lang": ["en", "zh"], "qid": [1, 2]})
+    rows = Slake().map_hub(ds, image_root=images)
+    assert [(r["question"], r["answer"]) for r in rows] == [("Which organ?", "Liver")]
+    assert _colour(_to_splits(rows)[0]["image"]) == 4
+    with pytest.raises(ValueError, match="image_root"):
+        Slake().map_hub(ds)
+    with_column = _with_images({"question": ["Is it MRI?"], "answer": ["No"]}, [_pil(5)])
+    assert Slake().map_hub(with_column)[0]["answer"] == "No"
+
+
+def test_medalpaca_hub_mapping_and_holdout(monkeypatch):
+    ds = datasets.Dataset.from_dict({"instruction": ["Answer this question truthfully"] * 11,
+                                     "input": [f"q{i}" for i in range(10)] + [""],
+                                     "output": [f"a{i}" for i in range(11)]})
+    rows = REAL_DATASETS["medalpaca"].map_hub(ds)
+    assert len(rows) == 10 and rows[0]["text"] == "q0" and rows[0]["answer"] == "a0" and rows[0]["image"] is None
+    monkeypatch.setattr("fedsim.data.real.medalpaca.load_hub_split", lambda name, config, candidates: ds)
+    splits = REAL_DATASETS["medalpaca"].load(_cfg("medalpaca", hub="medalpaca/medical_meadow_medical_flashcards"),
+                                             seed=1)
+    assert (len(splits.train), len(splits.test)) == (9, 1)
+    assert not any(splits.train["has_image"]) and all(splits.train["has_text"])
+
+
+def test_scienceqa_hub_mapping_keeps_image_problems():
+    ds = _with_images({"question": ["Which is hot?", "Spell it", "Which is cold?"],
+                       "choices": [["sun", "ice"], ["a", "b", "c"], ["sun", "ice", "fire", "lava"]],
+                       "answer": [0, 2, 1], "hint": ["", "", "Think."], "task": ["closed choice"] * 3,
+                       "grade": ["grade1"] * 3, "subject": ["natural science"] * 3},
+                      [_pil(0), None, _pil(1)])
+    rows = REAL_DATASETS["scienceqa"].map_hub(ds)
+    assert [(r["question"], r["answer"], r["text"], len(r["options"])) for r in rows] == [
+        ("Which is hot?", "A", None, 2), ("Which is cold?", "B", "Think.", 4)]
