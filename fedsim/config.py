@@ -1,6 +1,6 @@
 """Typed experiment configuration: omegaconf structured configs with validation.
 
-``load_config(path, overrides)`` merges a YAML file and ``key=value`` overrides onto the schema below and
+``load_config(paths, overrides)`` merges YAML files and ``key=value`` overrides onto the schema below and
 checks every value before any work starts. Errors name the key, the bad value and what is allowed.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -368,15 +368,20 @@ def _merge(base: DictConfig, other: DictConfig, source: str, key_hint: str = "")
         raise _schema_error(err, source, key_hint) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Merge a YAML file and dotlist overrides onto the schema, validate, and return typed dataclasses."""
+def load_config(path: str | Path | Sequence[str | Path] | None = None,
+                overrides: list[str] | None = None) -> ExperimentConfig:
+    """Merge YAML files (one, or several as layers, later ones winning) and dotlist overrides onto the
+    schema, validate, and return typed dataclasses. Without a ``name`` key in any file, the experiment is
+    named after the files' stems joined by '-'."""
     merged = OmegaConf.structured(ExperimentConfig)
-    if path is not None:
-        path = Path(path)
-        loaded = _load_yaml(path)
-        merged = _merge(merged, loaded, str(path))
-        if "name" not in loaded:
-            merged.name = path.stem
+    paths = [] if path is None else [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    named = False
+    for layer in paths:
+        loaded = _load_yaml(layer)
+        merged = _merge(merged, loaded, str(layer))
+        named = named or "name" in loaded
+    if paths and not named:
+        merged.name = "-".join(p.stem for p in paths)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")

@@ -30,3 +30,28 @@ def test_run_writes_the_run_directory_and_prints_the_summary(tmp_path, capsys):
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_model.safetensors"):
         assert (run / name).exists(), name
     assert json.loads((run / "summary.json").read_text())["adapter_sha256"] == printed["adapter_sha256"]
+
+
+def test_partition_prints_each_client_and_writes_its_figure(tmp_path, capsys):
+    out = tmp_path / "fig" / "partition.png"
+    code = main(["partition", QUICKSTART, "partition.num_clients=10", "data.num_train=3000",
+                 "data.scenarios.cross.image_only=3", f"--out={out}"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    header, rows, total = lines[0].split("\t"), [l.split("\t") for l in lines[1:11]], lines[11].split("\t")
+    assert header[:5] == ["client", "samples", "both", "image only", "text only"]
+    assert [int(r[0]) for r in rows] == list(range(10))
+    # cross 3-7: exactly 3 image-only clients, 7 text-only, no client with both
+    image_only = [r for r in rows if int(r[3]) == int(r[1])]
+    text_only = [r for r in rows if int(r[4]) == int(r[1])]
+    assert len(image_only) == 3 and len(text_only) == 7 and all(int(r[2]) == 0 for r in rows)
+    assert total[0] == "total" and int(total[1]) == 3000
+    assert sum(int(h) for r in rows for h in r[5].split()) == 3000  # label histograms cover every sample
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and lines[-1] == f"figure: {out}"
+
+
+def test_partition_of_a_missing_dataset_path_names_the_path(tmp_path, capsys):
+    missing = tmp_path / "no-such-memes"
+    assert main(["partition", QUICKSTART, "data.dataset=hateful_memes", f"data.path={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "train.jsonl" in err  # the path and the expected layout

@@ -273,3 +273,21 @@ def test_data_source_errors_name_the_key():
     assert "data.num_train" in _error(["data.num_train=0"])
     assert "data.prompt" in _error(["data.prompt=augmented"])
     assert "algorithm.client.window" in _error(["algorithm.client.window=0.5"])
+
+
+def test_yaml_layers_merge_in_order_and_name_the_experiment(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("federation:\n  rounds: 7\ndata:\n  scenarios:\n    missing: {beta: 0.3}\n")
+    method = tmp_path / "fedmllm.yaml"
+    method.write_text("federation:\n  rounds: 9\ndata:\n  prompt: agnostic\n  scenarios:\n    domain: {}\n")
+    cfg = load_config([base, method], ["seed=3"])
+    assert cfg.federation.rounds == 9 and cfg.data.prompt == "agnostic" and cfg.seed == 3
+    assert cfg.data.scenarios == {"missing": {"beta": 0.3}, "domain": {}}
+    assert cfg.name == "base-fedmllm"
+
+
+def test_cli_takes_yaml_layers_before_overrides(tmp_path, capsys):
+    from fedsim.cli import main
+
+    assert main(["partition", QUICKSTART, "federation.rounds=2", QUICKSTART]) == 2
+    assert "before key=value overrides" in capsys.readouterr().err

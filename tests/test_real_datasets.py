@@ -294,6 +294,25 @@ def test_exactly_one_of_path_and_hub(name, tmp_path):
     adapter.check_source(_cfg(name, hub="someone/something"))  # no network: the hub is only read by load
 
 
+def test_empty_path_counts_as_unset_and_home_is_expanded(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="neither"):
+        REAL_DATASETS["slake"].check_source(_cfg("slake", ""))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "slake").mkdir()
+    make_slake(tmp_path / "slake")
+    REAL_DATASETS["slake"].check_source(_cfg("slake", "~/slake"))
+
+
+@pytest.mark.parametrize("source", ["vqa_rad"], indirect=True)
+def test_a_file_without_the_expected_fields_is_named(source):
+    name, root = source
+    path = root / "VQA_RAD Dataset Public.json"
+    items = json.loads(path.read_text())
+    _write_json(path, [{k: v for k, v in item.items() if k != "phrase_type"} for item in items])
+    with pytest.raises(ValueError, match=r"VQA_RAD Dataset Public\.json.*lacks fields \['phrase_type'\]"):
+        REAL_DATASETS[name].load(_cfg(name, root), seed=0)
+
+
 def test_check_data_source_dispatches_to_the_adapter(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         check_data_source(_cfg("vqa_rad", tmp_path / "absent"))

@@ -38,7 +38,7 @@ def register(cls: type["RealDataset"]) -> type["RealDataset"]:
 
 
 def doc_section(doc: Optional[str], title: str) -> str:
-    """The indented block under the line ``title:`` of a module docstring, dedented (a layout, a hub note)."""
+    """The indented block under the docstring line that starts with ``title`` (e.g. the layout), dedented."""
     lines = (doc or "").splitlines()
     start = next((i for i, line in enumerate(lines) if line.strip().startswith(title)), None)
     if start is None:

@@ -29,6 +29,7 @@ from fedsim.data.real.base import (RealDataset, choice_row, doc_section, hub_ima
 
 SPLIT_DIR = "crisismmd_datasplit_agreed_label"
 SPLIT_FILES = {split: f"{SPLIT_DIR}/task_humanitarian_text_img_agreed_lab_{split}.tsv" for split in ("train", "test")}
+COLUMNS = ("tweet_text", "image", "label_text")
 QUESTION = "Which humanitarian category does this tweet belong to?"
 # source class id -> option text; the order is the option order (alphabetical by id)
 CLASSES = {
@@ -68,7 +69,7 @@ class CrisisMMD(RealDataset):
 
     def local_rows(self, root: Path, seed: int) -> dict[str, list[dict]]:
         return {split: [self._row(image_file(root / item["image"]), item["tweet_text"], item["label_text"])
-                        for item in read_tsv(root / file)]
+                        for item in self.fields(read_tsv(root / file), COLUMNS, root / file)]
                 for split, file in SPLIT_FILES.items()}
 
     def map_hub(self, ds: datasets.Dataset) -> list[dict]:

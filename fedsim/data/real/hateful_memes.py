@@ -41,7 +41,7 @@ class HatefulMemes(RealDataset):
     def local_rows(self, root: Path, seed: int) -> dict[str, list[dict]]:
         files = self.resolve(root)
         return {split: [self._row(image_file(root / item["img"]), item["text"], item["label"])
-                        for item in read_jsonl(files[entry])]
+                        for item in self.fields(read_jsonl(files[entry]), ("img", "label", "text"), files[entry])]
                 for split, entry in (("train", "train.jsonl"), ("test", TEST_FILES))}
 
     def map_hub(self, ds: datasets.Dataset) -> list[dict]:

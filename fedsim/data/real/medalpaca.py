@@ -41,7 +41,8 @@ class MedAlpaca(RealDataset):
     hub_example = "medalpaca/medical_meadow_medical_flashcards"
 
     def local_rows(self, root: Path, seed: int) -> dict[str, list[dict]]:
-        return self._split(self._rows(read_json(root / FLASHCARDS_FILE)), seed)
+        path = root / FLASHCARDS_FILE
+        return self._split(self._rows(self.fields(read_json(path), ("instruction", "input", "output"), path)), seed)
 
     def hub_rows(self, hub: str, seed: int) -> dict[str, list[dict]]:
         return self._split(self.map_hub(load_hub_split(hub, self.hub_config, ("train",))), seed)

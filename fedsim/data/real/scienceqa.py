@@ -37,7 +37,10 @@ class ScienceQA(RealDataset):
 
     def local_rows(self, root: Path, seed: int) -> dict[str, list[dict]]:
         splits: dict[str, list[dict]] = {"train": [], "test": []}
-        for pid, item in read_json(root / PROBLEMS_FILE).items():
+        path = root / PROBLEMS_FILE
+        problems = read_json(path)
+        self.fields(list(problems.values()), ("question", "choices", "answer", "image", "split"), path)
+        for pid, item in problems.items():
             if not item.get("image") or item.get("split") not in splits:
                 continue
             image = image_file(root / IMAGE_DIR / item["split"] / pid / item["image"])

@@ -26,6 +26,7 @@ from fedsim.data.real.base import (RealDataset, doc_section, hub_images, image_f
                                    read_json, register, require_columns, unpack_hub_archive)
 
 IMAGE_DIR = "imgs"
+FIELDS = ("img_name", "question", "answer", "q_lang")
 HUB_IMAGE_ARCHIVE = "imgs.zip"
 LAYOUT = doc_section(__doc__, "Layout")
 
@@ -42,7 +43,8 @@ class Slake(RealDataset):
     def local_rows(self, root: Path, seed: int) -> dict[str, list[dict]]:
         return {split: [open_row(self.name, item["question"], item["answer"],
                                  image=image_file(root / IMAGE_DIR / item["img_name"]))
-                        for item in read_json(root / f"{split}.json") if item.get("q_lang", "en") == "en"]
+                        for item in self.fields(read_json(root / f"{split}.json"), FIELDS, root / f"{split}.json")
+                        if item["q_lang"] == "en"]
                 for split in ("train", "test")}
 
     def hub_rows(self, hub: str, seed: int) -> dict[str, list[dict]]:

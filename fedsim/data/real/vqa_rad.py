@@ -37,8 +37,9 @@ class VqaRad(RealDataset):
 
     def local_rows(self, root: Path, seed: int) -> dict[str, list[dict]]:
         splits: dict[str, list[dict]] = {"train": [], "test": []}
-        for item in read_json(root / QUESTIONS_FILE):
-            split = "test" if str(item.get("phrase_type", "")).startswith("test") else "train"
+        path = root / QUESTIONS_FILE
+        for item in self.fields(read_json(path), ("image_name", "question", "answer", "phrase_type"), path):
+            split = "test" if str(item["phrase_type"]).startswith("test") else "train"
             image = image_file(root / IMAGE_DIR / item["image_name"])
             splits[split].append(open_row(self.name, item["question"], item["answer"], image=image))
         return splits
