@@ -289,5 +289,5 @@ def test_yaml_layers_merge_in_order_and_name_the_experiment(tmp_path):
 def test_cli_takes_yaml_layers_before_overrides(tmp_path, capsys):
     from fedsim.cli import main
 
-    assert main(["partition", QUICKSTART, "federation.rounds=2", QUICKSTART]) == 2
+    assert main(["partition", str(QUICKSTART), "federation.rounds=2", str(QUICKSTART)]) == 2
     assert "before key=value overrides" in capsys.readouterr().err
