@@ -162,3 +162,24 @@ def test_max_length_too_small_names_the_key(processor, samples):
 def test_bad_padding_side(processor):
     with pytest.raises(ValueError, match="padding_side"):
         Collator(processor, max_length=128, train=False, padding_side="middle")
+
+
+def test_modality_prompts_name_what_remains_and_agnostic_prompts_do_not(processor, samples):
+    full = samples[0]
+    image_only, text_only = {**full, "text": None}, {**full, "image": None}
+    neither = {**full, "image": None, "text": None}
+    assert "based on the text and image" in user_text(full, "modality")
+    assert "based on the image." in user_text(image_only, "modality")
+    assert "based on the text." in user_text(text_only, "modality")
+    assert "based on the question." in user_text(neither, "modality")
+    agnostic = [user_text(s, "agnostic") for s in (full, image_only, text_only, neither)]
+    assert all("regardless of which are missing" in t and "based on" not in t for t in agnostic)
+    assert "based on" not in user_text(full) and "regardless" not in user_text(full)
+    # The phrase reaches the tokens the model is trained on, and stays out of the answer.
+    collate = Collator(processor, 256, train=True, prompt="agnostic")
+    prompt, answer = prompt_and_answer(processor, full, "agnostic")
+    assert "regardless of which are missing" in prompt and "regardless" not in answer
+    batch = collate([full, text_only])
+    assert batch["input_ids"].shape[0] == 2 and (batch["labels"] != IGNORE_INDEX).any()
+    with pytest.raises(ValueError, match="prompt style 'augmented'"):
+        Collator(processor, 256, train=True, prompt="augmented")

@@ -213,3 +213,16 @@ def test_domain_styles_per_client(shards):
         changed = apply_scenarios(data.select(range(300)), [np.arange(300)], {"domain": {"styles": [style]}}, seed=3)
         a, b = np.asarray(changed[0]["image"], dtype=float), np.asarray(data[0]["image"], dtype=float)
         assert a.shape == b.shape and np.abs(a - b).mean() > 2, style
+
+
+@pytest.mark.parametrize("step", [{"multilingual": {}}, {"domain": {"styles": ["clean", "invert", "blur"]}}])
+def test_per_client_styles_are_deterministic_by_seed(shards, step):
+    data = generate("classification", 600, "train", 0)
+    small = [s[s < 600] for s in shards]
+
+    def signature(seed):
+        out = apply_scenarios(data, small, step, seed=seed)
+        return [(out[int(idx[0])]["question"], np.asarray(out[int(idx[0])]["image"]).tobytes()) for idx in small]
+
+    assert signature(21) == signature(21)
+    assert any(signature(21) != signature(s) for s in (22, 23, 24))
