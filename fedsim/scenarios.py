@@ -168,16 +168,9 @@ class Multilingual(Step):
             raise ValueError(f"{key}.multilingual.languages must be a non-empty list of {', '.join(LANGUAGES)}; "
                              f"got {self.languages!r}")
 
-    def language_of(self, num_clients: int, seed: int, stream: str) -> list[str]:
-        order = rng_for(seed, stream, self.stream).permutation(num_clients)
-        langs = [""] * num_clients
-        for turn, client in enumerate(order):
-            langs[client] = self.languages[turn % len(self.languages)]
-        return langs
-
     def apply(self, ds: datasets.Dataset, client_of: np.ndarray, num_clients: int, seed: int,
               stream: str) -> datasets.Dataset:
-        langs = self.language_of(num_clients, seed, stream)
+        langs = _in_turns(self.languages, num_clients, rng_for(seed, stream, self.stream))
         return ds.map(lambda row, i: translate(row, langs[client_of[i]]) if client_of[i] >= 0 else row,
                       with_indices=True, features=ds.features, desc="scenario multilingual")
 
@@ -205,13 +198,6 @@ class Domain(Step):
                              f"got {self.styles!r}")
         _check_unit(key, self.name, "strength", self.strength)
 
-    def style_of(self, num_clients: int, seed: int, stream: str) -> list[str]:
-        order = rng_for(seed, stream, self.stream).permutation(num_clients)
-        styles = [""] * num_clients
-        for turn, client in enumerate(order):
-            styles[client] = self.styles[turn % len(self.styles)]
-        return styles
-
     def restyle(self, image: Image.Image, style: str, rng: np.random.Generator) -> Image.Image:
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
         if style == "noise":
@@ -228,7 +214,7 @@ class Domain(Step):
 
     def apply(self, ds: datasets.Dataset, client_of: np.ndarray, num_clients: int, seed: int,
               stream: str) -> datasets.Dataset:
-        styles = self.style_of(num_clients, seed, stream)
+        styles = _in_turns(self.styles, num_clients, rng_for(seed, stream, self.stream))
 
         def restyle_row(row: dict, i: int) -> dict:
             client = client_of[i]
@@ -320,6 +306,14 @@ def client_index(shards: Sequence[np.ndarray], num_rows: int) -> np.ndarray:
             raise ValueError(f"shards must be disjoint: client {client} shares rows with another client")
         client_of[idx] = client
     return client_of
+
+
+def _in_turns(choices: list, num_clients: int, rng: np.random.Generator) -> list:
+    """One choice per client, dealt in turns over a seeded client order: counts differ by at most one."""
+    dealt = [None] * num_clients
+    for turn, client in enumerate(rng.permutation(num_clients)):
+        dealt[client] = choices[turn % len(choices)]
+    return dealt
 
 
 def _drop(batch: dict, indices: list[int], keep: np.ndarray) -> dict:
