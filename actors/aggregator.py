@@ -41,5 +41,11 @@ class AggregatorActor:
         version, published = self.aggregator.snapshot()
         return version, [ray.put(published)]
 
+    def state(self) -> tuple[NamedTensors, dict[str, Any]]:
+        return self.aggregator.state()
+
+    def restore(self, tensors: NamedTensors, counts: dict[str, Any]) -> None:
+        self.aggregator.restore(tensors, counts)
+
     def stats(self) -> dict[str, Any]:
         return self.aggregator.stats()

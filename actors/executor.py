@@ -71,6 +71,12 @@ class RemoteAggregator:
         version, (ref,) = ray.get(self.actor.snapshot.remote())
         return version, ref
 
+    def state(self) -> tuple[NamedTensors, dict[str, Any]]:
+        return ray.get(self.actor.state.remote())
+
+    def restore(self, tensors: NamedTensors, counts: dict[str, Any]) -> None:
+        ray.get(self.actor.restore.remote(tensors, counts))
+
     def stats(self) -> dict[str, Any]:
         return ray.get(self.actor.stats.remote())
 
@@ -212,6 +218,12 @@ class RayExecutor:
 
     def adapter_files(self, handle: ray.ObjectRef) -> dict[str, bytes]:
         return ray.get(self._any_worker().actor.adapter_files.remote(_weights_of.remote(handle)))
+
+    def client_states(self) -> dict[int, NamedTensors]:
+        return ray.get(self.store.all.remote())
+
+    def restore_client_states(self, states: dict[int, NamedTensors]) -> None:
+        ray.get(self.store.put_many.remote(states))
 
     def personalized_digest(self, num_clients: int) -> str:
         states = ray.get(self.store.get_many.remote(list(range(num_clients))))

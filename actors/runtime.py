@@ -47,7 +47,7 @@ def check_resources(cfg: ExperimentConfig) -> None:
                 f"but the Ray cluster has {total.get(resource, 0):g}; lower one of them or grow the cluster")
 
 
-def run_ray(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+def run_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     started_here = connect(cfg)
     executor = None
     try:
@@ -61,7 +61,7 @@ def run_ray(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
                  sorted({s.placement["node_id"][:8] for s in executor.slots}))
         return run_federation(cfg, run_dir, "ray", executor, aggregator, [len(s) for s in data.shards],
                               nbytes(initial), strategy_cls.personalized, strategy_cls.asynchronous,
-                              strategy_cls.trains)
+                              strategy_cls.trains, resume)
     finally:
         if executor is not None:
             executor.shutdown()

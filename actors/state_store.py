@@ -26,5 +26,11 @@ class ClientStateStore:
         if state is not None:
             self.states[client_id] = state
 
+    def all(self) -> dict[int, NamedTensors]:
+        return dict(self.states)
+
+    def put_many(self, states: dict[int, NamedTensors]) -> None:
+        self.states.update(states)
+
     def size(self) -> dict[str, int]:
         return {"clients": len(self.states), "bytes": sum(nbytes(s) for s in self.states.values())}

@@ -57,6 +57,16 @@ class Aggregator:
         """(version, (global weights, extras broadcast to clients))."""
         return self.strategy.version, (self.strategy.global_weights, self.strategy.broadcast_extras())
 
+    def state(self) -> tuple[NamedTensors, dict[str, Any]]:
+        """For a checkpoint (between rounds): the strategy's tensors and the counts, as JSON."""
+        return self.strategy.state_dict(), {"outcomes": dict(self.outcomes), "rejected": dict(self.guard.rejected)}
+
+    def restore(self, tensors: NamedTensors, counts: dict[str, Any]) -> None:
+        """Continue from ``state()``'s output."""
+        self.strategy.load_state_dict(tensors)
+        self.outcomes = Counter(counts["outcomes"])
+        self.guard.rejected = dict(counts["rejected"])
+
     def stats(self) -> dict[str, Any]:
         staleness = dict(sorted(getattr(self.strategy, "staleness_counts", {}).items()))
         total = sum(staleness.values())

@@ -32,12 +32,26 @@ def _load(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.name)
+    if args.resume:
+        if args.config:
+            raise ConfigError("fedsim run --resume RUN_DIR takes no config files or overrides: the run "
+                              "continues with the config.yaml it saved")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml")
+        from fedsim.algorithms import SERVER_STRATEGIES
+
+        if SERVER_STRATEGIES[cfg.algorithm.server.name].asynchronous:
+            raise ConfigError(f"{run_dir} ran {cfg.algorithm.server.name}: asynchronous runs are not "
+                              "checkpointed yet, so they cannot be resumed")
+    else:
+        cfg = _load(args)
+        run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.name)
     cfg.output.dir = str(run_dir)
     from fedsim.engine import ENGINES
 
-    summary = ENGINES[cfg.runtime.engine](cfg, run_dir)
+    summary = ENGINES[cfg.runtime.engine](cfg, run_dir, resume=bool(args.resume))
     print(json.dumps({k: summary[k] for k in ("run_dir", "rounds", "client_updates", "final_metrics",
                                               "zero_shot_metrics", "wall_seconds", "adapter_sha256")}, indent=2))
     return 0
@@ -63,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one experiment")
-    run.add_argument("config", nargs="+", metavar="CONFIG",
-                     help=CONFIG_HELP)
+    run.add_argument("config", nargs="*", metavar="CONFIG", help=CONFIG_HELP)
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its last checkpoint (RUN_DIR/checkpoint/)")
     run.set_defaults(func=_run)
     part = sub.add_parser("partition", help="show what each client holds (samples, labels, modalities) and plot it")
     part.add_argument("config", nargs="+", metavar="CONFIG", help=CONFIG_HELP)

@@ -183,6 +183,13 @@ class RuntimeConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # Write RUN_DIR/checkpoint/ every this many rounds and after the last (0: never); ``fedsim run --resume
+    # RUN_DIR`` continues from it. Synchronous strategies; asynchronous runs are not checkpointed yet.
+    every: int = 5
+
+
+@dataclass
 class OutputConfig:
     dir: Optional[str] = None  # default runs/<experiment>-<timestamp>
     save_adapter: bool = True
@@ -202,6 +209,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def clients_per_round(self) -> int:
@@ -238,7 +246,7 @@ NON_NEGATIVE = (
     "algorithm.client.weight", "algorithm.server.tau", "eval.max_samples",
     "runtime.num_threads", "partition.min_samples", "runtime.cpus_per_worker", "runtime.gpus_per_worker",
     "runtime.queue_per_worker", "runtime.max_update_norm", "algorithm.server.staleness_exponent",
-    "algorithm.server.max_staleness",
+    "algorithm.server.max_staleness", "checkpoint.every",
 )
 UNIT_INTERVAL = ("model.lora.dropout", "federation.fraction", "training.beta1", "training.beta2",
                  "algorithm.server.beta1", "algorithm.server.beta2", "algorithm.server.mixing")

@@ -55,13 +55,24 @@ def default_run_dir(name: str) -> Path:
 
 
 class RunWriter:
-    def __init__(self, run_dir: str | Path):
+    """Writes a run directory. ``resume_round``: continue a run from its checkpoint of that round, dropping
+    the metrics lines of later rounds (they are run again)."""
+
+    def __init__(self, run_dir: str | Path, resume_round: int | None = None):
         self.dir = Path(run_dir)
-        if (self.dir / "metrics.jsonl").exists() or (self.dir / "summary.json").exists():
-            raise FileExistsError(f"output.dir {str(self.dir)!r} already holds a run; choose another output.dir")
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.adapter_dir = self.dir / "adapter"
+        if (self.dir / "summary.json").exists():
+            raise FileExistsError(f"output.dir {str(self.dir)!r} already holds a finished run; choose another "
+                                  "output.dir")
+        if resume_round is None:
+            if self.metrics_path.exists():
+                raise FileExistsError(f"output.dir {str(self.dir)!r} already holds a run; choose another "
+                                      "output.dir, or continue it with fedsim run --resume")
+            self.dir.mkdir(parents=True, exist_ok=True)
+        else:
+            kept = [r for r in read_metrics(self.dir) if r["round"] <= resume_round]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def write_config(self, yaml_text: str) -> None:
         atomic_write_text(self.dir / "config.yaml", yaml_text)
@@ -83,6 +94,15 @@ class RunWriter:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rounds a run has logged so far (also while it runs, or after it crashed)."""
+    """The rounds a run has logged so far (also while it runs, or after it crashed: a last line cut short
+    by the crash is left out)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return records

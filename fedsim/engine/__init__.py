@@ -13,13 +13,14 @@ from fedsim.config import ExperimentConfig
 from fedsim.engine.sequential import run_sequential
 
 
-def _run_ray(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+def _run_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     from actors.runtime import run_ray
 
-    return run_ray(cfg, run_dir)
+    return run_ray(cfg, run_dir, resume)
 
 
-ENGINES: dict[str, Callable[[ExperimentConfig, Path], dict[str, Any]]] = {
+# engine(cfg, run_dir, resume=False) -> summary
+ENGINES: dict[str, Callable[..., dict[str, Any]]] = {
     "sequential": run_sequential,
     "ray": _run_ray,
 }

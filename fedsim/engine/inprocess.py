@@ -74,6 +74,12 @@ class InProcessExecutor:
     def adapter_files(self, handle: Published) -> dict[str, bytes]:
         return adapter_files(self.trainer.loaded.model, handle[0])
 
+    def client_states(self) -> dict[int, NamedTensors]:
+        return dict(self.states)
+
+    def restore_client_states(self, states: dict[int, NamedTensors]) -> None:
+        self.states.update(states)
+
     def personalized_digest(self, num_clients: int) -> str:
         return adapter_sha256(personalized_adapters(self.states, num_clients))
 

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from fedsim.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from fedsim.config import ExperimentConfig, to_yaml
-from fedsim.messages import ClientTask
+from fedsim.messages import ClientTask, NamedTensors
 from fedsim.output import RunWriter
 from fedsim.scheduler import AsyncPlanner, Clock, DeviceProfiles, SyncPlanner, build_availability
 from fedsim.training import round_lr, samples_per_task
@@ -41,6 +42,8 @@ class Executor(Protocol):
     def evaluate(self, handle: Any) -> dict[str, float]: ...
     def evaluate_personalized(self, num_clients: int, fallback: Any) -> dict[str, float]: ...
     def adapter_files(self, handle: Any) -> dict[str, bytes]: ...
+    def client_states(self) -> dict[int, NamedTensors]: ...
+    def restore_client_states(self, states: dict[int, NamedTensors]) -> None: ...
     def personalized_digest(self, num_clients: int) -> str: ...
     def stats(self) -> dict[str, Any]: ...
 
@@ -49,6 +52,8 @@ class AggregatorLike(Protocol):
     def submit(self, update: Any) -> str: ...
     def close_round(self) -> int: ...
     def snapshot(self) -> tuple[int, Any]: ...
+    def state(self) -> tuple[NamedTensors, dict[str, Any]]: ...
+    def restore(self, tensors: NamedTensors, counts: dict[str, Any]) -> None: ...
     def stats(self) -> dict[str, Any]: ...
 
 
@@ -64,7 +69,6 @@ class Tally:
     no_quorum: int = 0  # of those, reported in time to a round that missed its quorum
     simulated_s: float = 0.0
     train_seconds: float = 0.0
-    losses: list[float] = field(default_factory=list)
 
 
 def mean(values: Iterable[float]) -> float:
@@ -92,6 +96,24 @@ class FederationLoop:
         self.initial_handle: Any = None
         self.zero_shot: dict[str, float] | None = None
         self.current_version = 0
+        self.first_round = 1
+
+    # --------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, round_idx: int) -> None:
+        tensors, counts = self.aggregator.state()
+        state = {"tally": asdict(self.tally), "metrics": self.metrics, "zero_shot": self.zero_shot,
+                 "current_version": self.current_version, "aggregator": counts}
+        write_checkpoint(self.writer.dir, Checkpoint(round_idx, tensors, self.executor.client_states(), state))
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue after round ``ckpt.round``: server, client states, counters and metrics as they were."""
+        self.aggregator.restore(ckpt.server, ckpt.state["aggregator"])
+        self.executor.restore_client_states(ckpt.clients)
+        self.tally = Tally(**ckpt.state["tally"])
+        self.metrics = ckpt.state["metrics"]
+        self.zero_shot = ckpt.state["zero_shot"]
+        self.current_version = ckpt.state["current_version"]
+        self.first_round = ckpt.round + 1
 
     # --------------------------------------------------------------------------------------- helpers
     def bytes_per_task(self) -> tuple[int, int]:
@@ -129,11 +151,12 @@ class FederationLoop:
     # --------------------------------------------------------------------------------------- run
     def run(self, rounds: int) -> None:
         self.initial_handle = self.publish()
-        if self.cfg.eval.zero_shot or rounds == 0:
+        resumed = self.first_round > 1
+        if (self.cfg.eval.zero_shot or rounds == 0) and not resumed:
             self.zero_shot = self.executor.evaluate(self.initial_handle)
             self.metrics = dict(self.zero_shot)
         disable = {"auto": None, "always": False, "never": True}[self.cfg.output.progress]
-        bar = tqdm(total=rounds, desc="rounds", unit="round", disable=disable)
+        bar = tqdm(total=rounds, initial=self.first_round - 1, desc="rounds", unit="round", disable=disable)
         steps = self.run_async(rounds) if self.asynchronous else self.run_sync(rounds)
         for step in steps:
             bar.update(1)
@@ -147,7 +170,8 @@ class FederationLoop:
                               self.devices, self.availability)
         measured = cfg.scheduler.compute_time == "measured"
         down, up = self.bytes_per_task()
-        for round_idx in range(1, rounds + 1):
+        every = cfg.checkpoint.every
+        for round_idx in range(self.first_round, rounds + 1):
             started = time.perf_counter()
             selection = planner.select_when_available(round_idx, self.tally.simulated_s)
             start_s = selection.start_s  # later than now if nobody was available now
@@ -191,6 +215,8 @@ class FederationLoop:
                       "bytes_up": round_up, "bytes_down": round_down,
                       "wall_seconds": time.perf_counter() - started}
             self.log_step(round_idx, rounds, handle, record)
+            if every and (round_idx % every == 0 or round_idx == rounds):
+                self.save_checkpoint(round_idx)
             yield round_idx
 
     def run_async(self, versions: int) -> Iterator[int]:
@@ -247,12 +273,20 @@ class FederationLoop:
 
 def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: Executor,
                    aggregator: AggregatorLike, shard_sizes: list[int], adapter_bytes: int,
-                   personalized: bool, asynchronous: bool, trains: bool) -> dict[str, Any]:
-    """Run every round of ``cfg`` and write the run directory; returns the summary."""
+                   personalized: bool, asynchronous: bool, trains: bool, resume: bool = False) -> dict[str, Any]:
+    """Run every round of ``cfg`` (with ``resume``: those after the run directory's checkpoint) and write
+    the run directory; returns the summary."""
     started = time.perf_counter()
-    writer = RunWriter(run_dir)
+    if resume and asynchronous:
+        raise ValueError(f"{run_dir}: asynchronous runs ({cfg.algorithm.server.name}) are not checkpointed yet, "
+                         "so they cannot be resumed")
+    ckpt = read_checkpoint(run_dir) if resume else None
+    writer = RunWriter(run_dir, resume_round=ckpt.round if ckpt else None)
     writer.write_config(to_yaml(cfg))
     loop = FederationLoop(cfg, writer, executor, aggregator, shard_sizes, adapter_bytes, personalized, asynchronous)
+    if ckpt is not None:
+        loop.restore(ckpt)
+        log.info("resuming %s after round %d", run_dir, ckpt.round)
     rounds = cfg.federation.rounds if trains else 0
     loop.run(rounds)
 
@@ -290,6 +324,7 @@ def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: 
         "adapter_sha256": (executor.personalized_digest(cfg.partition.num_clients) if personalized
                            else agg_stats["adapter_sha256"]),
         **executor.stats(),
+        "resumed_after_round": ckpt.round if ckpt else None,
         "run_dir": str(writer.dir),
     }
     writer.write_summary(summary)

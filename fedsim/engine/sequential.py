@@ -26,7 +26,7 @@ from fedsim.models.loading import load_model
 from fedsim.seeding import derive_seed
 
 
-def run_sequential(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+def run_sequential(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     if cfg.runtime.num_threads:
         torch.set_num_threads(cfg.runtime.num_threads)
     data = load_client_data(cfg)
@@ -40,4 +40,4 @@ def run_sequential(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     aggregator.init(initial)
     return run_federation(cfg, run_dir, "sequential", InProcessExecutor(trainer, evaluator), aggregator,
                           [len(s) for s in data.shards], nbytes(initial), strategy.personalized,
-                          strategy.asynchronous, strategy.trains)
+                          strategy.asynchronous, strategy.trains, resume)

@@ -1,0 +1,84 @@
+"""Checkpoints and resume: a run killed mid-way and resumed ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fedsim.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from fedsim.cli import main
+from fedsim.output import read_metrics
+
+from conftest import REPO
+
+SMALL = ["data.num_train=240", "data.num_test=40", "partition.num_clients=6", "federation.clients_per_round=3",
+         "federation.rounds=4", "training.local_epochs=1", "eval.every=2", "eval.zero_shot=true",
+         "output.progress=never", "runtime.engine=sequential", "runtime.num_threads=1", "checkpoint.every=1"]
+QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")
+
+
+def test_checkpoint_round_trip_is_safetensors_and_json(tmp_path):
+    ckpt = Checkpoint(3, {"global/w": torch.arange(4.0), "version": torch.tensor(3)},
+                      {0: {"c/w": torch.ones(2)}, 5: {"c/w": torch.zeros(2), "adapter/x": torch.ones(1)}},
+                      {"tally": {"updates": 9}, "metrics": {"accuracy": 0.5}})
+    write_checkpoint(tmp_path, ckpt)
+    files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert files == ["clients.safetensors", "server.safetensors", "state.json"]
+    back = read_checkpoint(tmp_path)
+    assert back.round == 3 and back.state == ckpt.state and set(back.clients) == {0, 5}
+    assert torch.equal(back.server["global/w"], ckpt.server["global/w"])
+    assert torch.equal(back.clients[5]["adapter/x"], torch.ones(1))
+    write_checkpoint(tmp_path, Checkpoint(4, ckpt.server, {}, {}))  # replaces the previous one whole
+    assert read_checkpoint(tmp_path).round == 4 and read_checkpoint(tmp_path).clients == {}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_resume_without_a_checkpoint_names_the_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: x\n")
+    assert main(["run", "--resume", str(run)]) == 2
+    assert str(run / "checkpoint") in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server,client", [("fedadagrad", "plain"), ("scaffold", "scaffold")])
+def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, server, client):
+    """The driver is killed (SIGKILL) after its second checkpoint; ``fedsim run --resume`` finishes the
+    run with the same adapter_sha256, metrics and counters as a run that was never interrupted."""
+    algo = [f"algorithm.server.name={server}", f"algorithm.client.name={client}"]
+    whole = tmp_path / "whole"
+    assert main(["run", QUICKSTART, *SMALL, *algo, f"output.dir={whole}"]) == 0
+    expected = json.loads((whole / "summary.json").read_text())
+
+    cut = tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", QUICKSTART, *SMALL, *algo,
+                             f"output.dir={cut}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        state = cut / "checkpoint" / "state.json"
+        if state.exists() and json.loads(state.read_text())["round"] >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "summary.json").exists()
+
+    assert main(["run", "--resume", str(cut)]) == 0
+    resumed = json.loads((cut / "summary.json").read_text())
+    assert resumed["adapter_sha256"] == expected["adapter_sha256"]
+    assert resumed["resumed_after_round"] >= 2
+    for key in ("final_metrics", "zero_shot_metrics", "client_updates", "bytes_up", "simulated_seconds"):
+        assert resumed[key] == expected[key], key
+    assert [r["round"] for r in read_metrics(cut)] == [1, 2, 3, 4]
+    assert [r["eval"] for r in read_metrics(cut) if "eval" in r] == \
+        [r["eval"] for r in read_metrics(whole) if "eval" in r]
