@@ -8,6 +8,7 @@ produced them straight to the aggregator actor; client states go straight to the
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from actors.aggregator import AggregatorActor
 from actors.state_store import ClientStateStore
@@ -29,6 +32,14 @@ log = logging.getLogger(__name__)
 
 # A task whose worker process died, or whose result died with it, is run again elsewhere.
 WORKER_LOST = (RayActorError, ObjectLostError, WorkerCrashedError)
+PLACEMENT_TIMEOUT_S = 300
+REPLACE_ATTEMPTS = 8
+
+
+def on_driver_node() -> NodeAffinitySchedulingStrategy:
+    """The server side (aggregator, client states) lives on the driver's node: a run survives the loss of
+    any worker node, and only the loss of the node it is driven from ends it (then: fedsim run --resume)."""
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
 @dataclass
@@ -56,7 +67,7 @@ class RemoteAggregator:
     """``AggregatorLike`` over an ``AggregatorActor``."""
 
     def __init__(self, cfg: ExperimentConfig, initial: NamedTensors):
-        self.actor = AggregatorActor.options(num_cpus=0).remote(cfg, initial)
+        self.actor = AggregatorActor.options(num_cpus=0, scheduling_strategy=on_driver_node()).remote(cfg, initial)
 
     def submit(self, update: ray.ObjectRef) -> str:
         return ray.get(self.actor.submit.remote(update))
@@ -90,7 +101,8 @@ class RayExecutor:
         self.capacity_per_worker = 1 + cfg.runtime.queue_per_worker
         self.run_id = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
         self.started = 0
-        self.store = ClientStateStore.options(num_cpus=0).remote()
+        self.store = ClientStateStore.options(num_cpus=0, scheduling_strategy=on_driver_node()).remote()
+        self.group = self._placement_group()
         self.slots = [WorkerSlot(i, self._actor(i)) for i in range(cfg.runtime.num_workers)]
         placements = ray.get([s.actor.placement.remote() for s in self.slots])
         for slot, placement in zip(self.slots, placements):
@@ -101,21 +113,52 @@ class RayExecutor:
         self.running: dict[ClientTask, Running] = {}
 
     # ------------------------------------------------------------------------------- workers
+    def _placement_group(self) -> PlacementGroup | None:
+        """One bundle per worker, packed or spread over nodes (None when workers reserve no resources)."""
+        runtime = self.cfg.runtime
+        bundle = {k: v for k, v in (("CPU", runtime.cpus_per_worker), ("GPU", runtime.gpus_per_worker)) if v}
+        if not bundle:
+            return None
+        group = placement_group([dict(bundle) for _ in range(runtime.num_workers)],
+                                strategy=runtime.placement.upper(), name=f"fedsim:{self.run_id}")
+        try:
+            ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(group)
+            raise RuntimeError(f"Ray could not place {runtime.num_workers} workers of {bundle} "
+                               f"({runtime.placement}) within {PLACEMENT_TIMEOUT_S} s; the cluster has "
+                               f"{ray.available_resources()} free") from None
+        return group
+
     def _actor(self, index: int):
         runtime = self.cfg.runtime
         # Named per run so that users (and tests) can find a run's workers: ray.util.list_named_actors().
         name = f"fedsim:{self.run_id}:worker{index}:{self.started}"
         self.started += 1
+        strategy = (PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index)
+                    if self.group is not None else "DEFAULT")
         return ClientWorker.options(num_cpus=runtime.cpus_per_worker, num_gpus=runtime.gpus_per_worker,
-                                    name=name, max_restarts=0).remote(self.cfg, self.personalized, index)
+                                    name=name, max_restarts=0, scheduling_strategy=strategy
+                                    ).remote(self.cfg, self.personalized, index)
 
     def _replace(self, slot: WorkerSlot) -> None:
         log.warning("worker %d died; starting a replacement and re-running its unfinished tasks", slot.index)
         ray.kill(slot.actor, no_restart=True)
-        slot.actor = self._actor(slot.index)
         slot.busy = 0
         slot.restarts += 1
-        slot.placement = ray.get(slot.actor.placement.remote())
+        # A replacement may land in a placement bundle whose node is dead but not yet declared so (Ray
+        # notices by missed heartbeats); it then dies too, and the next one goes where Ray moved the bundle.
+        for attempt in range(REPLACE_ATTEMPTS):
+            slot.actor = self._actor(slot.index)
+            try:
+                slot.placement = ray.get(slot.actor.placement.remote())
+                break
+            except WORKER_LOST:
+                log.warning("replacement for worker %d died on start (attempt %d); retrying", slot.index, attempt + 1)
+                time.sleep(min(2.0 ** attempt, 15.0))
+        else:
+            raise RuntimeError(f"worker {slot.index} could not be replaced in {REPLACE_ATTEMPTS} attempts; "
+                               "the cluster may have lost the resources it needs")
         for task in [t for t, r in self.running.items() if r.slot is slot and not r.ready]:
             self._requeue(task)
 
@@ -238,6 +281,8 @@ class RayExecutor:
         for slot in self.slots:
             ray.kill(slot.actor, no_restart=True)
         ray.kill(self.store, no_restart=True)
+        if self.group is not None:
+            remove_placement_group(self.group)
 
 
 @ray.remote(num_cpus=0)

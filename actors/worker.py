@@ -23,6 +23,10 @@ from fedsim.models.loading import load_model
 from fedsim.seeding import derive_seed
 
 
+def _node_resources(node_id: str) -> list[str]:
+    """Names of the resources the node declares (``ray start --resources``), to tell nodes apart."""
+    return next((list(n["Resources"]) for n in ray.nodes() if n["NodeID"] == node_id), [])
+
 
 @ray.remote
 class ClientWorker:
@@ -41,7 +45,9 @@ class ClientWorker:
 
     def placement(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
-        return {"worker": self.index, "node_id": ctx.get_node_id(), "pid": os.getpid(),
+        return {"worker": self.index, "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "node_resources": sorted(r for r in _node_resources(ctx.get_node_id()) if r.startswith("fedsim_")),
+                "pid": os.getpid(),
                 "gpu_ids": ctx.get_accelerator_ids().get("GPU", []),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "device": str(self.loaded.device), "torch_threads": torch.get_num_threads()}

@@ -178,6 +178,10 @@ class RuntimeConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # fractional: 0.25 puts four workers on one GPU
     queue_per_worker: int = 1  # tasks queued on a worker beyond the one it runs
+    # Where workers go, as a Ray placement group of one bundle per worker: pack (as few nodes as possible)
+    # or spread (across nodes). A replacement for a lost worker takes the same bundle, which Ray moves to a
+    # live node.
+    placement: str = "pack"
     max_update_norm: float = 0.0  # reject updates whose L2 norm exceeds this (0: no bound)
     address: Optional[str] = None  # Ray cluster; default RAY_ADDRESS, else a local instance
 
@@ -230,6 +234,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.lr_schedule": ("constant", "cosine"),
     "algorithm.server.weighting": ("auto", "samples", "uniform"),
     "runtime.engine": ("ray", "sequential"),
+    "runtime.placement": ("pack", "spread"),
     "output.progress": ("auto", "always", "never"),
 }
 

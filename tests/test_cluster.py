@@ -1,0 +1,142 @@
+"""fedsim on a real (emulated multi-node) Ray cluster: ``ray job submit``, placement over nodes, the loss
+of a worker node, and a killed driver resumed. Each test starts its own cluster with cluster/local.py
+(a head and worker nodes, each its own raylet, on 127.0.0.1 with token authentication) and stops it.
+
+Drivers run as separate processes (``fedsim run`` with RAY_ADDRESS), as a user runs them: this test
+process keeps out of Ray altogether.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+LOCAL = str(REPO / "cluster" / "local.py")
+QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")
+PORT = 6411
+SMALL = ["data.num_train=160", "data.num_test=20", "partition.num_clients=4", "federation.clients_per_round=2",
+         "training.local_epochs=1", "eval.every=1", "eval.zero_shot=false", "output.progress=never",
+         "runtime.num_workers=2", "runtime.cpus_per_worker=1", "runtime.queue_per_worker=0",
+         "checkpoint.every=1"]
+
+
+@pytest.fixture
+def cluster_env(tmp_path):
+    """Environment of a client of the test's cluster (auth mode, address, where local.py keeps its state)."""
+    env = {**os.environ, "FEDSIM_LOCAL_CLUSTER": str(tmp_path / "cluster" / "state.json"),
+           "RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"127.0.0.1:{PORT}", "PYTHONPATH": str(REPO)}
+    yield env
+    subprocess.run([sys.executable, LOCAL, "stop", "--grace", "5"], env=env, check=False)
+
+
+def local(env: dict, *args: str) -> dict:
+    done = subprocess.run([sys.executable, LOCAL, *args], env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout) if args[0] == "start" else {}
+
+
+def start_cluster(env: dict, workers: int, cpus: int, head_cpus: int = 0) -> dict:
+    return local(env, "start", f"--workers={workers}", f"--cpus-per-node={cpus}", "--gpus-per-node=1",
+                 f"--head-cpus={head_cpus}", f"--port={PORT}", f"--dashboard-port={PORT + 2}")
+
+
+def fedsim(env: dict, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_round(run: Path, proc: subprocess.Popen, round_idx: int, timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        state = run / "checkpoint" / "state.json"
+        if state.exists() and json.loads(state.read_text())["round"] >= round_idx:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"round {round_idx} not reached: {proc.poll()} {proc.stdout.read() if proc.poll() else ''}")
+
+
+def finish(proc: subprocess.Popen, timeout_s: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout_s)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_workers_spread_over_nodes_and_survive_the_loss_of_one(tmp_path, cluster_env):
+    """Head + 2 worker nodes (2 CPUs each): placement=spread puts one worker on each; killing worker node 1
+    mid-run moves its worker (and its placement bundle) to the other node, and the run completes."""
+    start_cluster(cluster_env, workers=2, cpus=2)
+    run = tmp_path / "run"
+    proc = fedsim(cluster_env, QUICKSTART, *SMALL, "federation.rounds=4", "runtime.placement=spread",
+                  f"output.dir={run}")
+    wait_for_round(run, proc, 1)
+    local(cluster_env, "kill-node", "1")
+    finish(proc)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"] == 4 and summary["client_updates"] == 8
+    assert summary["worker_restarts"] >= 1
+    nodes = {tuple(w["node_resources"]) for w in summary["workers"]}
+    assert nodes <= {("fedsim_node_0",), ("fedsim_node_1",)}
+    assert all(w["node_resources"] == ["fedsim_node_0"] for w in summary["workers"] if w["restarts"])
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["round"] == 1
+
+
+def test_placement_spread_and_pack(tmp_path, cluster_env):
+    """The run records where its workers went: spread uses both worker nodes, pack fills one."""
+    start_cluster(cluster_env, workers=2, cpus=2)
+    seen = {}
+    for placement in ("spread", "pack"):
+        run = tmp_path / placement
+        finish(fedsim(cluster_env, QUICKSTART, *SMALL, "federation.rounds=1", f"runtime.placement={placement}",
+                      f"output.dir={run}"))
+        workers = json.loads((run / "summary.json").read_text())["workers"]
+        seen[placement] = {w["node_id"] for w in workers}
+    assert len(seen["spread"]) == 2 and len(seen["pack"]) == 1
+
+
+def test_a_killed_driver_resumes_on_the_cluster_to_the_same_adapter(tmp_path, cluster_env):
+    start_cluster(cluster_env, workers=1, cpus=2)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    finish(fedsim(cluster_env, QUICKSTART, *SMALL, "federation.rounds=3", f"output.dir={whole}"))
+    proc = fedsim(cluster_env, QUICKSTART, *SMALL, "federation.rounds=3", f"output.dir={cut}")
+    wait_for_round(cut, proc, 1)
+    proc.kill()
+    proc.wait()
+    assert not (cut / "summary.json").exists()
+    finish(fedsim(cluster_env, "--resume", str(cut)))
+    expected = json.loads((whole / "summary.json").read_text())
+    resumed = json.loads((cut / "summary.json").read_text())
+    assert resumed["resumed_after_round"] >= 1
+    assert resumed["adapter_sha256"] == expected["adapter_sha256"]
+    assert resumed["final_metrics"] == expected["final_metrics"]
+
+
+def test_ray_job_submit_runs_an_experiment(tmp_path, cluster_env):
+    """A head on 127.0.0.1 with token authentication; the repository goes up with --working-dir."""
+    info = start_cluster(cluster_env, workers=0, cpus=1, head_cpus=2)
+    assert info["dashboard"].startswith("http://127.0.0.1:") and info["auth_mode"] == "token"
+    run = tmp_path / "run"
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    env = {k: v for k, v in cluster_env.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([ray_cli, "job", "submit", "--address", info["dashboard"], "--working-dir", str(REPO),
+                           "--", sys.executable, "-m", "fedsim.cli", "run", "experiments/quickstart.yaml", *SMALL, "federation.rounds=1",
+                           f"output.dir={run}"], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "succeeded" in done.stdout.lower()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["client_updates"] == 2
+    # Without the token, the same cluster refuses the client.
+    no_token = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
+    refused = subprocess.run([ray_cli, "job", "list", "--address", info["dashboard"]], env=no_token,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
