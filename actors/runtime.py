@@ -30,7 +30,9 @@ def connect(cfg: ExperimentConfig) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(include_dashboard=False, log_to_driver=True)
+    # address="local": a fresh instance for this run, never a stale one that `ray start` left registered on
+    # this machine (plain ray.init() would try to join it).
+    ray.init(address="local", include_dashboard=False, log_to_driver=True)
     return True
 
 

@@ -152,6 +152,10 @@ def stop(opts: argparse.Namespace) -> None:
     for node in reversed(state["nodes"]):  # workers first, the head last
         _signal_node(node, opts.grace)
     STATE.unlink()
+    # `ray start` registered the head here for plain ray.init() calls to join; it is gone now.
+    current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    if current.is_file() and current.read_text().strip().endswith(f":{state['address'].rsplit(':', 1)[1]}"):
+        current.unlink()
     print(f"stopped {len(state['nodes'])} node(s)")
 
 

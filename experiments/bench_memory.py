@@ -64,7 +64,7 @@ def measure(num_clients: int, args: argparse.Namespace, out: Path) -> tuple[floa
         f"federation.rounds={args.rounds}", "training.local_steps=2", "partition.scheme=iid",
         "data.num_train=2000", "data.num_test=32", "eval.zero_shot=false", f"eval.every={args.rounds}",
         "runtime.engine=ray", "runtime.num_workers=2", "output.progress=never", f"output.dir={out}"])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with PeakMemory() as peak:
             summary = run_ray(cfg, out)

@@ -44,7 +44,7 @@ def main() -> None:
         seq = run_sequential(workload(args, Path(tmp) / "seq", f"runtime.num_threads={args.threads}"),
                              Path(tmp) / "seq")
         rows.append(("sequential", seq))
-        ray.init(num_cpus=max(2, 2 * args.threads), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(2, 2 * args.threads), include_dashboard=False, log_to_driver=False)
         try:
             for workers in (1, 2):
                 out = Path(tmp) / f"ray{workers}"

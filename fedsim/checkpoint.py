@@ -26,6 +26,7 @@ from fedsim.messages import NamedTensors
 from fedsim.output import atomic_dir
 
 CHECKPOINT = "checkpoint"
+FILES = ("server.safetensors", "clients.safetensors", "state.json")
 FORMAT = 1
 
 
@@ -47,13 +48,18 @@ def write_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
                                                        indent=1, sort_keys=True))
 
 
-def read_checkpoint(run_dir: Path) -> Checkpoint:
+def check_checkpoint(run_dir: Path) -> None:
+    """FileNotFoundError naming the folder unless ``run_dir`` holds a complete checkpoint (cheap: no reading)."""
     folder = Path(run_dir) / CHECKPOINT
-    names = ("server.safetensors", "clients.safetensors", "state.json")
-    missing = [n for n in names if not (folder / n).is_file()]
+    missing = [n for n in FILES if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} holds no complete checkpoint (missing {', '.join(missing)}); "
                                 "a run writes one every checkpoint.every rounds")
+
+
+def read_checkpoint(run_dir: Path) -> Checkpoint:
+    check_checkpoint(run_dir)
+    folder = Path(run_dir) / CHECKPOINT
     state = json.loads((folder / "state.json").read_text())
     if state.pop("format", None) != FORMAT:
         raise ValueError(f"{folder / 'state.json'} is not a fedsim checkpoint of format {FORMAT}")

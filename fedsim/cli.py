@@ -10,6 +10,7 @@ from pathlib import Path
 
 import datasets
 
+from fedsim.checkpoint import check_checkpoint
 from fedsim.config import ConfigError, load_config
 from fedsim.output import default_run_dir
 
@@ -40,6 +41,7 @@ def _run(args: argparse.Namespace) -> int:
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
         cfg = load_config(run_dir / "config.yaml")
+        check_checkpoint(run_dir)  # before any work
         from fedsim.algorithms import SERVER_STRATEGIES
 
         if SERVER_STRATEGIES[cfg.algorithm.server.name].asynchronous:

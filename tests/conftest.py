@@ -32,7 +32,7 @@ def ray_cluster():
     """One local Ray instance for the whole session, with two logical GPUs on this CPU machine."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -77,7 +77,10 @@ def test_zero_shot_trains_nothing(tmp_path):
 def test_vqa_task_runs_with_generation(tmp_path):
     cfg = small_config(tmp_path, "data.task=vqa", "federation.rounds=1")
     summary = run_sequential(cfg, tmp_path / "run")
-    assert set(summary["final_metrics"]) == {"accuracy", "token_f1"}
+    # colour answers are open questions (no yes/no reference): no closed accuracy, open equals overall
+    metrics = summary["final_metrics"]
+    assert set(metrics) == {"accuracy", "token_f1", "open_accuracy", "open_token_f1"}
+    assert metrics["open_accuracy"] == metrics["accuracy"] and metrics["open_token_f1"] == metrics["token_f1"]
 
 
 def test_scheduler_overcommit_dropouts_and_clock_are_accounted(tmp_path):
