@@ -179,7 +179,7 @@ class RayExecutor:
     def _pump(self) -> None:
         """Send waiting tasks to the least busy workers while they have room."""
         while self.waiting:
-            slot = min(self.slots, key=lambda s: (s.busy, s.index))
+            slot = self._any_worker()
             if slot.busy >= self.capacity_per_worker:
                 return
             task = self.waiting.popleft()
@@ -241,6 +241,7 @@ class RayExecutor:
 
     # ------------------------------------------------------------------------------- evaluation
     def _any_worker(self) -> WorkerSlot:
+        """The least busy worker (lowest index among equals)."""
         return min(self.slots, key=lambda s: (s.busy, s.index))
 
     def evaluate(self, handle: ray.ObjectRef) -> dict[str, float]:

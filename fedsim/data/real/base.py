@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -30,9 +31,11 @@ REAL_DATASETS: dict[str, "RealDataset"] = {}
 
 
 def register(cls: type["RealDataset"]) -> type["RealDataset"]:
-    """Class decorator: add one instance of the adapter to ``REAL_DATASETS`` under its ``name``."""
+    """Class decorator: add one instance of the adapter to ``REAL_DATASETS`` under its ``name``, with its
+    ``layout`` taken from the "Layout" section of its module's docstring."""
     if cls.name in REAL_DATASETS:
         raise ValueError(f"real dataset {cls.name!r} is registered twice")
+    cls.layout = doc_section(sys.modules[cls.__module__].__doc__, "Layout")
     REAL_DATASETS[cls.name] = cls()
     return cls
 
@@ -59,7 +62,7 @@ class RealDataset:
     name: str  # registry name, = data.dataset
     task: str  # "classification" | "vqa"
     metric: str  # headline metric: "roc_auc" | "macro_f1" | "accuracy"
-    layout: str  # the expected local files and columns, shown in every data.path error
+    layout: str  # the expected local files and columns (set by @register), shown in every data.path error
     required: tuple[Required, ...] = ()  # entries that must exist under data.path
     hub_example: str = ""  # the hub dataset the column mapping was written for
     hub_config: Optional[str] = None  # the hub dataset's configuration (subset), when it has several

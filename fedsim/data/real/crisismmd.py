@@ -24,7 +24,7 @@ from pathlib import Path
 
 import datasets
 
-from fedsim.data.real.base import (RealDataset, choice_row, doc_section, hub_images, image_file, read_tsv,
+from fedsim.data.real.base import (RealDataset, choice_row, hub_images, image_file, read_tsv,
                                    register, require_columns)
 
 SPLIT_DIR = "crisismmd_datasplit_agreed_label"
@@ -45,7 +45,6 @@ MERGED = {
     "vehicle_damage": "infrastructure_and_utility_damage",
 }
 OPTIONS = list(CLASSES.values())
-LAYOUT = doc_section(__doc__, "Layout")
 
 
 def class_index(label: str) -> int:
@@ -62,7 +61,6 @@ class CrisisMMD(RealDataset):
     name = "crisismmd"
     task = "classification"
     metric = "macro_f1"
-    layout = LAYOUT
     required = (SPLIT_FILES["train"], SPLIT_FILES["test"], "data_image/")
     hub_example = "QCRI/CrisisMMD"
     hub_config = "humanitarian"

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import datasets
 
-from fedsim.data.real.base import (RealDataset, choice_row, doc_section, hub_images, image_file, read_jsonl,
+from fedsim.data.real.base import (RealDataset, choice_row, hub_images, image_file, read_jsonl,
                                    register, require_columns)
 
 QUESTION = "Is this meme hateful?"
 OPTIONS = ["not hateful", "hateful"]
 TEST_FILES = ("dev_seen.jsonl", "dev.jsonl")
-LAYOUT = doc_section(__doc__, "Layout")
 
 
 @register
@@ -33,7 +32,6 @@ class HatefulMemes(RealDataset):
     name = "hateful_memes"
     task = "classification"
     metric = "roc_auc"
-    layout = LAYOUT
     required = ("img/", "train.jsonl", TEST_FILES)
     hub_example = "biecho/hateful_memes"
     hub_splits = {"train": ("train",), "test": ("dev_seen", "validation")}

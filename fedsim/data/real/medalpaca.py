@@ -21,14 +21,13 @@ from pathlib import Path
 
 import datasets
 
-from fedsim.data.real.base import (RealDataset, doc_section, holdout, load_hub_split, open_row, read_json, register,
+from fedsim.data.real.base import (RealDataset, holdout, load_hub_split, open_row, read_json, register,
                                    require_columns)
 
 log = logging.getLogger("fedsim.data")
 
 FLASHCARDS_FILE = "medical_meadow_wikidoc_medical_flashcards.json"
 TEST_FRACTION = 0.1
-LAYOUT = doc_section(__doc__, "Layout")
 
 
 @register
@@ -36,7 +35,6 @@ class MedAlpaca(RealDataset):
     name = "medalpaca"
     task = "vqa"
     metric = "accuracy"
-    layout = LAYOUT
     required = (FLASHCARDS_FILE,)
     hub_example = "medalpaca/medical_meadow_medical_flashcards"
 

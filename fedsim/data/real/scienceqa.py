@@ -18,12 +18,11 @@ from pathlib import Path
 
 import datasets
 
-from fedsim.data.real.base import (RealDataset, choice_row, doc_section, hub_images, image_file, read_json,
+from fedsim.data.real.base import (RealDataset, choice_row, hub_images, image_file, read_json,
                                    register, require_columns)
 
 PROBLEMS_FILE = "problems.json"
 IMAGE_DIR = "images"
-LAYOUT = doc_section(__doc__, "Layout")
 
 
 @register
@@ -31,7 +30,6 @@ class ScienceQA(RealDataset):
     name = "scienceqa"
     task = "classification"
     metric = "accuracy"
-    layout = LAYOUT
     required = (PROBLEMS_FILE, f"{IMAGE_DIR}/")
     hub_example = "derek-thomas/ScienceQA"
 

@@ -22,13 +22,12 @@ from typing import Optional
 
 import datasets
 
-from fedsim.data.real.base import (RealDataset, doc_section, hub_images, image_file, load_hub_split, open_row,
+from fedsim.data.real.base import (RealDataset, hub_images, image_file, load_hub_split, open_row,
                                    read_json, register, require_columns, unpack_hub_archive)
 
 IMAGE_DIR = "imgs"
 FIELDS = ("img_name", "question", "answer", "q_lang")
 HUB_IMAGE_ARCHIVE = "imgs.zip"
-LAYOUT = doc_section(__doc__, "Layout")
 
 
 @register
@@ -36,7 +35,6 @@ class Slake(RealDataset):
     name = "slake"
     task = "vqa"
     metric = "accuracy"
-    layout = LAYOUT
     required = ("train.json", "test.json", f"{IMAGE_DIR}/")
     hub_example = "BoKelvin/SLAKE"
 

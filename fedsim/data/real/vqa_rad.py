@@ -18,12 +18,11 @@ from pathlib import Path
 
 import datasets
 
-from fedsim.data.real.base import (RealDataset, doc_section, hub_images, image_file, open_row, read_json, register,
+from fedsim.data.real.base import (RealDataset, hub_images, image_file, open_row, read_json, register,
                                    require_columns)
 
 QUESTIONS_FILE = "VQA_RAD Dataset Public.json"
 IMAGE_DIR = "VQA_RAD Image Folder"
-LAYOUT = doc_section(__doc__, "Layout")
 
 
 @register
@@ -31,7 +30,6 @@ class VqaRad(RealDataset):
     name = "vqa_rad"
     task = "vqa"
     metric = "accuracy"
-    layout = LAYOUT
     required = (QUESTIONS_FILE, f"{IMAGE_DIR}/")
     hub_example = "flaviagiammarino/vqa-rad"
 
