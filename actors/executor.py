@@ -232,9 +232,10 @@ class RayExecutor:
 
     def discard(self, task: ClientTask) -> None:
         if task in self.running:
-            running = self.running.pop(task)
-            ray.cancel(running.metrics)
-            self._release(running)
+            # Not ray.cancel: cancelling a call queued on an actor leaves a gap in the actor's call sequence,
+            # and the actor's next call (an evaluation) then times out waiting for it. The task runs out
+            # and its result is dropped with its references.
+            self._release(self.running.pop(task))
         elif task in self.waiting:
             self.waiting.remove(task)
             self.waiting_published.pop(task, None)
@@ -272,6 +273,12 @@ class RayExecutor:
     def personalized_digest(self, num_clients: int) -> str:
         states = ray.get(self.store.get_many.remote(list(range(num_clients))))
         return adapter_sha256(personalized_adapters(dict(enumerate(states)), num_clients))
+
+    def fetch(self, handle: ray.ObjectRef) -> Published:
+        return ray.get(handle)
+
+    def share(self, published: Published) -> ray.ObjectRef:
+        return ray.put(published)
 
     def stats(self) -> dict[str, Any]:
         return {"workers": [{"worker": s.index, "tasks": s.tasks, "restarts": s.restarts, **s.placement}

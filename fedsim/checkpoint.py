@@ -5,29 +5,31 @@
 - ``server.safetensors``: the server strategy's state (global adapter, optimizer slots, version, buffer);
 - ``clients.safetensors``: per-client state (SCAFFOLD control variates, personal adapters) as
   ``<client>/<tensor name>``;
-- ``state.json``: everything else needed to continue: the round reached, the loop's counters and metrics,
-  the aggregator's counts, and the scheduler's state.
+- ``published.safetensors``: the global versions that asynchronous tasks still in flight train from, as
+  ``<version>/weights/<name>`` and ``<version>/extras/<name>`` (empty for synchronous runs);
+- ``state.json``: everything else needed to continue: the round (or asynchronous version) reached, the
+  loop's counters and metrics, the aggregator's counts, the scheduler's state and the tasks in flight.
 
 It is written into a staging folder that replaces the previous checkpoint in one rename, so a crash at any
 moment leaves either the old or the new checkpoint whole. The scheduler draws every random choice from the
-seed and the round (``fedsim.seeding``), so its state is the virtual clock and nothing else.
+seed and its coordinates (``fedsim.seeding``), so its state is the virtual clock and counters, no generator.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from fedsim.messages import NamedTensors
+from fedsim.messages import NamedTensors, Published
 from fedsim.output import atomic_dir
 
 CHECKPOINT = "checkpoint"
-FILES = ("server.safetensors", "clients.safetensors", "state.json")
-FORMAT = 1
+FILES = ("server.safetensors", "clients.safetensors", "published.safetensors", "state.json")
+FORMAT = 2
 
 
 @dataclass
@@ -35,15 +37,29 @@ class Checkpoint:
     round: int  # the last finished round (synchronous) or global version (asynchronous)
     server: NamedTensors
     clients: dict[int, NamedTensors]
-    state: dict[str, Any]  # JSON: loop counters, metrics, aggregator counts
+    state: dict[str, Any]  # JSON: loop counters, metrics, aggregator counts, scheduler and in-flight tasks
+    published: dict[int, Published] = field(default_factory=dict)  # version -> what in-flight tasks train from
+
+
+def _flatten(groups: dict[Any, NamedTensors]) -> NamedTensors:
+    return {f"{key}/{name}": t.contiguous() for key, tensors in groups.items() for name, t in tensors.items()}
+
+
+def _unflatten(flat: NamedTensors) -> dict[str, NamedTensors]:
+    groups: dict[str, NamedTensors] = {}
+    for key, tensor in flat.items():
+        group, name = key.split("/", 1)
+        groups.setdefault(group, {})[name] = tensor
+    return groups
 
 
 def write_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
-    flat = {f"{client}/{name}": t.contiguous() for client, tensors in ckpt.clients.items()
-            for name, t in tensors.items()}
+    published = {f"{version}/{part}": tensors for version, (weights, extras) in ckpt.published.items()
+                 for part, tensors in (("weights", weights), ("extras", extras))}
     with atomic_dir(Path(run_dir) / CHECKPOINT) as staging:
         save_file({k: t.contiguous() for k, t in ckpt.server.items()}, str(staging / "server.safetensors"))
-        save_file(flat, str(staging / "clients.safetensors"))
+        save_file(_flatten(ckpt.clients), str(staging / "clients.safetensors"))
+        save_file(_flatten(published), str(staging / "published.safetensors"))
         (staging / "state.json").write_text(json.dumps({"format": FORMAT, "round": ckpt.round, **ckpt.state},
                                                        indent=1, sort_keys=True))
 
@@ -63,9 +79,10 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
     state = json.loads((folder / "state.json").read_text())
     if state.pop("format", None) != FORMAT:
         raise ValueError(f"{folder / 'state.json'} is not a fedsim checkpoint of format {FORMAT}")
-    clients: dict[int, NamedTensors] = {}
-    for key, tensor in load_file(str(folder / "clients.safetensors")).items():
-        client, name = key.split("/", 1)
-        clients.setdefault(int(client), {})[name] = tensor
+    clients = {int(c): t for c, t in _unflatten(load_file(str(folder / "clients.safetensors"))).items()}
+    published = {}
+    for version, tensors in _unflatten(load_file(str(folder / "published.safetensors"))).items():
+        parts = _unflatten(tensors)
+        published[int(version)] = (parts.get("weights", {}), parts.get("extras", {}))
     return Checkpoint(round=int(state.pop("round")), server=load_file(str(folder / "server.safetensors")),
-                      clients=clients, state=state)
+                      clients=clients, state=state, published=published)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -42,11 +43,6 @@ def _run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
         cfg = load_config(run_dir / "config.yaml")
         check_checkpoint(run_dir)  # before any work
-        from fedsim.algorithms import SERVER_STRATEGIES
-
-        if SERVER_STRATEGIES[cfg.algorithm.server.name].asynchronous:
-            raise ConfigError(f"{run_dir} ran {cfg.algorithm.server.name}: asynchronous runs are not "
-                              "checkpointed yet, so they cannot be resumed")
     else:
         cfg = _load(args)
         run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.name)
@@ -70,6 +66,31 @@ def _partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from fedsim.sweep import Sweep
+
+    files, overrides = _split_config_args(args.config)
+    sweep = Sweep.plan(files, overrides, args.grid or [], args.out)  # every point's config checked here
+    # A terminated sweep stops its runs in flight (they continue from their checkpoints next time).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    failed = sweep.run(args.parallel)
+    print(f"sweep: {sweep.dir / 'sweep.csv'} ({len(sweep.points())} runs, {len(failed)} failed)")
+    for point in failed:
+        print(f"  failed: {point.label} (log: {sweep.dir / (point.label + '.log')})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedsim.report import write_report
+
+    try:
+        page = write_report(Path(args.path), args.metric, Path(args.out) if args.out else None)
+    except ValueError as err:  # a --metric the runs never evaluated
+        raise ConfigError(str(err)) from None
+    print(f"report: {page}")
+    return 0
+
+
 CONFIG_HELP = ("experiment YAML file(s), merged in order, then key=value overrides, e.g. "
                "experiments/quickstart.yaml federation.rounds=5")
 
@@ -87,11 +108,32 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("config", nargs="+", metavar="CONFIG", help=CONFIG_HELP)
     part.add_argument("--out", help="PNG to write (default: <experiment name>-partition.png)")
     part.set_defaults(func=_partition)
+    sweep = sub.add_parser("sweep", help="run the cross product of a grid of config values, one run per point",
+                           description="Runs every point of the grid as its own run under one sweep directory "
+                                       "and writes sweep.csv. Run the same command again to continue an "
+                                       "interrupted sweep: finished runs are skipped.")
+    sweep.add_argument("config", nargs="+", metavar="CONFIG", help=CONFIG_HELP + "; may follow the options")
+    sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                       help="a swept key and its values (repeatable); replaces the YAML's sweep.grid entry")
+    sweep.add_argument("--parallel", type=int, default=1,
+                       help="runs at once (they share the Ray cluster at RAY_ADDRESS if set); default 1")
+    sweep.add_argument("--out", help="sweep directory (default runs/sweep-<experiment name>)")
+    sweep.set_defaults(func=_sweep)
+    report = sub.add_parser("report", help="plot a run or a sweep: PNG figures and an HTML page beside them")
+    report.add_argument("path", metavar="RUN_OR_SWEEP_DIR")
+    report.add_argument("--metric", help="evaluation metric to plot (default: accuracy when there is one)")
+    report.add_argument("--out", help="folder for the figures and index.html (default RUN_OR_SWEEP_DIR/report)")
+    report.set_defaults(func=_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "sweep" and all("=" in e and not e.startswith("-") for e in extra):
+        args.config += extra  # key=value overrides after --grid options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     datasets.disable_progress_bars()  # per-step bars of dataset transforms drown the command's own output

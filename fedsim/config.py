@@ -188,9 +188,16 @@ class RuntimeConfig:
 
 @dataclass
 class CheckpointConfig:
-    # Write RUN_DIR/checkpoint/ every this many rounds and after the last (0: never); ``fedsim run --resume
-    # RUN_DIR`` continues from it. Synchronous strategies; asynchronous runs are not checkpointed yet.
+    # Write RUN_DIR/checkpoint/ every this many rounds (asynchronous runs: global versions) and after the
+    # last (0: never); ``fedsim run --resume RUN_DIR`` continues from it.
     every: int = 5
+
+
+@dataclass
+class SweepConfig:
+    # ``fedsim sweep`` runs the cross product of these values, {dotted key: [values, ...]}, one run per
+    # point; ``--grid key=v1,v2`` on its command line replaces a key's values. ``fedsim run`` ignores it.
+    grid: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -214,6 +221,7 @@ class ExperimentConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def clients_per_round(self) -> int:

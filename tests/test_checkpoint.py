@@ -27,16 +27,21 @@ QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")
 def test_checkpoint_round_trip_is_safetensors_and_json(tmp_path):
     ckpt = Checkpoint(3, {"global/w": torch.arange(4.0), "version": torch.tensor(3)},
                       {0: {"c/w": torch.ones(2)}, 5: {"c/w": torch.zeros(2), "adapter/x": torch.ones(1)}},
-                      {"tally": {"updates": 9}, "metrics": {"accuracy": 0.5}})
+                      {"tally": {"updates": 9}, "metrics": {"accuracy": 0.5}},
+                      {2: ({"a.lora_A": torch.ones(3)}, {}), 3: ({"a.lora_A": torch.zeros(3)}, {"c/a": torch.ones(1)})})
     write_checkpoint(tmp_path, ckpt)
     files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
-    assert files == ["clients.safetensors", "server.safetensors", "state.json"]
+    assert files == ["clients.safetensors", "published.safetensors", "server.safetensors", "state.json"]
     back = read_checkpoint(tmp_path)
     assert back.round == 3 and back.state == ckpt.state and set(back.clients) == {0, 5}
     assert torch.equal(back.server["global/w"], ckpt.server["global/w"])
     assert torch.equal(back.clients[5]["adapter/x"], torch.ones(1))
+    assert set(back.published) == {2, 3} and back.published[2][1] == {}
+    assert torch.equal(back.published[3][0]["a.lora_A"], torch.zeros(3))
+    assert torch.equal(back.published[3][1]["c/a"], torch.ones(1))
     write_checkpoint(tmp_path, Checkpoint(4, ckpt.server, {}, {}))  # replaces the previous one whole
     assert read_checkpoint(tmp_path).round == 4 and read_checkpoint(tmp_path).clients == {}
+    assert read_checkpoint(tmp_path).published == {}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 
@@ -49,11 +54,16 @@ def test_resume_without_a_checkpoint_names_the_folder(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("server,client", [("fedadagrad", "plain"), ("scaffold", "scaffold")])
-def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, server, client):
+@pytest.mark.parametrize("algo", [
+    ["algorithm.server.name=fedadagrad"],
+    ["algorithm.server.name=scaffold", "algorithm.client.name=scaffold"],
+    # Asynchronous: 4 clients in flight for a buffer of 2, so stale tasks are in flight at each checkpoint.
+    ["algorithm.server.name=fedbuff", "algorithm.server.buffer_size=2", "scheduler.concurrency=4",
+     "scheduler.speed=lognormal"],
+], ids=["fedadagrad", "scaffold", "fedbuff"])
+def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, algo):
     """The driver is killed (SIGKILL) after its second checkpoint; ``fedsim run --resume`` finishes the
     run with the same adapter_sha256, metrics and counters as a run that was never interrupted."""
-    algo = [f"algorithm.server.name={server}", f"algorithm.client.name={client}"]
     whole = tmp_path / "whole"
     assert main(["run", QUICKSTART, *SMALL, *algo, f"output.dir={whole}"]) == 0
     expected = json.loads((whole / "summary.json").read_text())
@@ -72,12 +82,16 @@ def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, server, client):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (cut / "summary.json").exists()
+    ckpt = read_checkpoint(cut)
+    if "planner" in ckpt.state:  # asynchronous: tasks were in flight, some from an older (stale) version
+        assert ckpt.state["in_flight"] and min(ckpt.published) < ckpt.round
 
     assert main(["run", "--resume", str(cut)]) == 0
     resumed = json.loads((cut / "summary.json").read_text())
     assert resumed["adapter_sha256"] == expected["adapter_sha256"]
     assert resumed["resumed_after_round"] >= 2
-    for key in ("final_metrics", "zero_shot_metrics", "client_updates", "bytes_up", "simulated_seconds"):
+    for key in ("final_metrics", "zero_shot_metrics", "client_updates", "bytes_up", "bytes_down",
+                "simulated_seconds", "staleness", "stale_updates"):
         assert resumed[key] == expected[key], key
     assert [r["round"] for r in read_metrics(cut)] == [1, 2, 3, 4]
     assert [r["eval"] for r in read_metrics(cut) if "eval" in r] == \

@@ -83,5 +83,11 @@ class InProcessExecutor:
     def personalized_digest(self, num_clients: int) -> str:
         return adapter_sha256(personalized_adapters(self.states, num_clients))
 
+    def fetch(self, handle: Published) -> Published:
+        return handle
+
+    def share(self, published: Published) -> Published:
+        return published
+
     def stats(self) -> dict[str, Any]:
         return {"workers": [{"worker": 0, "tasks": self.tasks_done, "restarts": 0}]}

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from fedsim.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from fedsim.config import ExperimentConfig, to_yaml
-from fedsim.messages import ClientTask, NamedTensors
+from fedsim.messages import ClientTask, NamedTensors, Published
 from fedsim.output import RunWriter
 from fedsim.scheduler import AsyncPlanner, Clock, DeviceProfiles, SyncPlanner, build_availability
 from fedsim.training import round_lr, samples_per_task
@@ -45,6 +45,8 @@ class Executor(Protocol):
     def client_states(self) -> dict[int, NamedTensors]: ...
     def restore_client_states(self, states: dict[int, NamedTensors]) -> None: ...
     def personalized_digest(self, num_clients: int) -> str: ...
+    def fetch(self, handle: Any) -> Published: ...
+    def share(self, published: Published) -> Any: ...
     def stats(self) -> dict[str, Any]: ...
 
 
@@ -69,6 +71,24 @@ class Tally:
     no_quorum: int = 0  # of those, reported in time to a round that missed its quorum
     simulated_s: float = 0.0
     train_seconds: float = 0.0
+
+
+class InFlight:
+    """Asynchronous tasks on the way (by dispatch id) and the published versions they train from."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[int, ClientTask] = {}
+        self.handles: dict[int, Any] = {}  # version -> handle, for the versions some task still trains from
+
+    def add(self, dispatch_id: int, task: ClientTask, handle: Any) -> None:
+        self.tasks[dispatch_id] = task
+        self.handles[task.base_version] = handle
+
+    def pop(self, dispatch_id: int) -> ClientTask:
+        task = self.tasks.pop(dispatch_id)
+        if all(t.base_version != task.base_version for t in self.tasks.values()):
+            del self.handles[task.base_version]
+        return task
 
 
 def mean(values: Iterable[float]) -> float:
@@ -97,13 +117,22 @@ class FederationLoop:
         self.zero_shot: dict[str, float] | None = None
         self.current_version = 0
         self.first_round = 1
+        self.resumed_async: Checkpoint | None = None  # a checkpoint taken mid-flight, for run_async to continue
 
     # --------------------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, round_idx: int) -> None:
+    def save_checkpoint(self, round_idx: int, planner: AsyncPlanner | None = None,
+                        in_flight: InFlight | None = None) -> None:
+        """Asynchronous runs also save the planner and the tasks in flight with the versions they train from."""
         tensors, counts = self.aggregator.state()
         state = {"tally": asdict(self.tally), "metrics": self.metrics, "zero_shot": self.zero_shot,
                  "current_version": self.current_version, "aggregator": counts}
-        write_checkpoint(self.writer.dir, Checkpoint(round_idx, tensors, self.executor.client_states(), state))
+        published = {}
+        if planner is not None:
+            state["planner"] = planner.state()
+            state["in_flight"] = {str(i): asdict(task) for i, task in in_flight.tasks.items()}
+            published = {v: self.executor.fetch(handle) for v, handle in in_flight.handles.items()}
+        write_checkpoint(self.writer.dir, Checkpoint(round_idx, tensors, self.executor.client_states(), state,
+                                                     published))
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue after round ``ckpt.round``: server, client states, counters and metrics as they were."""
@@ -114,6 +143,20 @@ class FederationLoop:
         self.zero_shot = ckpt.state["zero_shot"]
         self.current_version = ckpt.state["current_version"]
         self.first_round = ckpt.round + 1
+        if "planner" in ckpt.state:
+            self.resumed_async = ckpt
+
+    def resubmit(self, planner: AsyncPlanner, in_flight: InFlight, current: Any) -> None:
+        """Put the checkpoint's tasks back in flight, each from the version it was dispatched with."""
+        ckpt = self.resumed_async
+        planner.restore(ckpt.state["planner"])
+        handles = {v: self.executor.share(published) for v, published in ckpt.published.items()}
+        for dispatch_id, fields in sorted(ckpt.state["in_flight"].items(), key=lambda item: int(item[0])):
+            task = ClientTask(**fields)
+            self.executor.publish(task.base_version, handles[task.base_version])
+            in_flight.add(int(dispatch_id), task, handles[task.base_version])
+            self.executor.submit(task)
+        self.executor.publish(self.current_version, current)
 
     # --------------------------------------------------------------------------------------- helpers
     def bytes_per_task(self) -> tuple[int, int]:
@@ -226,8 +269,9 @@ class FederationLoop:
         planner = AsyncPlanner(cfg.scheduler, cfg.partition.num_clients, concurrency, cfg.seed,
                                self.devices, self.availability)
         down, up = self.bytes_per_task()
-        tasks: dict[int, ClientTask] = {}
+        in_flight = InFlight()
         handle = self.initial_handle
+        every = cfg.checkpoint.every
 
         def launch(dispatches) -> None:
             lr = round_lr(cfg.training, self.current_version + 1, versions)
@@ -235,11 +279,17 @@ class FederationLoop:
                 planner.set_duration(d.id, self.modeled_duration(d.client))
                 self.tally.bytes_down += down
                 if not d.failed:
-                    tasks[d.id] = ClientTask(d.client, d.id, self.current_version, lr)
-                    self.executor.submit(tasks[d.id])
+                    task = ClientTask(d.client, d.id, self.current_version, lr)
+                    in_flight.add(d.id, task, handle)
+                    self.executor.submit(task)
 
-        launch(planner.start(0.0))
+        if self.resumed_async is not None:  # continue right after the checkpointed version was published
+            self.resubmit(planner, in_flight, handle)
+            launch(planner.dispatch_next())
+        else:
+            launch(planner.start(0.0))
         started, losses, applied = time.perf_counter(), [], []
+        sent = (self.tally.bytes_up, self.tally.bytes_down)  # bytes counted in earlier records
         while self.current_version < versions:
             done = planner.next_finished()
             if done is None:  # a slot stayed empty (nobody available); the clock moved to when someone may be
@@ -249,7 +299,7 @@ class FederationLoop:
             if done.failed:
                 self.tally.failed += 1
             else:
-                update, metrics = self.executor.result(tasks.pop(done.id))
+                update, metrics = self.executor.result(in_flight.pop(done.id))
                 self.tally.bytes_up += up
                 outcome = self.aggregator.submit(update)
                 if outcome == "accepted":
@@ -262,12 +312,17 @@ class FederationLoop:
                     handle = self.publish()
                     self.tally.train_seconds += time.perf_counter() - started
                     record = {"round": version, "clients": applied, "train_loss": mean(losses),
+                              "bytes_up": self.tally.bytes_up - sent[0],
+                              "bytes_down": self.tally.bytes_down - sent[1],
                               "wall_seconds": time.perf_counter() - started}
                     self.log_step(version, versions, handle, record)
+                    if every and (version % every == 0 or version == versions):
+                        self.save_checkpoint(version, planner, in_flight)
                     started, losses, applied = time.perf_counter(), [], []
+                    sent = (self.tally.bytes_up, self.tally.bytes_down)
                     yield version
             launch(planner.dispatch_next())
-        for task in tasks.values():  # still in flight when the run reached its last version
+        for task in in_flight.tasks.values():  # still in flight when the run reached its last version
             self.executor.discard(task)
 
 
@@ -277,9 +332,6 @@ def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: 
     """Run every round of ``cfg`` (with ``resume``: those after the run directory's checkpoint) and write
     the run directory; returns the summary."""
     started = time.perf_counter()
-    if resume and asynchronous:
-        raise ValueError(f"{run_dir}: asynchronous runs ({cfg.algorithm.server.name}) are not checkpointed yet, "
-                         "so they cannot be resumed")
     ckpt = read_checkpoint(run_dir) if resume else None
     writer = RunWriter(run_dir, resume_round=ckpt.round if ckpt else None)
     writer.write_config(to_yaml(cfg))

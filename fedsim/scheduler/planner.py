@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -256,6 +256,27 @@ class AsyncPlanner:
             self.num_dispatched, self._attempt = k + 1, 0
             new.append(dispatch)
         return new
+
+    def state(self) -> dict:
+        """Everything needed to continue later, as JSON (random choices derive from the seed, not a generator)."""
+        if not self._started:
+            raise RuntimeError("AsyncPlanner.state before start: there is nothing to save")
+        return {"now_s": self.now_s, "num_dispatched": self.num_dispatched, "attempt": self._attempt,
+                "starved": self._starved, "in_flight": [asdict(d) for d in self.in_flight]}
+
+    def restore(self, state: dict) -> None:
+        """Continue from ``state()`` (instead of ``start``): the same dispatches follow as if never stopped."""
+        if self._started:
+            raise RuntimeError("AsyncPlanner.restore after start")
+        self._started, self.now_s = True, float(state["now_s"])
+        self.num_dispatched, self._attempt, self._starved = state["num_dispatched"], state["attempt"], state["starved"]
+        for fields in state["in_flight"]:
+            dispatch = Dispatch(**{**fields, "duration_s": None})
+            self._in_flight[dispatch.id] = dispatch
+            self._busy[dispatch.client] = True
+            self._pending.unknown += 1
+            if fields["duration_s"] is not None:
+                self.set_duration(dispatch.id, fields["duration_s"])
 
     def _pick(self, k: int, attempt: int) -> Optional[int]:
         rng = rng_for(self.seed, "dispatch", k, attempt)

@@ -1,0 +1,230 @@
+"""``fedsim report``: plots of a run or a sweep, and an HTML page that shows them beside a table of runs.
+
+Figures: the metric against rounds, simulated time and bytes communicated (one line per run, labelled by
+its swept values); for every numeric swept key, the final metric and seconds per round against it; for
+asynchronous runs, the staleness histogram. Runs still in progress are drawn from their metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedsim.output import atomic_write_text, read_metrics  # noqa: E402
+from fedsim.sweep import MANIFEST  # noqa: E402
+
+PREFERRED_METRICS = ("accuracy", "macro_f1", "token_f1")
+
+
+@dataclass
+class RunData:
+    label: str
+    values: dict[str, str]  # swept key -> value ({} for a single run)
+    dir: Path
+    records: list[dict[str, Any]]  # metrics.jsonl
+    summary: Optional[dict[str, Any]]  # None while the run is in progress
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+    def curve(self, metric: str) -> list[tuple[int, float, float, float]]:
+        """(round, simulated seconds, bytes so far, metric) at each evaluation, from the zero-shot point."""
+        points = []
+        if self.summary and metric in self.summary["zero_shot_metrics"]:
+            points.append((0, 0.0, 0.0, self.summary["zero_shot_metrics"][metric]))
+        sent = 0.0
+        for r in self.records:
+            sent += r.get("bytes_up", 0) + r.get("bytes_down", 0)
+            if metric in r.get("eval", {}):
+                points.append((r["round"], r["simulated_seconds"], sent, r["eval"][metric]))
+        return points
+
+    def final(self, metric: str) -> float:
+        if self.summary and metric in self.summary["final_metrics"]:
+            return self.summary["final_metrics"][metric]
+        evals = [r["eval"][metric] for r in self.records if metric in r.get("eval", {})]
+        return evals[-1] if evals else float("nan")
+
+
+def _read_run(run_dir: Path, label: str, values: dict[str, str]) -> Optional[RunData]:
+    if not (run_dir / "metrics.jsonl").exists():
+        return None
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    return RunData(label, values, run_dir, read_metrics(run_dir), summary)
+
+
+def load_runs(path: Path) -> list[RunData]:
+    """The runs of a sweep directory (in grid order) or the one run of a run directory."""
+    if (path / MANIFEST).exists():
+        manifest = json.loads((path / MANIFEST).read_text())
+        runs = [_read_run(path / r["label"], ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r["values"].items()),
+                          r["values"]) for r in manifest["runs"]]
+        runs = [r for r in runs if r is not None]
+    else:
+        run = _read_run(path, path.name, {})
+        runs = [run] if run else []
+    if not runs:
+        raise FileNotFoundError(f"{path} holds no run with metrics (neither a sweep directory with {MANIFEST} "
+                                "nor a run directory with metrics.jsonl)")
+    return runs
+
+
+def pick_metric(runs: list[RunData], metric: Optional[str]) -> str:
+    available = sorted({k for run in runs for r in run.records for k in r.get("eval", {})})
+    if metric is None:
+        metric = next((m for m in PREFERRED_METRICS if m in available), available[0] if available else None)
+    if metric not in available:
+        raise ValueError(f"metric {metric!r} was never evaluated in these runs; available: {available}")
+    return metric
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def _time_unit(seconds: float) -> tuple[float, str]:
+    return next(((scale, unit) for scale, unit in ((3600.0, "h"), (60.0, "min")) if seconds >= 3 * scale), (1.0, "s"))
+
+
+def _byte_unit(nbytes: float) -> tuple[float, str]:
+    return next(((scale, unit) for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")) if nbytes >= scale),
+                (1.0, "bytes"))
+
+
+def _new_axes(title: str, xlabel: str, ylabel: str, width: float = 6.4):
+    fig, ax = plt.subplots(figsize=(width, 4.0), dpi=110)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _save(fig, out_dir: Path, name: str, legend_ax=None) -> str:
+    if legend_ax is not None and legend_ax.get_legend_handles_labels()[0]:
+        legend_ax.legend(fontsize="small", loc="best")
+    fig.tight_layout()
+    fig.savefig(out_dir / name)
+    plt.close(fig)
+    return name
+
+
+def plot_curves(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[str, str]]:
+    """Metric against round, simulated time and bytes: (file, caption) for each figure."""
+    curves = {run.label: run.curve(metric) for run in runs}
+    longest_s = max((p[1] for c in curves.values() for p in c), default=0.0)
+    most_bytes = max((p[2] for c in curves.values() for p in c), default=0.0)
+    (t_scale, t_unit), (b_scale, b_unit) = _time_unit(longest_s), _byte_unit(most_bytes)
+    axes: list[tuple[str, str, int, float, str]] = [
+        ("round", "round (asynchronous: global version)", 0, 1.0, "metric_vs_round.png"),
+        ("simulated time", f"simulated time ({t_unit})", 1, t_scale, "metric_vs_simulated_time.png"),
+        ("communication", f"bytes communicated, up + down ({b_unit})", 2, b_scale, "metric_vs_bytes.png"),
+    ]
+    figures = []
+    for what, xlabel, index, scale, name in axes:
+        fig, ax = _new_axes(f"test {metric} vs {what}", xlabel, f"test {metric}")
+        for label, curve in curves.items():
+            if curve:
+                ax.plot([p[index] / scale for p in curve], [p[3] for p in curve], marker="o", ms=3, label=label)
+        figures.append((_save(fig, out_dir, name, ax), f"Test {metric} against {what}, one line per run "
+                                                       "(the first point is the zero-shot model)."))
+    return figures
+
+
+def _numeric(values: list[str]) -> Optional[list[float]]:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def plot_scaling(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[str, str]]:
+    """For each numeric swept key: final metric, simulated and wall seconds per round against its value."""
+    finished = [r for r in runs if r.finished]
+    keys = list(finished[0].values) if finished else []
+    panels: list[tuple[str, Callable[[RunData], float]]] = [
+        (f"final test {metric}", lambda r: r.final(metric)),
+        ("simulated seconds per round", lambda r: r.summary["simulated_seconds"] / max(r.summary["rounds"], 1)),
+        ("wall seconds per round", lambda r: r.summary["train_seconds"] / max(r.summary["rounds"], 1)),
+    ]
+    figures = []
+    for key in keys:
+        xs = _numeric([r.values[key] for r in finished])
+        if xs is None or len(set(xs)) < 2:
+            continue
+        groups: dict[str, list[tuple[float, RunData]]] = {}
+        for x, run in zip(xs, finished):
+            rest = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in run.values.items() if k != key)
+            groups.setdefault(rest, []).append((x, run))
+        fig, axs = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), dpi=110)
+        short = key.rsplit(".", 1)[-1]
+        for ax, (ylabel, value_of) in zip(axs, panels):
+            for rest, members in groups.items():
+                members.sort(key=lambda item: item[0])
+                ax.plot([x for x, _ in members], [value_of(r) for _, r in members], marker="o", label=rest or None)
+            ax.set(title=f"{ylabel} vs {short}", xlabel=key, ylabel=ylabel)
+            ax.grid(alpha=0.3)
+        name = f"scaling_{short}.png"
+        figures.append((_save(fig, out_dir, name, axs[0]), f"Final test {metric}, simulated and wall-clock "
+                                                           f"seconds per round against {key}."))
+    return figures
+
+
+def plot_staleness(runs: list[RunData], out_dir: Path) -> list[tuple[str, str]]:
+    async_runs = [r for r in runs if r.finished and r.summary["mode"] == "async"]
+    if not async_runs:
+        return []
+    fig, ax = _new_axes("staleness of asynchronous updates", "staleness (global versions behind)",
+                        "updates (fraction of the run's)")
+    width = 0.8 / len(async_runs)
+    for i, run in enumerate(async_runs):
+        hist = {int(s): n for s, n in run.summary["staleness"]["histogram"].items()}
+        total = sum(hist.values()) or 1
+        ax.bar([s - 0.4 + width * (i + 0.5) for s in hist], [n / total for n in hist.values()], width=width,
+               label=f"{run.label} (mean {run.summary['staleness']['mean']:.2f})")
+    return [(_save(fig, out_dir, "staleness.png", ax), "How many versions behind each asynchronous update was "
+                                                        "when it reached the server.")]
+
+
+# ------------------------------------------------------------------------------------------------ page
+def _table(runs: list[RunData], metric: str) -> str:
+    keys = list(dict.fromkeys(k for r in runs for k in r.values))
+    header = ["run", *keys, "status", f"final {metric}", "rounds", "simulated s", "wall s", "MB up+down", "updates"]
+    rows = []
+    for run in runs:
+        s = run.summary or {}
+        cells = [run.label, *(run.values.get(k, "") for k in keys), "done" if run.finished else "in progress",
+                 f"{run.final(metric):.4f}", s.get("rounds", len(run.records)),
+                 f"{s['simulated_seconds']:.1f}" if s else "", f"{s['wall_seconds']:.1f}" if s else "",
+                 f"{(s['bytes_up'] + s['bytes_down']) / 1e6:.2f}" if s else "", s.get("client_updates", "")]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+         "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+         "th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:0.9em}")
+
+
+def write_report(path: Path, metric: Optional[str] = None, out: Optional[Path] = None) -> Path:
+    """Write the PNGs and ``index.html`` into ``out`` (default PATH/report/); returns the HTML page."""
+    runs = load_runs(path)
+    metric = pick_metric(runs, metric)
+    out = out or path / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = plot_curves(runs, metric, out) + plot_scaling(runs, metric, out) + plot_staleness(runs, out)
+    body = "".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
+                   f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in figures)
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fedsim report: {html.escape(path.name)}"
+            f"</title><style>{STYLE}</style></head><body><h1>fedsim report: {html.escape(path.name)}</h1>"
+            f"<p>{len(runs)} run(s) from <code>{html.escape(str(path))}</code>; metric: {html.escape(metric)}.</p>"
+            f"{_table(runs, metric)}{body}</body></html>")
+    index = out / "index.html"
+    atomic_write_text(index, page)
+    return index

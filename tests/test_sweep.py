@@ -1,0 +1,147 @@
+"""Sweeps (``fedsim sweep``) and reports (``fedsim report``) on tiny runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedsim.cli import main
+from fedsim.config import ConfigError
+from fedsim.sweep import Sweep, parse_grid_arg
+
+from conftest import REPO
+
+QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")
+TINY = ["data.num_train=120", "data.num_test=24", "federation.clients_per_round=2", "federation.rounds=2",
+        "training.local_epochs=1", "eval.every=1", "eval.zero_shot=true", "runtime.engine=sequential",
+        "runtime.num_threads=1", "scheduler.speed=lognormal"]
+GRID = ["--grid", "partition.num_clients=4,6", "--grid", "algorithm.server.name=fedavg,fedbuff"]
+
+
+def read_table(sweep_dir):
+    with open(sweep_dir / "sweep.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_argument_parsing():
+    assert parse_grid_arg("partition.num_clients=100, 500,1000") == ("partition.num_clients", ["100", "500", "1000"])
+    for bad in ("partition.num_clients", "=1,2", "key=1,,2", "key="):
+        with pytest.raises(ConfigError, match="key=value1,value2"):
+            parse_grid_arg(bad)
+
+
+def test_plan_checks_every_point_before_running(tmp_path):
+    with pytest.raises(ConfigError, match=r"grid point num_clients=4-lr=-1.*training.lr"):
+        Sweep.plan([QUICKSTART], TINY, ["partition.num_clients=4", "training.lr=0.1,-1"], str(tmp_path))
+    with pytest.raises(ConfigError, match="no grid"):
+        Sweep.plan([QUICKSTART], TINY, [], str(tmp_path))
+    with pytest.raises(ConfigError, match="'output.dir' cannot be swept"):
+        Sweep.plan([QUICKSTART], TINY, ["output.dir=a,b"], str(tmp_path))
+    with pytest.raises(ConfigError, match="repeats a value"):
+        Sweep.plan([QUICKSTART], TINY, ["seed=1,1"], str(tmp_path))
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_grid_from_yaml_and_command_line(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text("sweep:\n  grid:\n    partition.num_clients: [10, 20]\n    algorithm.server.name: [fedavg]\n"
+                     "    training.lr: [0.001]\n")
+    sweep = Sweep.plan([QUICKSTART, str(study)], TINY, ["algorithm.server.name=fedavg,fedadam"], None)
+    assert sweep.grid == {"partition.num_clients": ["10", "20"], "algorithm.server.name": ["fedavg", "fedadam"],
+                          "training.lr": ["0.001"]}
+    assert [p.label for p in sweep.points()] == ["num_clients=10-name=fedavg-lr=0.001",
+                                                 "num_clients=10-name=fedadam-lr=0.001",
+                                                 "num_clients=20-name=fedavg-lr=0.001",
+                                                 "num_clients=20-name=fedadam-lr=0.001"]
+    assert str(sweep.dir) == "runs/sweep-quickstart"  # named after the experiment
+
+
+def test_a_sweep_dir_continues_only_its_own_sweep(tmp_path):
+    Sweep.plan([QUICKSTART], TINY, ["seed=1,2"], str(tmp_path)).write_manifest()
+    other = Sweep.plan([QUICKSTART], TINY + ["training.lr=0.5"], ["seed=1,2"], str(tmp_path))
+    with pytest.raises(ConfigError, match="different base config"):
+        other.check_manifest()
+    Sweep.plan([QUICKSTART], TINY, ["seed=1,2,3"], str(tmp_path)).check_manifest()  # a grown grid is fine
+
+
+def test_interrupted_sweep_restarts_without_repeating_and_reports(tmp_path):
+    """A 2x2 sweep is killed (with its run in flight) once its first run has finished; the same command
+    finishes it without running the first again; ``fedsim report`` then draws it."""
+    sweep_dir = tmp_path / "sweep"
+    args = ["sweep", QUICKSTART, *GRID, *TINY, "--out", str(sweep_dir)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", *args], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = sweep_dir / "num_clients=4-name=fedavg" / "summary.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (sweep_dir / "sweep.csv").exists() and read_table(sweep_dir)[0]["status"] == "done":
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its run in flight
+    proc.wait()
+    rows = read_table(sweep_dir)
+    assert [r["status"] for r in rows] == ["done", "pending", "pending", "pending"]
+    finished_at = first.stat().st_mtime_ns
+
+    assert main(args) == 0
+    rows = read_table(sweep_dir)
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
+    assert first.stat().st_mtime_ns == finished_at  # not run again
+    assert [(r["partition.num_clients"], r["algorithm.server.name"]) for r in rows] == [("4", "fedavg"), ("4", "fedbuff"), ("6", "fedavg"), ("6", "fedbuff")]
+    for row in rows:
+        summary = json.loads((sweep_dir / row["run"] / "summary.json").read_text())
+        assert float(row["final_accuracy"]) == summary["final_metrics"]["accuracy"]
+        assert int(row["client_updates"]) == summary["client_updates"] > 0
+        assert summary["num_clients"] == int(row["partition.num_clients"])
+
+    assert main(["report", str(sweep_dir)]) == 0
+    report = sweep_dir / "report"
+    pngs = sorted(p.name for p in report.glob("*.png"))
+    assert {"metric_vs_round.png", "metric_vs_simulated_time.png", "metric_vs_bytes.png",
+            "scaling_num_clients.png", "staleness.png"} <= set(pngs)
+    page = (report / "index.html").read_text()
+    assert sorted(set(re.findall(r'src="([^"]+\.png)"', page))) == pngs
+    for row in rows:  # every run in the table, labelled by its values
+        assert f"num_clients={row['partition.num_clients']}, name={row['algorithm.server.name']}" in page
+    assert all((report / p).stat().st_size > 10_000 for p in pngs)  # drawn, not empty canvases
+
+
+def test_report_of_a_single_run_and_bad_metric(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", QUICKSTART, *TINY, "partition.num_clients=4", f"output.dir={run}"]) == 0
+    assert main(["report", str(run), "--out", str(tmp_path / "fig")]) == 0
+    page = (tmp_path / "fig" / "index.html").read_text()
+    assert 'src="metric_vs_round.png"' in page and "staleness.png" not in page
+    assert main(["report", str(run), "--metric", "bleu"]) == 2
+    assert "'bleu' was never evaluated" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def _keys(node, prefix=""):
+    if not isinstance(node, dict):
+        return {prefix}
+    return {k for key, value in node.items() for k in _keys(value, f"{prefix}.{key}" if prefix else key)}
+
+
+@pytest.mark.parametrize("study", ["clients", "participation", "sync-vs-async"])
+def test_studies_and_their_gpu_twins_differ_only_in_values(study):
+    import yaml
+
+    cpu, gpu = REPO / "experiments" / "studies" / f"{study}.yaml", REPO / "experiments" / "studies" / "gpu" / f"{study}.yaml"
+    cpu_yaml, gpu_yaml = yaml.safe_load(cpu.read_text()), yaml.safe_load(gpu.read_text())
+    assert _keys(cpu_yaml) == _keys(gpu_yaml)
+    assert cpu_yaml["sweep"] == gpu_yaml["sweep"]  # the same study: only its scale differs
+    for path in (cpu, gpu):
+        sweep = Sweep.plan([str(path)], [], [], None)  # every point's config is valid
+        assert len(sweep.points()) >= 2
+    assert cpu_yaml["model"]["name"] == "tiny"
