@@ -6,6 +6,7 @@ readable; every other file is written to a temporary name and renamed into place
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -48,6 +49,21 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# Libraries whose versions change a run's numbers (kernels, tokenizers, quantization), recorded in its summary.
+RECORDED_LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "bitsandbytes", "datasets", "numpy", "ray")
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries a run's results depend on (None: not installed)."""
+    versions = {}
+    for name in RECORDED_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def default_run_dir(name: str) -> Path:

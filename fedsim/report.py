@@ -17,9 +17,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedsim.output import atomic_write_text, read_metrics  # noqa: E402
-from fedsim.sweep import MANIFEST  # noqa: E402
+from fedsim.sweep import MANIFEST, short_key  # noqa: E402
 
 PREFERRED_METRICS = ("accuracy", "macro_f1", "token_f1")
 
@@ -67,11 +68,13 @@ def load_runs(path: Path) -> list[RunData]:
     """The runs of a sweep directory (in grid order) or the one run of a run directory."""
     if (path / MANIFEST).exists():
         manifest = json.loads((path / MANIFEST).read_text())
-        runs = [_read_run(path / r["label"], ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r["values"].items()),
+        runs = [_read_run(path / r["label"], ", ".join(f"{short_key(k)}={v}" for k, v in r["values"].items()),
                           r["values"]) for r in manifest["runs"]]
         runs = [r for r in runs if r is not None]
     else:
         run = _read_run(path, path.name, {})
+        if run and run.summary:  # a lone run is labelled by what it ran
+            run.label = f"{run.summary['experiment']} ({run.summary['algorithm']['server']})"
         runs = [run] if run else []
     if not runs:
         raise FileNotFoundError(f"{path} holds no run with metrics (neither a sweep directory with {MANIFEST} "
@@ -131,6 +134,8 @@ def plot_curves(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[s
         for label, curve in curves.items():
             if curve:
                 ax.plot([p[index] / scale for p in curve], [p[3] for p in curve], marker="o", ms=3, label=label)
+        if index == 0:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         figures.append((_save(fig, out_dir, name, ax), f"Test {metric} against {what}, one line per run "
                                                        "(the first point is the zero-shot model)."))
     return figures
@@ -159,15 +164,17 @@ def plot_scaling(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[
             continue
         groups: dict[str, list[tuple[float, RunData]]] = {}
         for x, run in zip(xs, finished):
-            rest = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in run.values.items() if k != key)
+            rest = ", ".join(f"{short_key(k)}={v}" for k, v in run.values.items() if k != key)
             groups.setdefault(rest, []).append((x, run))
         fig, axs = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), dpi=110)
-        short = key.rsplit(".", 1)[-1]
+        short = short_key(key)
         for ax, (ylabel, value_of) in zip(axs, panels):
             for rest, members in groups.items():
                 members.sort(key=lambda item: item[0])
                 ax.plot([x for x, _ in members], [value_of(r) for _, r in members], marker="o", label=rest or None)
             ax.set(title=f"{ylabel} vs {short}", xlabel=key, ylabel=ylabel)
+            if "seconds" in ylabel:  # durations from zero, so a small difference does not look like a large one
+                ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
         name = f"scaling_{short}.png"
         figures.append((_save(fig, out_dir, name, axs[0]), f"Final test {metric}, simulated and wall-clock "
@@ -182,6 +189,7 @@ def plot_staleness(runs: list[RunData], out_dir: Path) -> list[tuple[str, str]]:
     fig, ax = _new_axes("staleness of asynchronous updates", "staleness (global versions behind)",
                         "updates (fraction of the run's)")
     width = 0.8 / len(async_runs)
+    ax.set_xticks(sorted({int(s) for run in async_runs for s in run.summary["staleness"]["histogram"]}))
     for i, run in enumerate(async_runs):
         hist = {int(s): n for s, n in run.summary["staleness"]["histogram"].items()}
         total = sum(hist.values()) or 1

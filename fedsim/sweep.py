@@ -50,10 +50,16 @@ def _as_override_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def short_key(key: str) -> str:
+    """``partition.num_clients`` -> ``num_clients``; ``algorithm.server.name`` -> ``server.name``."""
+    parts = key.split(".")
+    return ".".join(parts[-2:]) if parts[-1] == "name" else parts[-1]
+
+
 def _label(key: str, keys: Sequence[str], value: str) -> str:
-    """``partition.num_clients=100`` -> ``num_clients=100`` (the full key when the last part is ambiguous)."""
-    short = key.rsplit(".", 1)[-1]
-    name = short if sum(k.rsplit(".", 1)[-1] == short for k in keys) == 1 else key
+    """``partition.num_clients=100`` -> ``num_clients=100`` (the full key when the short one is ambiguous)."""
+    short = short_key(key)
+    name = short if sum(short_key(k) == short for k in keys) == 1 else key
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", f"{name}={value}")
 
 

@@ -105,20 +105,25 @@ def test_placement_spread_and_pack(tmp_path, cluster_env):
 
 
 def test_a_killed_driver_resumes_on_the_cluster_to_the_same_adapter(tmp_path, cluster_env):
+    """Synchronous FedAvg, then asynchronous FedBuff with tasks in flight at the checkpoint."""
     start_cluster(cluster_env, workers=1, cpus=2)
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    finish(fedsim(cluster_env, QUICKSTART, *SMALL, "federation.rounds=3", f"output.dir={whole}"))
-    proc = fedsim(cluster_env, QUICKSTART, *SMALL, "federation.rounds=3", f"output.dir={cut}")
-    wait_for_round(cut, proc, 1)
-    proc.kill()
-    proc.wait()
-    assert not (cut / "summary.json").exists()
-    finish(fedsim(cluster_env, "--resume", str(cut)))
-    expected = json.loads((whole / "summary.json").read_text())
-    resumed = json.loads((cut / "summary.json").read_text())
-    assert resumed["resumed_after_round"] >= 1
-    assert resumed["adapter_sha256"] == expected["adapter_sha256"]
-    assert resumed["final_metrics"] == expected["final_metrics"]
+    fedbuff = ["algorithm.server.name=fedbuff", "algorithm.server.buffer_size=2", "scheduler.concurrency=3",
+               "scheduler.speed=lognormal"]
+    for name, algo in (("fedavg", []), ("fedbuff", fedbuff)):
+        whole, cut = tmp_path / f"{name}-whole", tmp_path / f"{name}-cut"
+        finish(fedsim(cluster_env, QUICKSTART, *SMALL, *algo, "federation.rounds=3", f"output.dir={whole}"))
+        proc = fedsim(cluster_env, QUICKSTART, *SMALL, *algo, "federation.rounds=3", f"output.dir={cut}")
+        wait_for_round(cut, proc, 1)
+        proc.kill()
+        proc.wait()
+        assert not (cut / "summary.json").exists()
+        finish(fedsim(cluster_env, "--resume", str(cut)))
+        expected = json.loads((whole / "summary.json").read_text())
+        resumed = json.loads((cut / "summary.json").read_text())
+        assert resumed["mode"] == ("async" if algo else "sync")
+        assert resumed["resumed_after_round"] >= 1
+        assert resumed["adapter_sha256"] == expected["adapter_sha256"], name
+        assert resumed["final_metrics"] == expected["final_metrics"], name
 
 
 def test_ray_job_submit_runs_an_experiment(tmp_path, cluster_env):

@@ -57,10 +57,10 @@ def test_grid_from_yaml_and_command_line(tmp_path):
     sweep = Sweep.plan([QUICKSTART, str(study)], TINY, ["algorithm.server.name=fedavg,fedadam"], None)
     assert sweep.grid == {"partition.num_clients": ["10", "20"], "algorithm.server.name": ["fedavg", "fedadam"],
                           "training.lr": ["0.001"]}
-    assert [p.label for p in sweep.points()] == ["num_clients=10-name=fedavg-lr=0.001",
-                                                 "num_clients=10-name=fedadam-lr=0.001",
-                                                 "num_clients=20-name=fedavg-lr=0.001",
-                                                 "num_clients=20-name=fedadam-lr=0.001"]
+    assert [p.label for p in sweep.points()] == ["num_clients=10-server.name=fedavg-lr=0.001",
+                                                 "num_clients=10-server.name=fedadam-lr=0.001",
+                                                 "num_clients=20-server.name=fedavg-lr=0.001",
+                                                 "num_clients=20-server.name=fedadam-lr=0.001"]
     assert str(sweep.dir) == "runs/sweep-quickstart"  # named after the experiment
 
 
@@ -80,7 +80,7 @@ def test_interrupted_sweep_restarts_without_repeating_and_reports(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", *args], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = sweep_dir / "num_clients=4-name=fedavg" / "summary.json"
+    first = sweep_dir / "num_clients=4-server.name=fedavg" / "summary.json"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if (sweep_dir / "sweep.csv").exists() and read_table(sweep_dir)[0]["status"] == "done":
@@ -112,13 +112,15 @@ def test_interrupted_sweep_restarts_without_repeating_and_reports(tmp_path):
     page = (report / "index.html").read_text()
     assert sorted(set(re.findall(r'src="([^"]+\.png)"', page))) == pngs
     for row in rows:  # every run in the table, labelled by its values
-        assert f"num_clients={row['partition.num_clients']}, name={row['algorithm.server.name']}" in page
+        assert f"num_clients={row['partition.num_clients']}, server.name={row['algorithm.server.name']}" in page
     assert all((report / p).stat().st_size > 10_000 for p in pngs)  # drawn, not empty canvases
 
 
 def test_report_of_a_single_run_and_bad_metric(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["run", QUICKSTART, *TINY, "partition.num_clients=4", f"output.dir={run}"]) == 0
+    versions = json.loads((run / "summary.json").read_text())["versions"]
+    assert versions["torch"].startswith("2.") and versions["transformers"] and versions["bitsandbytes"]
     assert main(["report", str(run), "--out", str(tmp_path / "fig")]) == 0
     page = (tmp_path / "fig" / "index.html").read_text()
     assert 'src="metric_vs_round.png"' in page and "staleness.png" not in page

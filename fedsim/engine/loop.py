@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from fedsim.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from fedsim.config import ExperimentConfig, to_yaml
 from fedsim.messages import ClientTask, NamedTensors, Published
-from fedsim.output import RunWriter
+from fedsim.output import RunWriter, library_versions
 from fedsim.scheduler import AsyncPlanner, Clock, DeviceProfiles, SyncPlanner, build_availability
 from fedsim.training import round_lr, samples_per_task
 
@@ -377,6 +377,7 @@ def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: 
                            else agg_stats["adapter_sha256"]),
         **executor.stats(),
         "resumed_after_round": ckpt.round if ckpt else None,
+        "versions": library_versions(),
         "run_dir": str(writer.dir),
     }
     writer.write_summary(summary)
