@@ -56,6 +56,11 @@ class RunData:
         return evals[-1] if evals else float("nan")
 
 
+def legend_label(values: dict[str, str]) -> str:
+    """``{"partition.num_clients": "100"}`` -> ``num_clients=100`` (keys shortened as in run directory names)."""
+    return ", ".join(f"{short_key(k)}={v}" for k, v in values.items())
+
+
 def _read_run(run_dir: Path, label: str, values: dict[str, str]) -> Optional[RunData]:
     if not (run_dir / "metrics.jsonl").exists():
         return None
@@ -68,8 +73,7 @@ def load_runs(path: Path) -> list[RunData]:
     """The runs of a sweep directory (in grid order) or the one run of a run directory."""
     if (path / MANIFEST).exists():
         manifest = json.loads((path / MANIFEST).read_text())
-        runs = [_read_run(path / r["label"], ", ".join(f"{short_key(k)}={v}" for k, v in r["values"].items()),
-                          r["values"]) for r in manifest["runs"]]
+        runs = [_read_run(path / r["label"], legend_label(r["values"]), r["values"]) for r in manifest["runs"]]
         runs = [r for r in runs if r is not None]
     else:
         run = _read_run(path, path.name, {})
@@ -164,7 +168,7 @@ def plot_scaling(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[
             continue
         groups: dict[str, list[tuple[float, RunData]]] = {}
         for x, run in zip(xs, finished):
-            rest = ", ".join(f"{short_key(k)}={v}" for k, v in run.values.items() if k != key)
+            rest = legend_label({k: v for k, v in run.values.items() if k != key})
             groups.setdefault(rest, []).append((x, run))
         fig, axs = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), dpi=110)
         short = short_key(key)

@@ -97,7 +97,8 @@ def test_interrupted_sweep_restarts_without_repeating_and_reports(tmp_path):
     rows = read_table(sweep_dir)
     assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
     assert first.stat().st_mtime_ns == finished_at  # not run again
-    assert [(r["partition.num_clients"], r["algorithm.server.name"]) for r in rows] == [("4", "fedavg"), ("4", "fedbuff"), ("6", "fedavg"), ("6", "fedbuff")]
+    assert [(r["partition.num_clients"], r["algorithm.server.name"]) for r in rows] == \
+        [("4", "fedavg"), ("4", "fedbuff"), ("6", "fedavg"), ("6", "fedbuff")]
     for row in rows:
         summary = json.loads((sweep_dir / row["run"] / "summary.json").read_text())
         assert float(row["final_accuracy"]) == summary["final_metrics"]["accuracy"]
@@ -139,7 +140,8 @@ def _keys(node, prefix=""):
 def test_studies_and_their_gpu_twins_differ_only_in_values(study):
     import yaml
 
-    cpu, gpu = REPO / "experiments" / "studies" / f"{study}.yaml", REPO / "experiments" / "studies" / "gpu" / f"{study}.yaml"
+    studies = REPO / "experiments" / "studies"
+    cpu, gpu = studies / f"{study}.yaml", studies / "gpu" / f"{study}.yaml"
     cpu_yaml, gpu_yaml = yaml.safe_load(cpu.read_text()), yaml.safe_load(gpu.read_text())
     assert _keys(cpu_yaml) == _keys(gpu_yaml)
     assert cpu_yaml["sweep"] == gpu_yaml["sweep"]  # the same study: only its scale differs
