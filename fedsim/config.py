@@ -88,7 +88,11 @@ class TrainingConfig:
     local_epochs: int = 1
     local_steps: int = 0  # > 0 replaces epochs with a fixed number of optimizer steps
     batch_size: int = 8
+    # adamw | sgd. SCAFFOLD needs sgd: its control variate (theta_global - theta) / (K * lr) estimates the
+    # mean local gradient only under plain SGD steps.
+    optimizer: str = "adamw"
     lr: float = 3e-3
+    momentum: float = 0.0  # sgd only (heavy ball, torch.optim.SGD's momentum)
     lr_schedule: str = "constant"  # constant | cosine (decays across rounds, as in FedMLLM)
     min_lr: float = 0.0
     weight_decay: float = 0.0
@@ -122,7 +126,11 @@ class ServerAlgoConfig:
     buffer_size: int = 10  # FedBuff's K: updates per server step
     staleness_exponent: float = 0.5
     max_staleness: int = 0  # 0: no bound
-    mixing: float = 0.5  # FedAsync's alpha, in (0, 1]: x <- x + lr * alpha * staleness_weight * delta
+    mixing: float = 0.5  # FedAsync's alpha, in (0, 1]
+    # FedAsync's update with a_s = mixing * staleness_weight: ``mix`` is Xie et al.'s
+    # x <- (1 - a_s) x + a_s (x_base + delta); ``delta`` is FLSim's x <- x + lr * a_s * delta, which drops the
+    # a_s (x_base - x) term (zero when fresh) and needs no old global version.
+    fedasync_rule: str = "mix"
 
 
 @dataclass
@@ -240,6 +248,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.prompt": ("plain", "modality", "agnostic"),
     "partition.scheme": ("iid", "dirichlet", "quantity"),
     "training.lr_schedule": ("constant", "cosine"),
+    "training.optimizer": ("adamw", "sgd"),
+    "algorithm.server.fedasync_rule": ("mix", "delta"),
     "algorithm.server.weighting": ("auto", "samples", "uniform"),
     "runtime.engine": ("ray", "sequential"),
     "runtime.placement": ("pack", "spread"),
@@ -261,7 +271,7 @@ NON_NEGATIVE = (
     "runtime.queue_per_worker", "runtime.max_update_norm", "algorithm.server.staleness_exponent",
     "algorithm.server.max_staleness", "checkpoint.every",
 )
-UNIT_INTERVAL = ("model.lora.dropout", "federation.fraction", "training.beta1", "training.beta2",
+UNIT_INTERVAL = ("model.lora.dropout", "federation.fraction", "training.beta1", "training.beta2", "training.momentum",
                  "algorithm.server.beta1", "algorithm.server.beta2", "algorithm.server.mixing")
 
 
