@@ -14,18 +14,18 @@ from fedsim.aggregator import Aggregator
 from fedsim.algorithms import build_server_strategy
 from fedsim.config import ExperimentConfig
 from fedsim.guard import UpdateGuard
-from fedsim.messages import ClientUpdate, NamedTensors
+from fedsim.messages import ClientUpdate, NamedTensors, Published
 
 
 @ray.remote
 class AggregatorActor:
-    def __init__(self, cfg: ExperimentConfig, initial: NamedTensors):
-        strategy = build_server_strategy(cfg.algorithm.server, cfg.partition.num_clients)
+    def __init__(self, cfg: ExperimentConfig, initial: NamedTensors, client_sizes: list[int]):
+        strategy = build_server_strategy(cfg.algorithm.server, cfg.partition.num_clients, client_sizes)
         self.aggregator = Aggregator(strategy, UpdateGuard(cfg.runtime.max_update_norm))
         self.aggregator.init(initial)
 
-    def submit(self, update: ClientUpdate) -> str:
-        return self.aggregator.submit(update)
+    def submit(self, update: ClientUpdate, base: Published | None = None) -> str:
+        return self.aggregator.submit(update, base)
 
     def close_round(self) -> int:
         return self.aggregator.close_round()

@@ -66,11 +66,12 @@ class Running:
 class RemoteAggregator:
     """``AggregatorLike`` over an ``AggregatorActor``."""
 
-    def __init__(self, cfg: ExperimentConfig, initial: NamedTensors):
-        self.actor = AggregatorActor.options(num_cpus=0, scheduling_strategy=on_driver_node()).remote(cfg, initial)
+    def __init__(self, cfg: ExperimentConfig, initial: NamedTensors, client_sizes: list[int]):
+        self.actor = AggregatorActor.options(num_cpus=0, scheduling_strategy=on_driver_node()
+                                             ).remote(cfg, initial, client_sizes)
 
-    def submit(self, update: ray.ObjectRef) -> str:
-        return ray.get(self.actor.submit.remote(update))
+    def submit(self, update: ray.ObjectRef, base: ray.ObjectRef | None = None) -> str:
+        return ray.get(self.actor.submit.remote(update, base))
 
     def close_round(self) -> int:
         return ray.get(self.actor.close_round.remote())
@@ -111,6 +112,7 @@ class RayExecutor:
         self.waiting: deque[ClientTask] = deque()  # submitted, not yet sent to a worker
         self.waiting_published: dict[ClientTask, ray.ObjectRef] = {}
         self.running: dict[ClientTask, Running] = {}
+        self.unsettled: dict[ClientTask, ray.ObjectRef] = {}  # new client states awaiting the aggregator's word
 
     # ------------------------------------------------------------------------------- workers
     def _placement_group(self) -> PlacementGroup | None:
@@ -226,11 +228,17 @@ class RayExecutor:
             del self.running[task]
             self._release(running)
             running.slot.tasks += 1
-            # Commit the client's new state only now, so a re-run task starts from the same state.
-            ray.get(self.store.put.remote(task.client_id, running.state))
+            self.unsettled[task] = running.state
             return running.update, metrics
 
+    def settle(self, task: ClientTask, accepted: bool) -> None:
+        """Store the client's new state only once its update is accepted; otherwise it is forgotten."""
+        state = self.unsettled.pop(task)
+        if accepted:
+            ray.get(self.store.put.remote(task.client_id, state))
+
     def discard(self, task: ClientTask) -> None:
+        self.unsettled.pop(task, None)
         if task in self.running:
             # Not ray.cancel: cancelling a call queued on an actor leaves a gap in the actor's call sequence,
             # and the actor's next call (an evaluation) then times out waiting for it. The task runs out

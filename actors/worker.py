@@ -40,7 +40,7 @@ class ClientWorker:
         self.loaded = load_model(cfg.model, derive_seed(cfg.seed, "lora_init"))
         self.trainer = ClientTrainer(cfg, self.loaded, splits.train, data.shards, personalized)
         self.evaluator = Evaluator(self.loaded.processor, splits.test, cfg.eval, cfg.data.max_length,
-                                   self.loaded.device, cfg.data.prompt)
+                                   self.loaded.device, cfg.seed, cfg.data.prompt)
         self.tasks_done = 0
 
     def placement(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import psutil
 import ray
 
 from actors.runtime import run_ray
-from fedsim.config import load_config
+from fedsim.validation import load_config
 
 QUICKSTART = Path(__file__).resolve().parent / "quickstart.yaml"
 

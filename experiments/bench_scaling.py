@@ -27,7 +27,7 @@ import ray  # noqa: E402
 
 from actors.runtime import run_ray  # noqa: E402
 from bench_memory import PeakMemory  # noqa: E402  (this folder is on sys.path when run as a script)
-from fedsim.config import load_config  # noqa: E402
+from fedsim.validation import load_config  # noqa: E402
 from fedsim.output import read_metrics  # noqa: E402
 
 QUICKSTART = Path(__file__).resolve().parent / "quickstart.yaml"

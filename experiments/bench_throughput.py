@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 
 from actors.runtime import run_ray
-from fedsim.config import load_config
+from fedsim.validation import load_config
 from fedsim.engine import run_sequential
 
 QUICKSTART = Path(__file__).resolve().parent / "quickstart.yaml"

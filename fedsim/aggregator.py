@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Any
 
 from fedsim.algorithms import ServerStrategy
+from fedsim.algorithms.server import UpdateError
 from fedsim.guard import UpdateGuard
 from fedsim.messages import ClientUpdate, NamedTensors, Published
 from fedsim.models.adapter import adapter_sha256
@@ -31,17 +32,28 @@ class Aggregator:
     def version(self) -> int:
         return self.strategy.version
 
-    def submit(self, update: ClientUpdate) -> str:
-        """Take one update: ``accepted`` (folded in), ``rejected`` (guard) or ``stale`` (async bound)."""
+    def submit(self, update: ClientUpdate, base: Published | None = None) -> str:
+        """Take one update: ``accepted`` (folded in), ``rejected`` (guard, or any fault while folding it in)
+        or ``stale`` (async bound). ``base`` is the published version the client trained from
+        (asynchronous mode). One bad update never ends a run: it is rejected, with its reason counted."""
         if self.guard.check(update) is not None:
             outcome = REJECTED
-        elif self.strategy.asynchronous:
-            outcome = ACCEPTED if self.strategy.offer(update) else STALE
         else:
-            self.strategy.accumulate(update, self.strategy.weight_of(update))
-            outcome = ACCEPTED
+            try:
+                outcome = self._fold(update, base)
+            except Exception as err:  # whatever one update does wrong, the run goes on
+                # Strategies check everything before changing anything, so a rejected update leaves no trace.
+                kind = err.kind if isinstance(err, UpdateError) else type(err).__name__
+                self.guard.reject(update, kind, str(err))
+                outcome = REJECTED
         self.outcomes[outcome] += 1
         return outcome
+
+    def _fold(self, update: ClientUpdate, base: Published | None) -> str:
+        if self.strategy.asynchronous:
+            return ACCEPTED if self.strategy.offer(update, None if base is None else base[0]) else STALE
+        self.strategy.accumulate(update, self.strategy.weight_of(update))
+        return ACCEPTED
 
     def close_round(self) -> int:
         """Synchronous mode: apply the round's updates; returns the new version."""

@@ -12,8 +12,9 @@ from pathlib import Path
 import datasets
 
 from fedsim.checkpoint import check_checkpoint
-from fedsim.config import ConfigError, load_config
+from fedsim.config import ConfigError
 from fedsim.output import default_run_dir
+from fedsim.validation import load_config
 
 log = logging.getLogger("fedsim")
 

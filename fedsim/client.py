@@ -17,7 +17,7 @@ from fedsim.config import ExperimentConfig
 from fedsim.data.collator import Collator
 from fedsim.messages import ClientTask, ClientUpdate, NamedTensors
 from fedsim.models.adapter import get_weights, set_weights, trainable_parameters
-from fedsim.models.loading import LoadedModel
+from fedsim.models.loading import LoadedModel, check_layer_window
 from fedsim.seeding import derive_seed, rng_for
 from fedsim.training import batch_indices, samples_per_task, train_locally
 
@@ -37,6 +37,7 @@ def split_state(state: NamedTensors | None) -> tuple[NamedTensors | None, NamedT
 class ClientTrainer:
     def __init__(self, cfg: ExperimentConfig, loaded: LoadedModel, train: datasets.Dataset, shards: list[np.ndarray],
                  personalized: bool = False):
+        check_layer_window(loaded, cfg.algorithm.client)  # before any training: a penalty on no layer is refused
         self.cfg = cfg
         self.personalized = personalized
         self.loaded = loaded

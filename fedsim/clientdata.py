@@ -47,9 +47,7 @@ def _modality_task(cfg: ExperimentConfig, image_splits: DatasetSplits, step: Mod
     """Clients 0..image_clients-1 share the configured dataset, the others the text-only source; each
     group is partitioned by ``cfg.partition``; train and test splits are the two sources concatenated."""
     step.check("data.scenarios", cfg.partition.num_clients)
-    text_cfg = replace(cfg.data, dataset=step.text_dataset, task=step.text_task, path=step.text_path,
-                       hub=step.text_hub)
-    text_splits = load_dataset_splits(text_cfg, derive_seed(cfg.seed, "data", 1))
+    text_splits = load_dataset_splits(step.text_data(cfg.data), derive_seed(cfg.seed, "data", 1))
     groups = ((image_splits, step.image_clients), (text_splits, cfg.partition.num_clients - step.image_clients))
     shards, offset = [], 0
     for group, (splits, num_clients) in enumerate(groups):

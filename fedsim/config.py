@@ -1,12 +1,16 @@
-"""Typed experiment configuration: omegaconf structured configs with validation.
+"""Typed experiment configuration: the schema as dataclasses, YAML merging, and per-value checks.
 
-``load_config(paths, overrides)`` merges YAML files and ``key=value`` overrides onto the schema below and
-checks every value before any work starts. Errors name the key, the bad value and what is allowed.
+This module is pure data: it imports no registry. ``merge_config(paths, overrides)`` merges YAML files and
+``key=value`` overrides onto the schema below; ``check_values(cfg)`` checks choices and ranges that need no
+registry. The checks that need the algorithm, scheduler, dataset and scenario registries live one level up,
+in ``fedsim.validation``, whose ``load_config`` (merge, then validate everything) is the entry point for a
+config that is ready to run. Errors name the key, the bad value and what is allowed.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -239,7 +243,7 @@ class ExperimentConfig:
         return max(1, min(n, round(self.federation.fraction * n)))
 
 
-# Fixed choices; algorithm and dataset names are checked against their registries in ``validate``.
+# Fixed choices; algorithm and dataset names are checked against their registries in fedsim.validation.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.quant_type": ("nf4", "fp4"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -271,7 +275,7 @@ NON_NEGATIVE = (
     "runtime.queue_per_worker", "runtime.max_update_norm", "algorithm.server.staleness_exponent",
     "algorithm.server.max_staleness", "checkpoint.every",
 )
-UNIT_INTERVAL = ("model.lora.dropout", "federation.fraction", "training.beta1", "training.beta2", "training.momentum",
+UNIT_INTERVAL = ("model.lora.dropout", "federation.fraction", "training.beta1", "training.beta2",
                  "algorithm.server.beta1", "algorithm.server.beta2", "algorithm.server.mixing")
 
 
@@ -281,77 +285,63 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def _fail(key: str, value: Any, expected: str) -> None:
+def fail(key: str, value: Any, expected: str) -> None:
+    """Raise the ConfigError every check uses: the key, the bad value, what is allowed."""
     raise ConfigError(f"config key '{key}' has invalid value {value!r}: expected {expected}")
 
 
-def _check_choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+def check_choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
     if value not in allowed:
-        _fail(key, value, "one of " + ", ".join(sorted(allowed)))
+        fail(key, value, "one of " + ", ".join(sorted(allowed)))
 
 
-def validate(cfg: ExperimentConfig) -> None:
-    """Check ranges, choices and combinations that the type system cannot express."""
-    from fedsim.algorithms import CLIENT_STRATEGIES, SERVER_STRATEGIES
-    from fedsim.data import DATASETS, check_data_source
-    from fedsim.scenarios import check_scenarios
-    from fedsim.scheduler import check_scheduler_config
-
+def check_values(cfg: ExperimentConfig) -> None:
+    """Check the choices, ranges and combinations that need no registry (``fedsim.validation`` does the rest)."""
     for key, allowed in CHOICES.items():
-        _check_choice(key, _get(cfg, key), allowed)
-    _check_choice("algorithm.client.name", cfg.algorithm.client.name, list(CLIENT_STRATEGIES))
-    _check_choice("algorithm.server.name", cfg.algorithm.server.name, list(SERVER_STRATEGIES))
-    _check_choice("data.dataset", cfg.data.dataset, list(DATASETS))
+        check_choice(key, _get(cfg, key), allowed)
     for key in POSITIVE:
         if not _get(cfg, key) > 0:
-            _fail(key, _get(cfg, key), "a value > 0")
+            fail(key, _get(cfg, key), "a value > 0")
     for key in NON_NEGATIVE:
         if not _get(cfg, key) >= 0:
-            _fail(key, _get(cfg, key), "a value >= 0")
+            fail(key, _get(cfg, key), "a value >= 0")
     for key in UNIT_INTERVAL:
         if not 0 <= _get(cfg, key) <= 1:
-            _fail(key, _get(cfg, key), "a value in [0, 1]")
-    check_scheduler_config(cfg.scheduler)
-    try:
-        check_data_source(cfg.data)
-        check_scenarios(cfg.data.scenarios, "data.scenarios", cfg.partition.num_clients)
-        check_scenarios(cfg.data.test_scenarios, "data.test_scenarios", 1)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+            fail(key, _get(cfg, key), "a value in [0, 1]")
+    _check_training(cfg.training)
     if not 0 <= cfg.algorithm.client.window < 0.5:
-        _fail("algorithm.client.window", cfg.algorithm.client.window,
-              "a fraction of the decoder layers in [0, 0.5): layers round(window*L)..L-1-round(window*L) "
-              "are regularized")
-    if cfg.scheduler.compute_time == "measured" and SERVER_STRATEGIES[cfg.algorithm.server.name].asynchronous:
-        _fail("scheduler.compute_time", "measured", "'modeled' with an asynchronous strategy "
-              f"({cfg.algorithm.server.name}): its dispatch order needs task durations before training")
+        fail("algorithm.client.window", cfg.algorithm.client.window,
+             "a fraction of the decoder layers in [0, 0.5): layers round(window*L)..L-1-round(window*L) "
+             "are regularized")
     if not cfg.algorithm.server.mixing > 0:
-        _fail("algorithm.server.mixing", cfg.algorithm.server.mixing, "a value in (0, 1]")
+        fail("algorithm.server.mixing", cfg.algorithm.server.mixing, "a value in (0, 1]")
     if cfg.algorithm.server.lr is not None and not cfg.algorithm.server.lr > 0:
-        _fail("algorithm.server.lr", cfg.algorithm.server.lr, "a value > 0 or null")
-    if cfg.training.local_epochs == 0 and cfg.training.local_steps == 0:
-        _fail("training.local_epochs", 0, "local_epochs > 0 or training.local_steps > 0")
+        fail("algorithm.server.lr", cfg.algorithm.server.lr, "a value > 0 or null")
     if cfg.federation.clients_per_round > cfg.partition.num_clients:
-        _fail("federation.clients_per_round", cfg.federation.clients_per_round,
-              f"at most partition.num_clients ({cfg.partition.num_clients})")
+        fail("federation.clients_per_round", cfg.federation.clients_per_round,
+             f"at most partition.num_clients ({cfg.partition.num_clients})")
     if cfg.data.num_train and cfg.partition.num_clients * max(1, cfg.partition.min_samples) > cfg.data.num_train:
-        _fail("partition.num_clients", cfg.partition.num_clients,
-              f"at most data.num_train / partition.min_samples ({cfg.data.num_train} / "
-              f"{max(1, cfg.partition.min_samples)})")
-    client, server = cfg.algorithm.client.name, cfg.algorithm.server.name
-    if (client == "scaffold") != (server == "scaffold"):
-        _fail("algorithm.client.name", client,
-              "'scaffold' on both algorithm.client.name and algorithm.server.name, or on neither "
-              f"(server is {server!r})")
+        fail("partition.num_clients", cfg.partition.num_clients,
+             f"at most data.num_train / partition.min_samples ({cfg.data.num_train} / "
+             f"{max(1, cfg.partition.min_samples)})")
     if not cfg.model.lora.target_regex and not cfg.model.lora.target_modules:
-        _fail("model.lora.target_modules", [], "a non-empty list, or model.lora.target_regex")
+        fail("model.lora.target_modules", [], "a non-empty list, or model.lora.target_regex")
+
+
+def _check_training(cfg: TrainingConfig) -> None:
+    if cfg.local_epochs == 0 and cfg.local_steps == 0:
+        fail("training.local_epochs", 0, "local_epochs > 0 or training.local_steps > 0")
+    if not 0 <= cfg.momentum < 1:
+        fail("training.momentum", cfg.momentum, "a value in [0, 1)")
+    if cfg.momentum > 0 and cfg.optimizer != "sgd":
+        fail("training.momentum", cfg.momentum, f"0 with training.optimizer {cfg.optimizer!r}: momentum is "
+             "SGD's (heavy ball); set training.optimizer=sgd to use it (AdamW takes training.beta1)")
 
 
 def _section_keys(dotted: str) -> list[str]:
     """The keys the schema allows under ``dotted`` (empty if it is not a section)."""
     try:
-        node = OmegaConf.structured(ExperimentConfig)
-        node = OmegaConf.select(node, dotted) if dotted else node
+        node = OmegaConf.select(_schema(), dotted) if dotted else _schema()
     except OmegaConfBaseException:
         return []
     return list(node.keys()) if isinstance(node, DictConfig) else []
@@ -392,38 +382,43 @@ def _load_yaml(path: Path) -> DictConfig:
     return loaded
 
 
-def _merge(base: DictConfig, other: DictConfig, source: str, key_hint: str = "") -> DictConfig:
+def _merge(base: DictConfig, layers: list[tuple[DictConfig, str, str]]) -> DictConfig:
+    """``base`` with each ``(layer, source, key_hint)`` merged on in order; errors name the layer at fault."""
     try:
-        return OmegaConf.merge(base, other)
-    except OmegaConfBaseException as err:
-        raise _schema_error(err, source, key_hint) from None
+        return OmegaConf.merge(base, *(layer for layer, _, _ in layers))  # one copy of base, not one per layer
+    except OmegaConfBaseException:
+        for layer, source, key_hint in layers:
+            try:
+                base = OmegaConf.merge(base, layer)
+            except OmegaConfBaseException as err:
+                raise _schema_error(err, source, key_hint) from None
+        raise
 
 
-def load_config(path: str | Path | Sequence[str | Path] | None = None,
-                overrides: list[str] | None = None) -> ExperimentConfig:
+@functools.lru_cache(maxsize=1)
+def _schema() -> DictConfig:
+    """The schema as an omegaconf node, built once (slow): merging copies it and never changes it."""
+    return OmegaConf.structured(ExperimentConfig)
+
+
+def merge_config(path: str | Path | Sequence[str | Path] | None = None,
+                 overrides: list[str] | None = None) -> ExperimentConfig:
     """Merge YAML files (one, or several as layers, later ones winning) and dotlist overrides onto the
-    schema, validate, and return typed dataclasses. Without a ``name`` key in any file, the experiment is
-    named after the files' stems joined by '-'."""
-    merged = OmegaConf.structured(ExperimentConfig)
+    schema and return typed dataclasses, NOT validated: use ``fedsim.validation.load_config`` for a config
+    to run. Without a ``name`` key in any file, the experiment is named after the files' stems joined by '-'."""
     paths = [] if path is None else [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
-    named = False
-    for layer in paths:
-        loaded = _load_yaml(layer)
-        merged = _merge(merged, loaded, str(layer))
-        named = named or "name" in loaded
-    if paths and not named:
-        merged.name = "-".join(p.stem for p in paths)
+    layers = [(_load_yaml(layer), str(layer), "") for layer in paths]
+    if paths and not any("name" in loaded for loaded, _, _ in layers):
+        layers.append((OmegaConf.create({"name": "-".join(p.stem for p in paths)}), "the files' stems", "name"))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        key = item.split("=", 1)[0]
-        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}", key)
+        layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}", item.split("=", 1)[0]))
+    merged = _merge(_schema(), layers)
     try:
-        cfg: ExperimentConfig = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _schema_error(err, "the merged config") from None
-    validate(cfg)
-    return cfg
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

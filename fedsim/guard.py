@@ -38,10 +38,13 @@ class UpdateGuard:
         found = self._inspect(update)
         if found is None:
             return None
-        kind, reason = found
+        self.reject(update, *found)
+        return found[1]
+
+    def reject(self, update: ClientUpdate, kind: str, reason: str) -> None:
+        """Count and log one rejection of ``kind`` (also those found later, while aggregating)."""
         self.rejected[kind] = self.rejected.get(kind, 0) + 1
         logger.warning("rejected update from client %d: %s", update.client_id, reason)
-        return reason
 
     @property
     def total_rejected(self) -> int:

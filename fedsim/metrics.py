@@ -1,7 +1,9 @@
 """Evaluation metrics: SQuAD-style answer matching for VQA, and classification scores.
 
-Plain Python and numpy. ``macro_f1`` follows scikit-learn's ``f1_score(average="macro", labels=...,
-zero_division=0)``; ``roc_auc`` is the Mann-Whitney statistic with ties counted 1/2.
+Plain Python and numpy. Macro-F1 follows the usual convention, scikit-learn's ``f1_score(average="macro",
+zero_division=0)``: the unweighted mean of per-class F1 over the classes present in the true labels or the
+predictions, so a class (an option) that neither holds does not count. ``roc_auc`` is the Mann-Whitney
+statistic with ties counted 1/2.
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ def accuracy(preds: Sequence, refs: Sequence) -> float:
 def macro_f1(preds: Sequence[int], refs: Sequence[int], num_classes: int | None = None) -> float:
     """Unweighted mean over classes of ``F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c)`` (0 when that is 0/0).
 
-    Classes are ``0..num_classes-1`` when given, else the sorted union of labels in ``refs`` and ``preds``.
-    As in scikit-learn with ``labels=range(num_classes), zero_division=0``: a listed class that never
+    Classes are the sorted union of labels in ``refs`` and ``preds`` (scikit-learn's default), or
+    ``0..num_classes-1`` when given, as with ``labels=range(num_classes)``: then a listed class that never
     occurs in either sequence scores 0 and still counts in the mean, and a label outside the list (say -1
     for an unparseable answer) is no class of its own but still counts as a miss for the true class.
     """
@@ -100,13 +102,14 @@ def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
 def classification_metrics(pred_labels: Sequence[int], true_labels: Sequence[int],
                            positive_scores: Sequence[float] | None = None,
                            num_classes: int | None = None) -> dict[str, float]:
-    """``accuracy`` and ``macro_f1``, plus ``roc_auc`` for a binary task given positive-class scores.
+    """``accuracy`` and ``macro_f1`` (over the classes present), plus ``roc_auc`` for a binary task
+    (``num_classes == 2``) given positive-class scores.
 
     ``roc_auc`` is NaN (with a warning) when the true labels hold a single class, so that evaluating a
     small or skewed split reports rather than aborts.
     """
     out = {"accuracy": float(accuracy(pred_labels, true_labels)),
-           "macro_f1": macro_f1(pred_labels, true_labels, num_classes)}
+           "macro_f1": macro_f1(pred_labels, true_labels)}
     if num_classes == 2 and positive_scores is not None:
         if len(set(np.asarray(true_labels).tolist())) < 2:
             log.warning("roc_auc undefined: only one class present in true labels; reporting NaN")

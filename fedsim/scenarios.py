@@ -25,7 +25,9 @@ import datasets
 import numpy as np
 from PIL import Image, ImageFilter
 
+from fedsim.data import check_data_source
 from fedsim.data.languages import LANGUAGES, translate
+from fedsim.data.real import REAL_DATASETS
 from fedsim.seeding import rng_for
 
 STEPS: dict[str, type[Step]] = {}
@@ -45,6 +47,9 @@ class Step:
 
     def check(self, key: str, num_clients: int) -> None:
         """Raise ValueError, naming ``key`` and the parameter, for values out of range."""
+
+    def check_data(self, key: str, data: Any) -> None:
+        """Raise ValueError, naming the key, when the step cannot take the rows ``data`` (the DataConfig) gives."""
 
     def apply(self, ds: datasets.Dataset, client_of: np.ndarray, num_clients: int, seed: int,
               stream: str) -> datasets.Dataset:
@@ -168,6 +173,14 @@ class Multilingual(Step):
             raise ValueError(f"{key}.multilingual.languages must be a non-empty list of {', '.join(LANGUAGES)}; "
                              f"got {self.languages!r}")
 
+    def check_data(self, key: str, data: Any) -> None:
+        real = [source for source in data_sources(data) if source != "synthetic"]
+        if real:
+            raise ValueError(f"config key '{key}.multilingual' has invalid value {dataclasses.asdict(self)!r}: "
+                             f"expected no multilingual step with dataset {real[0]!r}; it translates the synthetic "
+                             "benchmark's templates only (data.dataset and any modality_task text_dataset must be "
+                             "'synthetic')")
+
     def apply(self, ds: datasets.Dataset, client_of: np.ndarray, num_clients: int, seed: int,
               stream: str) -> datasets.Dataset:
         langs = _in_turns(self.languages, num_clients, rng_for(seed, stream, self.stream))
@@ -240,10 +253,39 @@ class ModalityTask(Step):
     text_hub: Any = None
 
     def check(self, key: str, num_clients: int) -> None:
+        if key != "data.scenarios":
+            raise ValueError(f"config key '{key}.{self.name}' is not allowed: expected modality_task under "
+                             "data.scenarios only (it decides where each client's data comes from; the test split "
+                             "then holds both sources' test rows)")
         _check_count(key, self.name, "image_clients", self.image_clients, num_clients)
         if not 0 < self.image_clients < num_clients:
             raise ValueError(f"{key}.modality_task.image_clients must leave both groups non-empty: an integer "
                              f"in [1, {num_clients - 1}] for {num_clients} clients, got {self.image_clients!r}")
+
+    def text_data(self, data: Any) -> Any:
+        """The DataConfig of the text-only source: ``data`` with the step's dataset, task, path and hub."""
+        return dataclasses.replace(data, dataset=self.text_dataset, task=self.text_task, path=self.text_path,
+                                   hub=self.text_hub)
+
+    def check_data(self, key: str, data: Any) -> None:
+        """The text source must be text-only (synthetic ``textqa`` or a text-only real adapter) and readable."""
+        key = f"{key}.{self.name}"
+        text_only = sorted(["synthetic"] + [name for name, adapter in REAL_DATASETS.items() if adapter.text_only])
+        if self.text_dataset not in text_only:
+            why = "its rows carry images" if self.text_dataset in REAL_DATASETS else "it is not a dataset"
+            raise ValueError(f"config key '{key}.text_dataset' has invalid value {self.text_dataset!r}: expected a "
+                             f"text-only source, one of {', '.join(text_only)} ({why})")
+        if self.text_task != "textqa":
+            raise ValueError(f"config key '{key}.text_task' has invalid value {self.text_task!r}: expected 'textqa', "
+                             "the synthetic benchmark's text-only task (other tasks carry images; a real "
+                             "text_dataset has its own task)")
+        for rows in ("num_train", "num_test") if self.text_dataset == "synthetic" else ():
+            if getattr(data, rows) <= 0:
+                raise ValueError(f"config key 'data.{rows}' has invalid value {getattr(data, rows)!r}: expected a "
+                                 f"number of rows > 0: {key}'s synthetic text source generates data.{rows} rows "
+                                 "(0 means all rows only for a real dataset)")
+        check_data_source(self.text_data(data), {field: f"{key}.text_{field}" for field in
+                                                 ("dataset", "task", "path", "hub")})
 
 
 def build_steps(spec: dict, key: str) -> list[Step]:
@@ -267,10 +309,20 @@ def build_steps(spec: dict, key: str) -> list[Step]:
     return steps
 
 
-def check_scenarios(spec: dict, key: str, num_clients: int) -> None:
-    """Fail early on unknown steps, wrong parameter names and out-of-range values."""
-    for step in build_steps(spec, key):
+def check_scenarios(spec: dict, key: str, num_clients: int, data: Any = None) -> None:
+    """Fail early on unknown steps, wrong parameter names and out-of-range values; given ``data`` (the
+    DataConfig), also on steps that its sources cannot take."""
+    steps = build_steps(spec, key)
+    for step in steps:
         step.check(key, num_clients)
+    for step in steps if data is not None else []:
+        step.check_data(key, data)
+
+
+def data_sources(data: Any) -> list[str]:
+    """The datasets whose rows a run holds: ``data.dataset``, then modality_task's text source if any."""
+    tasks = {name: params for name, params in dict(data.scenarios).items() if name == ModalityTask.name}
+    return [data.dataset] + [step.text_dataset for step in build_steps(tasks, "data.scenarios")]
 
 
 def apply_scenarios(ds: datasets.Dataset, shards: Sequence[np.ndarray], spec: dict, seed: int,

@@ -12,7 +12,9 @@ STREAMS = {"data": 1, "partition": 2, "lora_init": 3, "cohort": 4, "client": 5,
            # fedsim.scheduler: device draws, availability, dropouts, async dispatch picks
            "device": 11, "availability": 12, "dropout": 13, "dispatch": 14, "async_dropout": 15,
            # fedsim.scenarios: which modalities each row / client keeps
-           "scenario": 21, "test_scenario": 22}
+           "scenario": 21, "test_scenario": 22,
+           # fedsim.evaluation: which test rows eval.max_samples keeps
+           "eval_sample": 31}
 
 
 def derive_seed(seed: int, stream: str, *parts: int) -> int:

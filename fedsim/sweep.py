@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fedsim.checkpoint import check_checkpoint
-from fedsim.config import ConfigError, ExperimentConfig, load_config, to_yaml
+from fedsim.config import ConfigError, ExperimentConfig, to_yaml
+from fedsim.validation import load_config
 from fedsim.output import atomic_write_text
 
 log = logging.getLogger(__name__)

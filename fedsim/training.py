@@ -49,6 +49,15 @@ def samples_per_task(shard_size: int, cfg: TrainingConfig) -> int:
     return shard_size * cfg.local_epochs
 
 
+def local_optimizer(params: dict[str, torch.nn.Parameter], cfg: TrainingConfig, lr: float) -> torch.optim.Optimizer:
+    """``training.optimizer``: AdamW (the default), or SGD with ``training.momentum`` (what SCAFFOLD assumes)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params.values(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params.values(), lr=lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    raise ValueError(f"config key 'training.optimizer' has invalid value {cfg.optimizer!r}: expected adamw or sgd")
+
+
 def train_locally(
     model: torch.nn.Module,
     params: dict[str, torch.nn.Parameter],
@@ -58,12 +67,11 @@ def train_locally(
     cfg: TrainingConfig,
     lr: float,
 ) -> tuple[int, float]:
-    """Run AdamW over ``batches``; the client strategy may add a penalty and correct gradients.
+    """Run the local optimizer over ``batches``; the client strategy may add a penalty and correct gradients.
 
     Returns (optimizer steps, mean training loss without the penalty).
     """
-    optimizer = torch.optim.AdamW(params.values(), lr=lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = local_optimizer(params, cfg, lr)
     strategy.begin(ctx)
     steps, loss_sum = 0, 0.0
     for batch in batches:

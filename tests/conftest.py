@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.config import ExperimentConfig, load_config
+from fedsim.config import ExperimentConfig
 from fedsim.models.tiny import tiny_model_path
+from fedsim.validation import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

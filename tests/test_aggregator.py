@@ -1,5 +1,7 @@
 """The server side of a run: guard in front of a sync or async strategy, with counted outcomes."""
 
+import math
+
 import torch
 
 from fedsim.aggregator import Aggregator
@@ -50,3 +52,45 @@ def test_digest_follows_the_global_weights():
     assert agg.stats()["adapter_sha256"] == before  # nothing applied until the round closes
     agg.close_round()
     assert agg.stats()["adapter_sha256"] != before
+
+
+def test_any_fault_while_folding_an_update_rejects_it_by_reason_and_the_run_goes_on():
+    agg = Aggregator(build_server_strategy(ServerAlgoConfig(name="scaffold"), num_clients=4), UpdateGuard())
+    agg.init({"w": torch.zeros(2)})
+    control = {"control/w": torch.ones(2)}
+    faults = {
+        "overflow": ClientUpdate(0, {"w": torch.tensor([1e10, 0.0])}, 1, extras=control),
+        "mismatch": ClientUpdate(1, {"w": torch.ones(3)}, 1, extras=control),  # a shape from another model
+        "mismatch ": ClientUpdate(2, {"v": torch.ones(2)}, 1, extras=control),  # a name from another model
+        "missing control": ClientUpdate(3, {"w": torch.ones(2)}, 1),
+        "non_finite": ClientUpdate(0, {"w": torch.ones(2)}, 1, extras={"control/w": torch.tensor([0.0, -math.inf])}),
+    }
+    for update in faults.values():
+        assert agg.submit(update) == "rejected"
+    assert agg.submit(ClientUpdate(1, {"w": torch.ones(2)}, 1, extras=control)) == "accepted"
+    assert agg.close_round() == 1
+    assert torch.equal(agg.snapshot()[1][0]["w"], torch.ones(2))  # only the good update reached the model
+    assert torch.equal(agg.snapshot()[1][1]["control/w"], torch.full((2,), 0.25))
+    stats = agg.stats()
+    assert stats["rejected_updates"] == 5 and stats["accepted_updates"] == 1
+    assert stats["rejected_by_reason"] == {"overflow": 1, "mismatch": 3, "non_finite": 1}
+
+
+def test_a_running_sum_about_to_wrap_rejects_the_update_that_would_wrap_it():
+    agg = aggregator()
+    assert agg.submit(update(0, 6e8)) == "accepted"
+    assert agg.submit(update(1, 6e8)) == "rejected"  # 1.2e9 is beyond the fixed-point range of ±2**30
+    assert agg.submit(update(2, -1e8)) == "accepted"
+    agg.close_round()
+    assert torch.equal(agg.snapshot()[1][0]["w"], torch.full((2,), 2.5e8))  # the mean of the two accepted
+    assert agg.stats()["rejected_by_reason"] == {"overflow": 1}
+
+
+def test_an_async_update_ahead_of_the_server_or_without_its_base_is_rejected():
+    agg = aggregator(name="fedasync")
+    base = agg.snapshot()[1]
+    assert agg.submit(update(0, 1.0, base_version=3), base) == "rejected"  # from a version not yet published
+    assert agg.submit(update(1, 1.0)) == "rejected"  # fedasync_rule=mix without the version it trained from
+    assert agg.submit(update(2, 1.0), base) == "accepted"
+    assert agg.version == 1
+    assert agg.stats()["rejected_by_reason"] == {"ahead_of_server": 1, "missing_base": 1}

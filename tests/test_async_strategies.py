@@ -17,11 +17,20 @@ def make(name: str, x0=(0.0, 0.0), **cfg) -> AsyncServerStrategy:
     s = build_server_strategy(ServerAlgoConfig(name=name, **cfg), 4)
     assert isinstance(s, AsyncServerStrategy) and s.asynchronous
     s.init({"w": torch.tensor(x0)})
+    s.history = {0: s.global_weights}
     return s
 
 
 def upd(delta, base: int = 0, n: int = 1, cid: int = 0) -> ClientUpdate:
     return ClientUpdate(client_id=cid, delta={"w": torch.tensor(delta)}, num_samples=n, base_version=base)
+
+
+def offer(s: AsyncServerStrategy, update: ClientUpdate) -> bool:
+    """``s.offer`` with the global weights of the version the update was trained from, as the loop passes
+    them; ``s.history`` (set by ``make``) keeps every version the strategy has published."""
+    kept = s.offer(update, s.history[update.base_version])
+    s.history.setdefault(s.version, s.global_weights)
+    return kept
 
 
 def close(t: torch.Tensor, expected) -> bool:
@@ -114,23 +123,36 @@ def test_fedbuff_buffer_is_one_int64_tensor_per_name() -> None:
     assert list(s._sum) == ["w"] and s._sum["w"].dtype == torch.int64 and s.pending == 100
 
 
-@pytest.mark.parametrize("exponent, x2", [(0.5, [2 + math.sqrt(2), math.sqrt(2)]), (1.0, [3.0, 1.0])])
-def test_fedasync_mixes_each_update(exponent: float, x2) -> None:
-    s = make("fedasync", x0=(1.0, 1.0), mixing=0.5, staleness_exponent=exponent)
-    # fresh: α = 0.5;  x = [1, 1] + 0.5·[2, -2] = [2, 0]
-    assert s.offer(upd([2.0, -2.0])) and s.version == 1 and s.pending == 0
+@pytest.mark.parametrize("rule", ["mix", "delta"])
+@pytest.mark.parametrize("exponent", [0.5, 1.0])
+def test_fedasync_mixes_each_update(exponent: float, rule: str) -> None:
+    s = make("fedasync", x0=(1.0, 1.0), mixing=0.5, staleness_exponent=exponent, fedasync_rule=rule)
+    # fresh: α = 0.5, x_base = x = [1, 1]; both rules: x = [1, 1] + 0.5·[2, -2] = [2, 0]
+    assert offer(s, upd([2.0, -2.0])) and s.version == 1 and s.pending == 0
     assert close(s.global_weights["w"], [2.0, 0.0])
-    # staleness 1: α = 0.5 · 2**-a;  x = [2, 0] + α·[4, 4]
-    assert s.offer(upd([4.0, 4.0], base=0))
+    # staleness 1 (trained from version 0, x_base = [1, 1]): α = 0.5 · 2**-a
+    alpha = 0.5 * 2 ** -exponent
+    assert math.isclose(s.mixing_weight(1), alpha)
+    assert offer(s, upd([4.0, 4.0], base=0))
+    if rule == "mix":  # Xie et al.: x = (1 − α)·[2, 0] + α·(x_base + Δ) = (1 − α)·[2, 0] + α·[5, 5]
+        x2 = [(1 - alpha) * 2 + alpha * 5, alpha * 5]
+    else:  # FLSim: x = [2, 0] + α·[4, 4]
+        x2 = [2 + 4 * alpha, 4 * alpha]
     assert s.version == 2 and close(s.global_weights["w"], x2)
-    assert math.isclose(s.mixing_weight(1), 0.5 * 2 ** -exponent)
     assert s.staleness_counts == {0: 1, 1: 1}
     assert not s.flush() and close(s.finalize()["w"], x2)
 
 
+def test_fedasync_mix_needs_the_base_version() -> None:
+    s = make("fedasync")
+    with pytest.raises(ValueError, match="version 0"):
+        s.offer(upd([1.0, 1.0]))
+    assert s.version == 0 and s.staleness_counts == {}
+
+
 def test_fedasync_server_lr_scales_the_step() -> None:
     s = make("fedasync", mixing=0.5, lr=0.5)
-    s.offer(upd([4.0, 8.0]))
+    offer(s, upd([4.0, 8.0]))
     assert close(s.global_weights["w"], [1.0, 2.0])
 
 
@@ -138,11 +160,11 @@ def test_fedasync_server_lr_scales_the_step() -> None:
 def test_max_staleness_drops_and_counts(name: str) -> None:
     s = make(name, buffer_size=1, max_staleness=1)
     for v in range(3):  # versions 0 -> 3
-        assert s.offer(upd([1.0, 1.0], base=v))
+        assert offer(s, upd([1.0, 1.0], base=v))
     before = s.global_weights["w"]
-    assert s.offer(upd([5.0, 5.0], base=2))  # staleness 1: kept
-    assert not s.offer(upd([5.0, 5.0], base=1))  # staleness 3: dropped
-    assert not s.offer(upd([5.0, 5.0], base=0))  # staleness 4: dropped
+    assert offer(s, upd([5.0, 5.0], base=2))  # staleness 1: kept
+    assert not offer(s, upd([5.0, 5.0], base=1))  # staleness 3: dropped
+    assert not offer(s, upd([5.0, 5.0], base=0))  # staleness 4: dropped
     assert s.stale_dropped == 2 and s.version == 4 and s.pending == 0
     assert s.staleness_counts == {0: 3, 1: 1, 3: 1, 4: 1}
     assert not torch.equal(s.global_weights["w"], before)
@@ -184,7 +206,7 @@ def test_state_dict_round_trip_mid_buffer(name: str, tmp_path) -> None:
 
     def feed(s: AsyncServerStrategy, start: int, stop: int) -> None:
         for i in range(start, stop):
-            s.offer(upd([0.3 * i + 0.1, -0.2 * i], base=max(0, s.version - i % 4), n=i + 1, cid=i))
+            offer(s, upd([0.3 * i + 0.1, -0.2 * i], base=max(0, s.version - i % 4), n=i + 1, cid=i))
 
     cfg = dict(name=name, buffer_size=3, staleness_exponent=0.5, max_staleness=1, lr=0.7)
     a = make(**cfg, x0=(1.0, -1.0))
@@ -195,6 +217,7 @@ def test_state_dict_round_trip_mid_buffer(name: str, tmp_path) -> None:
     save_file(a.state_dict(), str(path))
     b = build_server_strategy(ServerAlgoConfig(**cfg), 4)
     b.load_state_dict(load_file(str(path)))
+    b.history = dict(a.history)  # the published versions in-flight tasks trained from travel with a checkpoint
     assert (b.version, b.pending, b.staleness_counts, b.stale_dropped) == \
         (a.version, a.pending, a.staleness_counts, a.stale_dropped)
     assert a.stale_dropped > 0 and len(a.staleness_counts) > 1

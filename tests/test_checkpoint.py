@@ -56,7 +56,7 @@ def test_resume_without_a_checkpoint_names_the_folder(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", [
     ["algorithm.server.name=fedadagrad"],
-    ["algorithm.server.name=scaffold", "algorithm.client.name=scaffold"],
+    ["algorithm.server.name=scaffold", "algorithm.client.name=scaffold", "training.optimizer=sgd", "training.lr=0.05"],
     # Asynchronous: 4 clients in flight for a buffer of 2, so stale tasks are in flight at each checkpoint.
     ["algorithm.server.name=fedbuff", "algorithm.server.buffer_size=2", "scheduler.concurrency=4",
      "scheduler.speed=lognormal"],

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from fedsim.algorithms import CLIENT_STRATEGIES, LocalContext, build_client_strategy, build_server_strategy
 from fedsim.algorithms.client import edge_layers
-from fedsim.config import ClientAlgoConfig, ServerAlgoConfig
+from fedsim.config import ClientAlgoConfig, ServerAlgoConfig, TrainingConfig
 from fedsim.messages import ClientUpdate
+from fedsim.training import train_locally
 
 
 def ctx_for(global_weights, layer_of=None, num_layers=0, extras=None, state=None) -> LocalContext:
@@ -165,35 +168,65 @@ def test_scaffold_client_first_round_starts_from_zero() -> None:
     assert close(state2["w"], [1.0, -2.0]) and close(extras["control/w"], [0.0, 0.0])
 
 
-def test_scaffold_round_trip_through_server() -> None:
-    """One SCAFFOLD round with the documented training loop (plain SGD) on a quadratic loss."""
-    n_clients, lr, steps = 2, 0.1, 3
-    server = build_server_strategy(ServerAlgoConfig(name="scaffold"), n_clients)
+class Quadratic(torch.nn.Module):
+    """A client's loss ½ a ‖w − t‖², with its own curvature a and optimum t (given by the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, target: torch.Tensor, curvature: float) -> SimpleNamespace:
+        return SimpleNamespace(loss=0.5 * curvature * (self.w - target).pow(2).sum())
+
+
+# Two clients of different curvature: the optimum of their sum is Σ a_i t_i / Σ a_i = [0.2, -0.8].
+CLIENTS = [(1.0, torch.tensor([1.0, 0.0])), (4.0, torch.tensor([0.0, -1.0]))]
+OPTIMUM = torch.tensor([0.2, -0.8])
+
+
+def federate(algorithm: str, rounds: int, steps: int = 5, lr: float = 0.1):
+    """``rounds`` of full participation, each client running fedsim's local training loop
+    (``train_locally`` with ``training.optimizer=sgd``) for ``steps`` steps."""
+    model = Quadratic()
+    params = {"w": model.w}
+    server = build_server_strategy(ServerAlgoConfig(name="scaffold" if algorithm == "scaffold" else "fedavg"),
+                                   len(CLIENTS))
     server.init({"w": torch.zeros(2)})
-    targets = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, -1.0])]
+    strategy = build_client_strategy(ClientAlgoConfig(name=algorithm))
+    training = TrainingConfig(optimizer="sgd", max_grad_norm=0.0)
     states: dict[int, dict] = {}
-    strategy = build_client_strategy(ClientAlgoConfig(name="scaffold"))
-    for cid, target in enumerate(targets):
-        gw = server.global_weights
-        strategy.begin(ctx_for(gw, extras=server.broadcast_extras(), state=states.get(cid)))
-        params = params_of({"w": [0.0, 0.0]})
-        opt = torch.optim.SGD(params.values(), lr=lr)
-        for _ in range(steps):
-            loss = 0.5 * (params["w"] - target).pow(2).sum()
-            loss.backward()
-            strategy.correct_gradients(params)
-            opt.step()
-            opt.zero_grad()
-        extras, states[cid] = strategy.finish(params, steps, lr)
-        delta = {"w": params["w"].detach() - gw["w"]}
-        update = ClientUpdate(cid, delta, num_samples=1, extras=extras)
-        server.accumulate(update, server.weight_of(update))
-    server.finalize()
-    # With c = c_i = 0, SGD on ½‖w − t‖² from 0 gives w_K = (1 − 0.9³)·t = 0.271·t, and
-    # c_i⁺ = −w_K/(K·lr) = −0.271·t/0.3; the server control is their mean (all clients sampled).
-    expected_c = -(0.271 / 0.3) * (targets[0] + targets[1]) / 2
-    assert torch.allclose(server.broadcast_extras()["control/w"], expected_c, atol=1e-6)
-    assert torch.allclose(server.global_weights["w"], 0.271 * (targets[0] + targets[1]) / 2, atol=1e-6)
+    for _ in range(rounds):
+        start, extras = server.global_weights, server.broadcast_extras()
+        for cid, (curvature, target) in enumerate(CLIENTS):
+            with torch.no_grad():
+                model.w.copy_(start["w"])
+            batches = [{"target": target, "curvature": curvature}] * steps
+            done, _ = train_locally(model, params, batches, strategy, ctx_for(start, extras=extras,
+                                                                             state=states.get(cid)), training, lr)
+            control, state = strategy.finish(params, done, lr)
+            if state is not None:
+                states[cid] = state
+            update = ClientUpdate(cid, {"w": model.w.detach() - start["w"]}, num_samples=1, extras=control)
+            server.accumulate(update, server.weight_of(update))
+        server.finalize()
+    return server, states
+
+
+def test_scaffold_removes_client_drift_that_fedavg_keeps() -> None:
+    # Several local SGD steps on clients of different curvature: FedAvg settles off the optimum (client
+    # drift), SCAFFOLD's control variates correct it.
+    fedavg, _ = federate("plain", rounds=30)
+    assert (fedavg.global_weights["w"] - OPTIMUM).abs().max() > 0.05
+    scaffold, states = federate("scaffold", rounds=30)
+    assert torch.allclose(scaffold.global_weights["w"], OPTIMUM, atol=1e-4)
+    # Each c_i converges to its client's gradient at the optimum, a_i (w* − t_i), and c to their mean, 0.
+    for cid, (curvature, target) in enumerate(CLIENTS):
+        assert torch.allclose(states[cid]["w"], curvature * (OPTIMUM - target), atol=1e-3)
+    assert scaffold.broadcast_extras()["control/w"].abs().max() < 1e-3
+    # ... and on the way there c is not zero: after one round it is the mean of the clients' drifts.
+    first, first_states = federate("scaffold", rounds=1)
+    c = first.broadcast_extras()["control/w"]
+    assert c.abs().min() > 0.01 and torch.allclose(c, (first_states[0]["w"] + first_states[1]["w"]) / 2)
 
 
 def test_used_before_begin() -> None:

@@ -3,7 +3,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fedsim.config import ConfigError, ExperimentConfig, load_config, to_yaml, validate
+from fedsim.config import ConfigError, ExperimentConfig, to_yaml
+from fedsim.validation import load_config, validate
+from real_fixtures import make_dataset
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.yaml"
 
@@ -108,6 +110,8 @@ def test_wrong_type_names_the_key():
         ("output.progress=maybe", "output.progress", ["auto", "always", "never"]),
         ("data.task=caption", "data.task", ["classification", "vqa"]),
         ("data.dataset=mnist", "data.dataset", ["synthetic"]),
+        ("training.optimizer=adam", "training.optimizer", ["adamw", "sgd"]),
+        ("algorithm.server.fedasync_rule=avg", "algorithm.server.fedasync_rule", ["mix", "delta"]),
     ],
 )
 def test_value_outside_choices_names_key_and_allowed_values(override, key, allowed):
@@ -163,9 +167,43 @@ def test_scaffold_on_one_side_only_is_rejected(side):
     assert "algorithm.client.name" in msg and "algorithm.server.name" in msg
 
 
-def test_scaffold_on_both_sides_is_accepted():
-    cfg = load_config(QUICKSTART, ["algorithm.client.name=scaffold", "algorithm.server.name=scaffold"])
+SCAFFOLD = ["algorithm.client.name=scaffold", "algorithm.server.name=scaffold"]
+
+
+def test_scaffold_on_both_sides_with_sgd_is_accepted():
+    cfg = load_config(QUICKSTART, SCAFFOLD + ["training.optimizer=sgd"])
     assert cfg.algorithm.client.name == cfg.algorithm.server.name == "scaffold"
+
+
+def test_scaffold_with_adamw_names_the_optimizer():
+    message = _error(SCAFFOLD)  # adamw is the default optimizer
+    assert "'training.optimizer'" in message and "'adamw'" in message and "'sgd'" in message
+
+
+def test_scaffold_with_momentum_names_the_momentum():
+    message = _error(SCAFFOLD + ["training.optimizer=sgd", "training.momentum=0.9"])
+    assert "'training.momentum'" in message and "SCAFFOLD" in message
+
+
+def test_momentum_is_sgd_only_and_below_one():
+    cfg = load_config(QUICKSTART, ["training.optimizer=sgd", "training.momentum=0.9"])
+    assert (cfg.training.optimizer, cfg.training.momentum) == ("sgd", 0.9)
+    message = _error(["training.momentum=0.9"])  # with the default adamw
+    assert "'training.momentum'" in message and "training.optimizer=sgd" in message
+    for bad in ("1.0", "-0.1"):
+        message = _error(["training.optimizer=sgd", f"training.momentum={bad}"])
+        assert "'training.momentum'" in message and "[0, 1)" in message
+
+
+@pytest.mark.parametrize("server", ["fedadagrad", "fedyogi", "fedadam"])
+@pytest.mark.parametrize("tau", ["0", "inf"])
+def test_adaptive_servers_need_a_positive_tau(server, tau):
+    message = _error([f"algorithm.server.name={server}", f"algorithm.server.tau={tau}"])
+    assert "'algorithm.server.tau'" in message and server in message
+
+
+def test_tau_is_free_for_servers_that_do_not_use_it():
+    assert load_config(QUICKSTART, ["algorithm.server.tau=0"]).algorithm.server.tau == 0  # fedavg
 
 
 def test_empty_lora_targets_rejected():
@@ -291,3 +329,81 @@ def test_cli_takes_yaml_layers_before_overrides(tmp_path, capsys):
 
     assert main(["partition", str(QUICKSTART), "federation.rounds=2", str(QUICKSTART)]) == 2
     assert "before key=value overrides" in capsys.readouterr().err
+
+
+def test_config_module_imports_no_registry():
+    """fedsim.config is pure data: the registries import it, so it must not import them (not even lazily)."""
+    import ast
+
+    import fedsim.config
+
+    tree = ast.parse(Path(fedsim.config.__file__).read_text())
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert not [name for name in imported if name and name.startswith("fedsim")]
+
+
+# -- data sources of the scenarios --------------------------------------------------------------------------
+
+MODALITY_TASK = ["partition.num_clients=10", "data.task=vqa", "data.scenarios.modality_task.image_clients=5"]
+TEXT = "data.scenarios.modality_task."
+
+
+@pytest.fixture
+def real_data(tmp_path) -> Path:
+    """Fixture folders of a few real datasets under tmp_path/<name>, and an empty folder tmp_path/empty."""
+    for name in ("medalpaca", "vqa_rad", "hateful_memes"):
+        make_dataset(name, tmp_path / name)
+    (tmp_path / "empty").mkdir()
+    return tmp_path
+
+
+def test_modality_task_with_a_real_text_source_loads(real_data):
+    cfg = load_config(QUICKSTART, MODALITY_TASK + [f"{TEXT}text_dataset=medalpaca",
+                                                   f"{TEXT}text_path={real_data / 'medalpaca'}"])
+    assert cfg.data.scenarios["modality_task"]["text_dataset"] == "medalpaca"
+    load_config(QUICKSTART, MODALITY_TASK + [f"{TEXT}text_dataset=medalpaca", f"{TEXT}text_hub=medalpaca/cards"])
+
+
+@pytest.mark.parametrize("overrides, key, expected", [
+    (["text_dataset=mnist"], "text_dataset", "medalpaca, synthetic"),  # not a dataset
+    (["text_dataset=vqa_rad", "text_path={root}/vqa_rad"], "text_dataset", "carry images"),  # not text-only
+    (["text_task=caption"], "text_task", "'textqa'"),  # not a synthetic task
+    (["text_task=classification"], "text_task", "'textqa'"),  # a synthetic task with images
+    (["text_path={root}/medalpaca"], "text_path", "'synthetic'"),  # the synthetic source has no path
+    (["text_hub=someone/cards"], "text_hub", "'synthetic'"),
+    (["text_dataset=medalpaca"], "text_path", "text_hub"),  # a real source needs one of them
+    (["text_dataset=medalpaca", "text_path={root}/nowhere"], "text_path", "does not exist"),
+    (["text_dataset=medalpaca", "text_path={root}/empty"], "text_path", "medical_meadow_wikidoc_medical_flashcards"),
+], ids=["unknown-dataset", "dataset-with-images", "unknown-task", "task-with-images", "synthetic-path",
+        "synthetic-hub", "real-without-source", "missing-folder", "incomplete-folder"])
+def test_modality_task_text_source_is_checked_at_load(real_data, overrides, key, expected):
+    message = _error(MODALITY_TASK + [TEXT + o.format(root=real_data) for o in overrides])
+    assert f"data.scenarios.modality_task.{key}" in message and expected in message
+
+
+def test_modality_task_synthetic_text_source_needs_rows(real_data):
+    """gpu.yaml's data.num_train 0 (all rows of a real dataset) gave the synthetic text clients 0 rows."""
+    real = ["data.dataset=hateful_memes", f"data.path={real_data / 'hateful_memes'}"]
+    for rows in ("num_train", "num_test"):
+        message = _error(MODALITY_TASK + real + [f"data.{rows}=0"])
+        assert f"'data.{rows}'" in message and "data.scenarios.modality_task" in message
+    real_text = [f"{TEXT}text_dataset=medalpaca", f"{TEXT}text_path={real_data / 'medalpaca'}"]
+    load_config(QUICKSTART, MODALITY_TASK + real + real_text + ["data.num_train=0", "data.num_test=0"])
+
+
+def test_modality_task_belongs_to_the_training_split_only():
+    message = _error(["data.test_scenarios.modality_task.image_clients=1"])
+    assert "data.test_scenarios.modality_task" in message and "data.scenarios" in message
+
+
+@pytest.mark.parametrize("where", ["scenarios", "test_scenarios"])
+def test_multilingual_needs_synthetic_rows(real_data, where):
+    step = f"data.{where}.multilingual.languages=[en,de]"
+    assert load_config(QUICKSTART, [step]).data.dataset == "synthetic"
+    message = _error(["data.dataset=hateful_memes", f"data.path={real_data / 'hateful_memes'}", step])
+    assert f"'data.{where}.multilingual'" in message and "'hateful_memes'" in message and "synthetic" in message
+    # ...and the text-only clients' rows too
+    message = _error(MODALITY_TASK + [f"{TEXT}text_dataset=medalpaca", f"{TEXT}text_path={real_data / 'medalpaca'}",
+                                      step])
+    assert f"'data.{where}.multilingual'" in message and "'medalpaca'" in message

@@ -101,3 +101,10 @@ def test_classification_metrics():
     assert set(classification_metrics(preds, refs, scores, num_classes=3)) == {"accuracy", "macro_f1"}
     single = classification_metrics([1, 1], [1, 1], positive_scores=[0.3, 0.4], num_classes=2)
     assert math.isnan(single["roc_auc"])
+
+
+def test_classification_macro_f1_averages_over_classes_present():
+    # 4 options, classes 2 and 3 in neither truth nor predictions: they do not count (scikit-learn's default).
+    # class 0: TP1 FP1 FN0 -> 2/3; class 1: TP0 FP0 FN1 -> 0; macro over {0, 1} = 1/3 (not 1/6 over 4 classes)
+    out = classification_metrics([0, 0], [0, 1], num_classes=4)
+    assert out["macro_f1"] == pytest.approx(1 / 3)

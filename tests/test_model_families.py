@@ -1,7 +1,10 @@
-"""The loading path beyond the LLaVA preset: tiny random Idefics3 (SmolVLM) and Qwen2-VL models, built offline.
+"""The loading path beyond the LLaVA preset: tiny random Idefics3 (SmolVLM), Qwen2-VL, Gemma3 and Mllama models,
+built offline.
 
-Each model is saved to a folder and goes through ``load_model`` exactly as a hub checkpoint would: 4-bit
-language model, LoRA on its attention projections only, mixed-modality batches, training and evaluation.
+Each model is saved to a folder with its processor and goes through ``load_model`` exactly as a hub checkpoint
+would. Idefics3 and Qwen2-VL go all the way: 4-bit language model, LoRA on its attention projections only,
+mixed-modality batches, training and evaluation. Every family, the LLaVA preset included, checks which
+trainable parameters FedMLLM's regularization pulls to the global model.
 """
 
 import bitsandbytes as bnb
@@ -10,12 +13,20 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessorPil,
     Idefics3Processor,
     Idefics3VisionConfig,
     LlamaConfig,
+    MllamaConfig,
+    MllamaForConditionalGeneration,
+    MllamaImageProcessorPil,
+    MllamaProcessor,
     PreTrainedTokenizerFast,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -24,16 +35,17 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
-from fedsim.config import EvalConfig, ModelConfig
+from fedsim.algorithms import LocalContext, build_client_strategy
+from fedsim.config import ClientAlgoConfig, EvalConfig, LoraConfig, ModelConfig
 from fedsim.data.collator import Collator, user_text
 from fedsim.data.synthetic import generate
 from fedsim.evaluation import Evaluator
-from fedsim.models.loading import LAYER_PATTERN, load_model, without_video_processor
+from fedsim.models.loading import LAYER_PATTERN, LoadedModel, check_layer_window, load_model, without_video_processor
 
 from conftest import adamw_steps
 
 IMAGE_SIZE = 32
-TEXT_LAYERS = 2
+TEXT_LAYERS = 3  # enough for FedMLLM's window to leave layers free at both ends
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=TEXT_LAYERS, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512)
 
@@ -55,6 +67,11 @@ QWEN2_VL_TEMPLATE = (
 )
 QWEN2_VL_TOKENS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                    "<|image_pad|>", "<|video_pad|>"]
+
+GEMMA3_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                 "<image_soft_token>", "<end_of_image>"]
+MLLAMA_TOKENS = ["<pad>", "<unk>", "<|begin_of_text|>", "<|eot_id|>", "<|image|>", "<|python_tag|>"]
+MLLAMA_LAYERS = 4  # self, cross, self, self: FedMLLM's window 1..2 holds a cross- and a self-attention layer
 
 
 def _tokenizer(special_tokens: list[str], **roles: str) -> PreTrainedTokenizerFast:
@@ -122,7 +139,43 @@ def build_qwen2_vl(out_dir) -> None:
     processor.save_pretrained(out_dir)
 
 
-BUILDERS = {"idefics3": build_idefics3, "qwen2_vl": build_qwen2_vl}
+def build_gemma3(out_dir) -> None:
+    """SigLIP tower (32 px, patch 8) pooled to 4 soft tokens per image + Gemma3 text model."""
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(GEMMA3_TOKENS, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                           extra_special_tokens={"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
+                                                 "eoi_token": "<end_of_image>"})
+    image_processor = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = Gemma3Processor(image_processor, tokenizer, image_seq_length=4)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in GEMMA3_TOKENS}
+    text = dict(TEXT, head_dim=16, sliding_window=16, vocab_size=len(tokenizer), pad_token_id=ids["<pad>"],
+                bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=IMAGE_SIZE, patch_size=8)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          boi_token_id=ids["<start_of_image>"], eoi_token_id=ids["<end_of_image>"],
+                          image_token_id=ids["<image_soft_token>"])
+    Gemma3ForConditionalGeneration(config).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def build_mllama(out_dir) -> None:
+    """Tiled vision model (local + global layers) + Mllama text model whose decoder layer 1 is cross-attention."""
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(MLLAMA_TOKENS, pad_token="<pad>", bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    processor = MllamaProcessor(MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}), tokenizer)
+    text = dict(TEXT, num_hidden_layers=MLLAMA_LAYERS, cross_attention_layers=[1], vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                  image_size=IMAGE_SIZE, patch_size=8, vision_output_dim=64, intermediate_layers_indices=[0])
+    config = MllamaConfig(text_config=text, vision_config=vision,
+                          image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
+    MllamaForConditionalGeneration(config).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+BUILDERS = {"idefics3": build_idefics3, "qwen2_vl": build_qwen2_vl, "gemma3": build_gemma3, "mllama": build_mllama}
+TRAINED = ("idefics3", "qwen2_vl")  # families that also run the collator, training and evaluation tests
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -134,11 +187,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
-def loaded(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    BUILDERS[request.param](folder)
-    return load_model(ModelConfig(name=str(folder)), seed=0)
+@pytest.fixture(scope="module")
+def model_folder(request, tmp_path_factory):
+    """family -> the folder of its tiny model, built on first use ("llava": the built-in preset)."""
+    folders = {}
+
+    def folder(family: str):
+        if family == "llava":
+            return request.getfixturevalue("tiny_path")
+        if family not in folders:
+            folders[family] = tmp_path_factory.mktemp(family)
+            BUILDERS[family](folders[family])
+        return folders[family]
+
+    return folder
+
+
+@pytest.fixture(scope="module", params=TRAINED)
+def loaded(request, model_folder):
+    return load_model(ModelConfig(name=str(model_folder(request.param))), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +256,7 @@ def test_mixed_batch_keeps_every_input_the_model_needs(loaded, mixed_samples):
 
 def test_evaluate_train_evaluate(loaded, mixed_samples):
     test = generate("classification", 4, "test", seed=0)
-    evaluator = Evaluator(loaded.processor, test, EvalConfig(batch_size=4), 256, loaded.device)
+    evaluator = Evaluator(loaded.processor, test, EvalConfig(batch_size=4), 256, loaded.device, seed=0)
     before = evaluator.evaluate(loaded.model)
     assert 0.0 <= before["accuracy"] <= 1.0
 
@@ -206,6 +273,40 @@ def test_evaluate_train_evaluate(loaded, mixed_samples):
 
 def test_greedy_answers_for_open_questions(loaded):
     test = generate("vqa", 3, "test", seed=0)
-    evaluator = Evaluator(loaded.processor, test, EvalConfig(batch_size=3, max_new_tokens=2), 256, loaded.device)
+    evaluator = Evaluator(loaded.processor, test, EvalConfig(batch_size=3, max_new_tokens=2), 256,
+                          loaded.device, seed=0)
     scores = evaluator.evaluate(loaded.model)
     assert 0.0 <= scores["accuracy"] <= 1.0 and 0.0 <= scores["token_f1"] <= 1.0
+
+
+# LoRA on the vision tower (q_proj/v_proj, Qwen2-VL's qkv, every tower's fc1) as well as on the language model:
+# the regularization must pick the language model's window layers out of all of them.
+EVERYWHERE = LoraConfig(target_modules=["q_proj", "v_proj", "qkv", "fc1"])
+WINDOW = 0.25  # s = round(0.25 L) = 1 for L = 3 and 4: layers 1..L-2 regularized, the first and last left free
+
+
+def window_parameters(loaded: LoadedModel, edge: int) -> set[str]:
+    """Trainable parameters inside decoder layers edge..L-1-edge, found by walking the language model's modules."""
+    layers = loaded.model.get_base_model().get_decoder().layers
+    assert len(layers) == loaded.num_layers
+    inside = {id(p) for layer in layers[edge:len(layers) - edge] for p in layer.parameters() if p.requires_grad}
+    return {n for n, p in loaded.model.named_parameters() if id(p) in inside}
+
+
+@pytest.mark.parametrize("family", ["llava", *sorted(BUILDERS)])
+def test_fedmllm_reg_pulls_exactly_the_window_layers(family, model_folder):
+    loaded = load_model(ModelConfig(name=str(model_folder(family)), lora=EVERYWHERE), seed=0)
+    cfg = ClientAlgoConfig(name="fedmllm_reg", window=WINDOW)
+    strategy = build_client_strategy(cfg)
+    strategy.begin(LocalContext({}, {}, None, loaded.layer_of, loaded.num_layers))
+    assert strategy.edge == 1
+
+    trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+    expected = window_parameters(loaded, strategy.edge)
+    free_layers = window_parameters(loaded, 0) - expected
+    # Discriminating: LoRA sits in the window, in the free edge layers and in the vision tower.
+    assert expected and free_layers and trainable - expected - free_layers
+    if family == "mllama":  # its cross-attention layer is decoder layer 1, inside the window
+        assert any(".cross_attn." in n for n in expected)
+    assert {n for n in trainable if strategy.regularized(n)} == expected
+    check_layer_window(loaded, cfg)

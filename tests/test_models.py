@@ -44,7 +44,7 @@ def test_weights_round_trip_and_digest(loaded):
 def test_eval_then_train_then_eval_on_one_model(loaded):
     """bitsandbytes repacks 4-bit weights after an eval-mode forward on some CPUs; fedsim must avoid it."""
     data = generate("classification", 16, "train", 0)
-    evaluator = Evaluator(loaded.processor, data, EvalConfig(batch_size=8), 128, loaded.device)
+    evaluator = Evaluator(loaded.processor, data, EvalConfig(batch_size=8), 128, loaded.device, seed=0)
     before = evaluator.evaluate(loaded.model)
     initial = get_weights(loaded.model)
     batch = Collator(loaded.processor, 128, train=True)([data[i] for i in range(8)])

@@ -8,6 +8,7 @@ import pytest
 
 from actors.runtime import run_ray
 from fedsim.engine import run_sequential
+from fedsim.models.adapter import adapter_sha256
 from fedsim.output import read_metrics
 
 from conftest import small_config
@@ -79,3 +80,14 @@ def test_a_killed_worker_is_replaced_and_the_result_is_unchanged(ray_cluster, tm
     assert summary["worker_restarts"] >= 1
     assert summary["client_updates"] == fault_free["client_updates"] == 3 * 3
     assert summary["adapter_sha256"] == fault_free["adapter_sha256"]
+
+
+def test_rejected_updates_leave_client_state_untouched_on_ray(ray_cluster, tmp_path):
+    """Every update is over the norm bound, so no client may keep the personal adapter it trained: the
+    personalized evaluation falls back to the initial adapter for all, and the digest covers no adapter."""
+    cfg = small_config(tmp_path, "algorithm.server.name=local_only", "runtime.max_update_norm=1e-9",
+                       "federation.rounds=1", "runtime.num_workers=1")
+    summary = run_ray(cfg, tmp_path / "run")
+    assert summary["rejected_by_reason"] == {"norm": 3} and summary["client_updates"] == 0
+    assert summary["final_metrics"] == summary["zero_shot_metrics"]
+    assert summary["adapter_sha256"] == adapter_sha256({})

@@ -16,17 +16,11 @@ from fedsim.config import DataConfig
 from fedsim.data import check_data_source
 from fedsim.data.real import REAL_DATASETS, RealDataset
 from fedsim.data.real import base as real_base
-from fedsim.data.real.crisismmd import MERGED, OPTIONS as CRISIS_OPTIONS, class_index
+from fedsim.data.real.crisismmd import OPTIONS as CRISIS_OPTIONS, class_index
 from fedsim.data.real.slake import Slake
 from fedsim.data.schema import FEATURES, OPTION_LETTERS
-
-COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200),
-           (120, 120, 120), (250, 250, 250), (10, 10, 10), (90, 40, 160)]
-
-
-def _image(path: Path, i: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), COLOURS[i % len(COLOURS)]).save(path)
+from real_fixtures import (COLOURS, CRISIS_TRAIN, SCIENCEQA_PROBLEMS, make_crisismmd, make_hateful_memes,
+                           make_medalpaca, make_scienceqa, make_slake, make_vqa_rad, write_image, write_json)
 
 
 def _pil(i: int) -> Image.Image:
@@ -37,124 +31,6 @@ def _colour(image: Image.Image) -> int:
     """Index of the fixture colour an image was filled with (JPEG shifts a channel by a few levels)."""
     pixel = image.convert("RGB").getpixel((4, 4))
     return min(range(len(COLOURS)), key=lambda i: sum(abs(a - b) for a, b in zip(pixel, COLOURS[i])))
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
-
-
-# -- fixtures in each source's format ---------------------------------------------------------------------
-
-
-def make_hateful_memes(root: Path) -> None:
-    for split, ids in (("train", range(6)), ("dev_seen", range(10, 13))):
-        lines = []
-        for i in ids:
-            _image(root / "img" / f"{i:05d}.png", i)
-            lines.append(json.dumps({"id": i, "img": f"img/{i:05d}.png", "label": i % 2, "text": f"meme text {i}"}))
-        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "test_seen.jsonl").write_text(json.dumps({"id": 99, "img": "img/00099.png", "text": "no label"}) + "\n")
-
-
-CRISIS_HEADER = ["event_name", "tweet_id", "image_id", "tweet_text", "image", "label", "label_text", "label_image",
-                 "label_text_image"]
-CRISIS_TRAIN = [("rescue_volunteering_or_donation_effort", "Volunteers needed at the shelter"),
-                ("not_humanitarian", 'He said "what a storm'),  # a stray quote must not swallow the next line
-                ("infrastructure_and_utility_damage", "Bridge washed out"),
-                ("vehicle_damage", "Cars burned"),  # a fine class, merged
-                ("other_relevant_information", "Tornado watch for three counties"),
-                ("affected_individuals", "Families displaced")]
-CRISIS_TEST = [("not_humanitarian", "Good morning"), ("affected_individuals", "Four injured")]
-
-
-def make_crisismmd(root: Path) -> None:
-    for split, items in (("train", CRISIS_TRAIN), ("dev", CRISIS_TEST), ("test", CRISIS_TEST)):
-        lines = ["\t".join(CRISIS_HEADER)]
-        for i, (label, text) in enumerate(items):
-            tweet = f"{split}{i}"
-            image = f"data_image/hurricane_harvey/10_9_2017/{tweet}_0.jpg"
-            _image(root / image, i)
-            merged = MERGED.get(label, label)
-            lines.append("\t".join(["hurricane_harvey", tweet, f"{tweet}_0", text, image, label, merged, merged,
-                                    "Positive"]))
-        path = root / "crisismmd_datasplit_agreed_label" / f"task_humanitarian_text_img_agreed_lab_{split}.tsv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-VQA_RAD_ITEMS = [
-    ("synpic1.jpg", "Is there a fracture?", "yes", "freeform"),
-    ("synpic1.jpg", "Is a bone broken?", "Yes", "para"),
-    ("synpic2.jpg", "How many lesions are seen?", 2, "freeform"),
-    ("synpic3.jpg", "What organ is shown?", "lung", "freeform"),
-    ("synpic3.jpg", "Which organ is this?", "lung", "test_freeform"),
-    ("synpic2.jpg", "Is there a mass?", "no", "test_para"),
-]
-
-
-def make_vqa_rad(root: Path) -> None:
-    for i, name in enumerate(("synpic1.jpg", "synpic2.jpg", "synpic3.jpg")):
-        _image(root / "VQA_RAD Image Folder" / name, i)
-    _write_json(root / "VQA_RAD Dataset Public.json",
-                [{"qid": i, "image_name": img, "question": q, "answer": a, "answer_type": "CLOSED",
-                  "phrase_type": phrase, "question_type": "PRES", "image_organ": "CHEST"}
-                 for i, (img, q, a, phrase) in enumerate(VQA_RAD_ITEMS)])
-
-
-def _slake_item(qid: int, img: int, question: str, answer: str, lang: str = "en") -> dict:
-    return {"img_id": img, "img_name": f"xmlab{img}/source.jpg", "question": question, "answer": answer,
-            "q_lang": lang, "location": "Lung", "modality": "CT", "answer_type": "OPEN", "base_type": "vqa",
-            "content_type": "Organ", "triple": ["vhead", "_", "_"], "qid": qid}
-
-
-def make_slake(root: Path) -> None:
-    for img in range(3):
-        _image(root / "imgs" / f"xmlab{img}" / "source.jpg", img)
-    _write_json(root / "train.json", [
-        _slake_item(1, 0, "What modality is used to take this image?", "CT"),
-        _slake_item(2, 0, "这张图片使用了什么模态？", "CT", lang="zh"),
-        _slake_item(3, 1, "Which organ is abnormal?", "Lung"),
-        _slake_item(4, 1, "Does the picture contain liver?", "No"),
-        _slake_item(5, 2, "Where is the abnormality?", "Left Lung"),
-    ])
-    _write_json(root / "validate.json", [_slake_item(6, 2, "Is this a CT?", "Yes")])
-    _write_json(root / "test.json", [_slake_item(7, 2, "What is the largest organ?", "Liver"),
-                                     _slake_item(8, 2, "最大的器官是什么？", "肝脏", lang="zh")])
-
-
-def make_medalpaca(root: Path) -> None:
-    cards = [{"instruction": "Answer this question truthfully", "input": f"What does marker {i} indicate?",
-              "output": f"Condition {i}."} for i in range(20)]
-    cards.insert(3, {"instruction": "Answer this question truthfully", "input": "", "output": "orphan answer"})
-    _write_json(root / "medical_meadow_wikidoc_medical_flashcards.json", cards)
-
-
-SCIENCEQA_PROBLEMS = {
-    "1": {"question": "Which animal's mouth is adapted to tear meat?", "choices": ["sheep", "wolf", "horse"],
-          "answer": 1, "hint": "Look at the picture.", "image": "image.png", "split": "train"},
-    "2": {"question": "Which is a solid?", "choices": ["milk", "rock"], "answer": 1, "hint": "",
-          "image": "image.png", "split": "train"},
-    "3": {"question": "Which word comes first?", "choices": ["apple", "pear"], "answer": 0, "hint": "",
-          "image": None, "split": "train"},
-    "4": {"question": "Which state is highlighted?", "choices": ["Ohio", "Iowa", "Utah", "Idaho", "Maine"],
-          "answer": 4, "hint": "", "image": "image.png", "split": "train"},
-    "5": {"question": "Which is a mammal?", "choices": ["cat", "frog"], "answer": 0, "hint": "",
-          "image": "image.png", "split": "val"},
-    "6": {"question": "What is the capital of Texas?", "choices": ["Austin", "Dallas", "Houston"], "answer": 0,
-          "hint": "Texas is a state.", "image": "image.png", "split": "test"},
-    "7": {"question": "Which magnet pair attracts?", "choices": ["pair 1", "pair 2"], "answer": 1, "hint": "",
-          "image": "image.png", "split": "test"},
-}
-
-
-def make_scienceqa(root: Path) -> None:
-    for i, (pid, item) in enumerate(SCIENCEQA_PROBLEMS.items()):
-        item = dict(item, task="closed choice", grade="grade3", subject="natural science", lecture="", solution="")
-        if item["image"]:
-            _image(root / "images" / item["split"] / pid / "image.png", i)
-    _write_json(root / "problems.json", SCIENCEQA_PROBLEMS)
-    _write_json(root / "pid_splits.json", {"train": ["1", "2", "3", "4"], "val": ["5"], "test": ["6", "7"]})
 
 
 # name -> (builder, train rows, test rows, every row has an image, has_text per train row or one flag, classes)
@@ -206,6 +82,7 @@ def test_load_follows_the_schema(source):
     name, root = source
     _, n_train, n_test, with_image, with_text, num_classes = CASES[name]
     adapter = REAL_DATASETS[name]
+    assert adapter.text_only == (not with_image)  # what modality_task's text source check relies on
     adapter.check_source(_cfg(name, root))
     splits = adapter.load(_cfg(name, root), seed=0)
 
@@ -308,7 +185,7 @@ def test_a_file_without_the_expected_fields_is_named(source):
     name, root = source
     path = root / "VQA_RAD Dataset Public.json"
     items = json.loads(path.read_text())
-    _write_json(path, [{k: v for k, v in item.items() if k != "phrase_type"} for item in items])
+    write_json(path, [{k: v for k, v in item.items() if k != "phrase_type"} for item in items])
     with pytest.raises(ValueError, match=r"VQA_RAD Dataset Public\.json.*lacks fields \['phrase_type'\]"):
         REAL_DATASETS[name].load(_cfg(name, root), seed=0)
 
@@ -477,7 +354,7 @@ def test_vqa_rad_hub_mapping_and_load_through_the_hub_path(monkeypatch):
 
 def test_slake_hub_mapping_with_image_folder_or_image_column(tmp_path):
     images = tmp_path / "imgs"
-    _image(images / "xmlab0" / "source.jpg", 4)
+    write_image(images / "xmlab0" / "source.jpg", 4)
     ds = datasets.Dataset.from_dict({
         "img_id": [0, 0], "img_name": ["xmlab0/source.jpg"] * 2, "question": ["Which organ?", "哪个器官？"],
         "answer": ["Liver", "肝脏"], "q_lang": ["en", "zh"], "qid": [1, 2]})

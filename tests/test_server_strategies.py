@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedsim.algorithms import SERVER_STRATEGIES, ServerStrategy, build_server_strategy
-from fedsim.algorithms.server import FIXED_POINT_BITS
+from fedsim.algorithms.server import FIXED_POINT_BITS, UpdateError
 from fedsim.config import ServerAlgoConfig
 from fedsim.messages import ClientUpdate
 
@@ -49,7 +49,7 @@ def test_registry_names_match_config() -> None:
 def test_defaults_lr_and_weighting() -> None:
     assert make("fedavg").lr == 1.0 and make("fedavg").weighting == "samples"
     assert make("fedavgm").lr == 1.0 and make("fedavgm").weighting == "samples"
-    assert make("scaffold").weighting == "samples"
+    assert make("scaffold").weighting == "uniform"  # the paper's plain means, for x and for c
     for name in ("fedadagrad", "fedyogi", "fedadam"):
         assert make(name).lr == 1e-3 and make(name).weighting == "uniform"
     assert make("fedadam", lr=0.5, weighting="samples").lr == 0.5
@@ -133,21 +133,51 @@ def test_adaptive_initial_moments() -> None:
 
 
 def test_scaffold_server_control_update() -> None:
-    s = make("scaffold", num_clients=4)  # η = 1, N = 4
+    s = make("scaffold", num_clients=4)  # η = 1, N = 4, uniform weights (the paper)
     assert close(s.broadcast_extras()["control/w"], [0.0, 0.0])
-    # x: Δ = (1·[1, 2] + 3·[3, 0]) / 4 = [2.5, 0.5]
-    # c: |S|/N = 2/4, uniform mean of Δc = ([4, 0] + [0, 8]) / 2 = [2, 4];  c = 0.5·[2, 4] = [1, 2]
+    # x: Δ = ([1, 2] + [3, 0]) / 2 = [2, 1]
+    # c: (1/N) Σ Δc = ([4, 0] + [0, 8]) / 4 = [1, 2]
     x = round_(s, upd([1.0, 2.0], n=1, control__w=[4.0, 0.0]),
                upd([3.0, 0.0], n=3, cid=1, control__w=[0.0, 8.0]))
-    assert close(x, [2.5, 0.5])
+    assert close(x, [2.0, 1.0])
     assert close(s.broadcast_extras()["control/w"], [1.0, 2.0])
     # round 2: one client, Δc = [-4, 4];  c = [1, 2] + (1/4)·[-4, 4] = [0, 3];  x unchanged (Δ = 0)
     x = round_(s, upd([0.0, 0.0], n=5, control__w=[-4.0, 4.0]))
-    assert close(x, [2.5, 0.5])
+    assert close(x, [2.0, 1.0])
     assert close(s.broadcast_extras()["control/w"], [0.0, 3.0])
     # broadcast is a copy
     s.broadcast_extras()["control/w"].fill_(9.0)
     assert close(s.broadcast_extras()["control/w"], [0.0, 3.0])
+
+
+def test_scaffold_sample_weighting_weighs_the_control_update_like_the_model_update() -> None:
+    # Clients hold 1, 3, 2, 2 samples (8 in all); c stays the sample-weighted mean of all c_i.
+    s = build_server_strategy(ServerAlgoConfig(name="scaffold", weighting="samples"), 4, client_sizes=[1, 3, 2, 2])
+    s.init({"w": torch.tensor([0.0, 0.0])})
+    # x: Δ = (1·[1, 2] + 3·[3, 0]) / 4 = [2.5, 0.5];  c: (1·[4, 0] + 3·[0, 8]) / 8 = [0.5, 3]
+    x = round_(s, upd([1.0, 2.0], n=1, control__w=[4.0, 0.0]),
+               upd([3.0, 0.0], n=3, cid=1, control__w=[0.0, 8.0]))
+    assert close(x, [2.5, 0.5])
+    assert close(s.broadcast_extras()["control/w"], [0.5, 3.0])
+    with pytest.raises(ValueError, match="client_sizes"):
+        build_server_strategy(ServerAlgoConfig(name="scaffold", weighting="samples"), 4)
+
+
+@pytest.mark.parametrize("name", ["fedadagrad", "fedyogi", "fedadam"])
+@pytest.mark.parametrize("tau", [0.0, -1e-3, float("nan")])
+def test_adaptive_servers_refuse_a_tau_that_is_not_positive(name: str, tau: float) -> None:
+    with pytest.raises(ValueError, match="algorithm.server.tau"):
+        make(name, tau=tau)
+
+
+@pytest.mark.parametrize("name", ["fedadagrad", "fedyogi", "fedadam"])
+@pytest.mark.parametrize("tau", [1e-3, 1e-300])  # 1e-300 underflows float32: v0 = τ² = 0 and τ itself 0
+def test_adaptive_servers_never_produce_nan_from_a_zero_mean_delta(name: str, tau: float) -> None:
+    s = make(name, tau=tau, x0=(1.0, 2.0))
+    for _ in range(3):  # the second element never moves: its m and v stay at their initial values
+        x = round_(s, upd([0.5, 0.0]), upd([-0.25, 0.0], cid=1))
+        assert torch.isfinite(x).all() and x[1] == 2.0
+    assert all(torch.isfinite(t).all() for t in s.state_dict().values())
 
 
 def test_scaffold_requires_control_deltas() -> None:
@@ -307,7 +337,7 @@ def random_updates(seed: int, count: int = 50) -> list[ClientUpdate]:
 
 
 def run_in_order(name: str, updates: list[ClientUpdate], order: list[int]) -> dict[str, torch.Tensor]:
-    s = build_server_strategy(ServerAlgoConfig(name=name, weighting="samples"), 100)
+    s = build_server_strategy(ServerAlgoConfig(name=name, weighting="samples"), 100, client_sizes=[1] * 100)
     s.init({k: torch.zeros(shape) for k, shape in SHAPES.items()})
     weights = random.Random(7).sample(range(1, 10_000), len(updates))  # one random float weight per update
     for i in order:
@@ -350,11 +380,11 @@ def test_exact_mean_matches_float64_and_float32_sums_would_not_be_order_independ
 
 def test_overflow_is_an_error_naming_the_tensor_and_leaves_no_trace() -> None:
     s = make("fedavg")
-    with pytest.raises(OverflowError, match=r"'w'.*uniform weighting"):
+    with pytest.raises(UpdateError, match=r"'w'.*uniform weighting") as err:
         s.accumulate(upd([1e10, 0.0]), 1.0)  # a single term beyond 2**30
-    assert s.pending == 0
+    assert err.value.kind == "overflow" and s.pending == 0
     s.accumulate(upd([6e8, 1.0]), 1.0)
-    with pytest.raises(OverflowError, match=r"running weighted sum.*'w'|'w'.*running weighted sum"):
+    with pytest.raises(UpdateError, match=r"running weighted sum.*'w'|'w'.*running weighted sum"):
         s.accumulate(upd([6e8, 1.0]), 1.0)  # 1.2e9 > 2**30 ≈ 1.07e9
     assert s.pending == 1
     s.accumulate(upd([-6e8, 3.0]), 1.0)
@@ -364,7 +394,7 @@ def test_overflow_is_an_error_naming_the_tensor_and_leaves_no_trace() -> None:
 def test_scaffold_control_overflow_leaves_no_trace() -> None:
     s = make("scaffold")
     s.accumulate(upd([1.0, 1.0], control__w=[6e8, 0.0]), 1.0)
-    with pytest.raises(OverflowError, match="control/w"):
+    with pytest.raises(UpdateError, match="control/w"):
         s.accumulate(upd([1.0, 1.0], control__w=[6e8, 0.0]), 1.0)
     assert s.pending == 1 and int(s._sum["w"][0]) == 2 ** FIXED_POINT_BITS
 

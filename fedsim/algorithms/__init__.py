@@ -7,6 +7,8 @@ registry and say so with ``ServerStrategy.asynchronous``.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from fedsim.algorithms.asynchronous import AsyncServerStrategy
 from fedsim.algorithms.client import CLIENT_STRATEGIES, ClientStrategy, LocalContext
 from fedsim.algorithms.server import SERVER_STRATEGIES, ServerStrategy
@@ -30,8 +32,11 @@ def build_client_strategy(cfg: ClientAlgoConfig) -> ClientStrategy:
     return CLIENT_STRATEGIES[cfg.name](cfg)
 
 
-def build_server_strategy(cfg: ServerAlgoConfig, num_clients: int) -> ServerStrategy:
-    """The server strategy named by ``cfg.name``, for a federation of ``num_clients`` clients."""
+def build_server_strategy(cfg: ServerAlgoConfig, num_clients: int,
+                          client_sizes: Sequence[int] | None = None) -> ServerStrategy:
+    """The server strategy named by ``cfg.name``, for a federation of ``num_clients`` clients whose sample
+    counts are ``client_sizes`` (needed only by strategies that weigh the whole population, such as
+    SCAFFOLD's control variate under sample weighting)."""
     if cfg.name not in SERVER_STRATEGIES:
         raise _unknown("algorithm.server.name", cfg.name, SERVER_STRATEGIES)
-    return SERVER_STRATEGIES[cfg.name](cfg, num_clients)
+    return SERVER_STRATEGIES[cfg.name](cfg, num_clients, client_sizes)

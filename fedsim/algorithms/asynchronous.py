@@ -4,17 +4,19 @@ A client trains from global version v (``update.base_version``); offered at serv
 has staleness s = t − v and weight w(s) = (1 + s) ** −a with a = ``staleness_exponent`` (FLSim's polynomial
 staleness weight; a = 1 is FedScale's 1/(1+s), a = 0 ignores staleness). With ``max_staleness`` > 0,
 updates staler than that are dropped. Drive these strategies with ``offer(update)`` for each arriving
-update and ``flush()`` once at the end of a run; ``accumulate`` is for synchronous rounds only.
+update (with the global weights it was trained from, for the strategies that need them) and ``flush()``
+once at the end of a run; ``accumulate`` is for synchronous rounds only.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Sequence
 
 import torch
 
-from fedsim.algorithms.server import ServerStrategy, register
+from fedsim.algorithms.server import ServerStrategy, UpdateError, _check_named, register
 from fedsim.config import ServerAlgoConfig
 from fedsim.messages import ClientUpdate, NamedTensors
 
@@ -31,8 +33,8 @@ class AsyncServerStrategy(ServerStrategy):
     asynchronous = True
     default_weighting = "uniform"
 
-    def __init__(self, cfg: ServerAlgoConfig, num_clients: int) -> None:
-        super().__init__(cfg, num_clients)
+    def __init__(self, cfg: ServerAlgoConfig, num_clients: int, client_sizes: Sequence[int] | None = None) -> None:
+        super().__init__(cfg, num_clients, client_sizes)
         a = cfg.staleness_exponent
         if not (math.isfinite(a) and a >= 0):
             raise ValueError(f"config key 'algorithm.server.staleness_exponent' has invalid value {a!r}: "
@@ -59,13 +61,14 @@ class AsyncServerStrategy(ServerStrategy):
         """s = server version − the version the client trained from; ValueError if negative."""
         s = self.version - update.base_version
         if s < 0:
-            raise ValueError(f"update from client {update.client_id} was trained from version "
+            raise UpdateError("ahead_of_server", f"update from client {update.client_id} was trained from version "
                              f"{update.base_version}, ahead of the server's version {self.version}")
         return s
 
-    def offer(self, update: ClientUpdate) -> bool:
+    def offer(self, update: ClientUpdate, base: NamedTensors | None = None) -> bool:
         """Apply ``update`` per the algorithm and return True, or drop it as too stale and return False.
 
+        ``base`` is the global weights of ``update.base_version``, which the client trained from.
         Invalid updates raise before anything changes (the histogram included).
         """
         self._check_update(update)
@@ -77,11 +80,11 @@ class AsyncServerStrategy(ServerStrategy):
             logger.debug("dropped update from client %d: staleness %d > max_staleness %d",
                          update.client_id, s, limit)
             return False
-        self.apply_update(update, s)
+        self.apply_update(update, s, base)
         self._record(s)
         return True
 
-    def apply_update(self, update: ClientUpdate, staleness: int) -> None:
+    def apply_update(self, update: ClientUpdate, staleness: int, base: NamedTensors | None) -> None:
         """The algorithm: fold one (already validated, not dropped) update into the model or a buffer."""
         raise NotImplementedError
 
@@ -149,13 +152,13 @@ class FedBuff(AsyncServerStrategy):
 
     name = "fedbuff"
 
-    def __init__(self, cfg: ServerAlgoConfig, num_clients: int) -> None:
-        super().__init__(cfg, num_clients)
+    def __init__(self, cfg: ServerAlgoConfig, num_clients: int, client_sizes: Sequence[int] | None = None) -> None:
+        super().__init__(cfg, num_clients, client_sizes)
         if not cfg.buffer_size >= 1:
             raise ValueError(f"config key 'algorithm.server.buffer_size' has invalid value "
                              f"{cfg.buffer_size!r}: expected an integer >= 1")
 
-    def apply_update(self, update: ClientUpdate, staleness: int) -> None:
+    def apply_update(self, update: ClientUpdate, staleness: int, base: NamedTensors | None) -> None:
         n = self.weight_of(update)
         if n <= 0:
             raise ValueError(f"update from client {update.client_id} has {update.num_samples} samples; "
@@ -207,23 +210,25 @@ class FedBuff(AsyncServerStrategy):
 
 @register
 class FedAsync(AsyncServerStrategy):
-    """FedAsync (Xie et al., 2019) in the delta form used by FLSim: every update is applied on arrival,
+    """FedAsync (Xie et al., 2019): every update is applied on arrival, version += 1 per applied update,
+    with α_s = α · w(s), α = ``mixing``, w(s) = (1 + s) ** −a and η the server lr (default 1).
 
-        x ← x + η α_s Δ,     α_s = α · w(s),     w(s) = (1 + s) ** −a
-
-    with α = ``mixing`` and η the server lr (default 1); version += 1 per applied update. The paper's
-    x ← (1 − α_s) x + α_s x_client with x_client = x_base + Δ equals x + α_s (x_base − x) + α_s Δ; the
-    delta form drops the first term (zero when s = 0), so the server needs neither old global versions
-    nor client weights, and memory stays one adapter.
+    ``fedasync_rule: mix`` (default) is the paper's  x ← (1 − α_s) x + α_s x_client  with
+    x_client = x_base + η Δ, where x_base is the global version the client trained from (η = 1 gives the
+    paper exactly). ``fedasync_rule: delta`` is FLSim's  x ← x + η α_s Δ: it equals the paper's rule minus
+    the term α_s (x_base − x), which is zero for a fresh update, and needs no old global version.
     """
 
     name = "fedasync"
 
-    def __init__(self, cfg: ServerAlgoConfig, num_clients: int) -> None:
-        super().__init__(cfg, num_clients)
+    def __init__(self, cfg: ServerAlgoConfig, num_clients: int, client_sizes: Sequence[int] | None = None) -> None:
+        super().__init__(cfg, num_clients, client_sizes)
         if not 0 < cfg.mixing <= 1:
             raise ValueError(f"config key 'algorithm.server.mixing' has invalid value {cfg.mixing!r}: "
                              "expected a value in (0, 1]")
+        if cfg.fedasync_rule not in ("mix", "delta"):
+            raise ValueError(f"config key 'algorithm.server.fedasync_rule' has invalid value "
+                             f"{cfg.fedasync_rule!r}: expected mix or delta")
         if self.weighting != "uniform":
             raise ValueError(f"config key 'algorithm.server.weighting' has invalid value {cfg.weighting!r} "
                              "for fedasync: it applies one update at a time, so there is nothing to weight "
@@ -233,13 +238,29 @@ class FedAsync(AsyncServerStrategy):
         """α_s = mixing · w(s)."""
         return self.cfg.mixing * self.staleness_weight(staleness)
 
-    def apply_update(self, update: ClientUpdate, staleness: int) -> None:
-        deltas = {k: d.detach().to("cpu", torch.float32) for k, d in update.delta.items()}
-        for k, d in deltas.items():
-            if not torch.isfinite(d).all():
-                raise ValueError(f"update from client {update.client_id}: delta {k!r} has non-finite values "
-                                 "(NaN or Inf); it cannot be applied")
-        alpha = self.lr * self.mixing_weight(staleness)
-        for k, d in deltas.items():
-            self.weights[k].add_(d, alpha=alpha)
+    def apply_update(self, update: ClientUpdate, staleness: int, base: NamedTensors | None) -> None:
+        what = f"update from client {update.client_id}"
+        deltas = _finite_f32(update.delta, f"{what}: delta")
+        alpha = self.mixing_weight(staleness)
+        if self.cfg.fedasync_rule == "delta":
+            for k, d in deltas.items():
+                self.weights[k].add_(d, alpha=self.lr * alpha)
+        else:
+            if base is None:
+                raise UpdateError("missing_base", f"{what}: fedasync_rule=mix needs the global weights of "
+                                                  f"version {update.base_version}, which it was trained from")
+            _check_named(base, self.weights, f"{what}: base weights")
+            bases = _finite_f32(base, f"{what}: base weights")
+            for k, d in deltas.items():  # all checks passed: nothing below can fail half-way
+                client = bases[k].add_(d, alpha=self.lr)
+                self.weights[k].mul_(1 - alpha).add_(client, alpha=alpha)
         self.version += 1
+
+
+def _finite_f32(tensors: NamedTensors, what: str) -> NamedTensors:
+    """Float32 CPU copies, or UpdateError (non_finite) naming the first tensor with NaN or Inf."""
+    out = {k: t.detach().to("cpu", torch.float32, copy=True) for k, t in tensors.items()}
+    for k, t in out.items():
+        if not torch.isfinite(t).all():
+            raise UpdateError("non_finite", f"{what} {k!r} has non-finite values (NaN or Inf); it cannot be applied")
+    return out

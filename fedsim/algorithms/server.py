@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -35,6 +35,15 @@ FIXED_POINT_BITS = 32
 FIXED_POINT_LIMIT = 2 ** 62
 
 
+class UpdateError(ValueError):
+    """An update the server cannot fold in. ``kind`` (non_finite, overflow, mismatch, invalid_weight,
+    ahead_of_server, missing_base) is what summary.json counts it under in ``rejected_by_reason``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 def register(cls: type[ServerStrategy]) -> type[ServerStrategy]:
     """Class decorator: make a server strategy selectable as ``algorithm.server.name: <cls.name>``."""
     if cls.name in SERVER_STRATEGIES:
@@ -52,9 +61,10 @@ def to_fixed(t: torch.Tensor, weight: float, what: str) -> torch.Tensor:
     """``round(weight * t * 2**FIXED_POINT_BITS)`` as a new int64 CPU tensor (product taken in float64)."""
     scaled = t.detach().to("cpu", torch.float64).mul(weight).mul_(2.0 ** FIXED_POINT_BITS).round_()
     if not torch.isfinite(scaled).all():
-        raise ValueError(f"{what} has non-finite values (NaN or Inf); it cannot be aggregated")
+        raise UpdateError("non_finite", f"{what} has non-finite values (NaN or Inf); it cannot be aggregated")
+    # Checked in float64, before the cast: a value beyond int64 would wrap silently.
     if scaled.numel() and scaled.abs().max().item() > FIXED_POINT_LIMIT:
-        raise OverflowError(_overflow_message(what, weight))
+        raise UpdateError("overflow", _overflow_message(what, weight))
     return scaled.to(torch.int64)
 
 
@@ -64,7 +74,7 @@ def from_fixed(total_sum: torch.Tensor, divisor: Fraction | int | float) -> torc
 
 
 def check_fixed_add(acc: NamedTensors, terms: NamedTensors, what: str, weight: float, prefix: str = "") -> None:
-    """Raise OverflowError, changing nothing, if ``acc[k] + terms[k]`` would leave ±2**62 for any name."""
+    """Raise UpdateError (overflow), changing nothing, if ``acc[k] + terms[k]`` would leave ±2**62 for any name."""
     for k, q in terms.items():
         if k not in acc:
             continue  # ``to_fixed`` already bounded the term itself
@@ -72,7 +82,7 @@ def check_fixed_add(acc: NamedTensors, terms: NamedTensors, what: str, weight: f
         # -2**63, which the lower bound catches.
         new = acc[k] + q
         if new.numel() and (new.max().item() > FIXED_POINT_LIMIT or new.min().item() < -FIXED_POINT_LIMIT):
-            raise OverflowError(_overflow_message(f"{what} {prefix + k!r}", weight, running=True))
+            raise UpdateError("overflow", _overflow_message(f"{what} {prefix + k!r}", weight, running=True))
 
 
 def add_fixed(acc: NamedTensors, terms: NamedTensors) -> None:
@@ -107,9 +117,10 @@ class ServerStrategy:
     trains: ClassVar[bool] = True  # False: clients are never trained (zero-shot evaluation)
     asynchronous: ClassVar[bool] = False  # True: driven update by update with ``offer`` (see asynchronous.py)
 
-    def __init__(self, cfg: ServerAlgoConfig, num_clients: int) -> None:
+    def __init__(self, cfg: ServerAlgoConfig, num_clients: int, client_sizes: Sequence[int] | None = None) -> None:
         self.cfg = cfg
         self.num_clients = num_clients
+        self.client_sizes = list(client_sizes) if client_sizes is not None else None  # samples per client
         self.lr = cfg.lr if cfg.lr is not None else self.default_lr
         self.weighting = self.default_weighting if cfg.weighting == "auto" else cfg.weighting
         if self.weighting not in WEIGHTINGS:
@@ -162,7 +173,7 @@ class ServerStrategy:
         """
         for w in (weight, total_weight):
             if not (w >= 0 and math.isfinite(w)):
-                raise ValueError(f"update from client {update.client_id}: weight must be finite and >= 0, "
+                raise UpdateError("invalid_weight", f"update from client {update.client_id}: weight must be finite and >= 0, "
                                  f"got {w}")
         what = f"update from client {update.client_id}: delta"
         terms = {k: to_fixed(d, weight, f"{what} {k!r}") for k, d in update.delta.items()}
@@ -272,14 +283,14 @@ class ServerStrategy:
 def _check_named(tensors: NamedTensors, like: NamedTensors, what: str, prefix: str = "") -> None:
     missing = [k for k in like if prefix + k not in tensors]
     if missing:
-        raise ValueError(f"{what} lacks tensor {prefix + missing[0]!r} "
+        raise UpdateError("mismatch", f"{what} lacks tensor {prefix + missing[0]!r} "
                          f"({len(missing)} of {len(like)} missing)")
     for key, t in tensors.items():
         name = key[len(prefix):] if key.startswith(prefix) else None
         if name not in like:
-            raise ValueError(f"{what} has tensor {key!r}, which is not a trainable global tensor")
+            raise UpdateError("mismatch", f"{what} has tensor {key!r}, which is not a trainable global tensor")
         if t.shape != like[name].shape:
-            raise ValueError(f"{what} tensor {key!r} has shape {tuple(t.shape)}, "
+            raise UpdateError("mismatch", f"{what} tensor {key!r} has shape {tuple(t.shape)}, "
                              f"expected {tuple(like[name].shape)}")
 
 
@@ -321,6 +332,12 @@ class AdaptiveServer(ServerStrategy):
     default_lr = 1e-3
     default_weighting = "uniform"
 
+    def __init__(self, cfg: ServerAlgoConfig, num_clients: int, client_sizes: Sequence[int] | None = None) -> None:
+        super().__init__(cfg, num_clients, client_sizes)
+        if not (math.isfinite(cfg.tau) and cfg.tau > 0):
+            raise ValueError(f"config key 'algorithm.server.tau' has invalid value {cfg.tau!r} for {self.name}: "
+                             "expected a finite value > 0 (the step is m / (sqrt(v) + tau))")
+
     def init_slots(self) -> dict[str, NamedTensors]:
         tau2 = self.cfg.tau ** 2
         return {"m": {k: torch.zeros_like(w) for k, w in self.weights.items()},
@@ -335,7 +352,9 @@ class AdaptiveServer(ServerStrategy):
         for k, d in mean_delta.items():
             m = self.slots["m"][k].mul_(b1).add_(d, alpha=1 - b1)
             v = self.slots["v"][k] = self.second_moment(self.slots["v"][k], d * d)
-            self.weights[k].add_(self.lr * m / (v.sqrt() + tau))
+            # A tau that underflows float32 would leave 0/0 where m = v = 0: the floor keeps such steps at 0.
+            denominator = (v.sqrt() + tau).clamp_min(torch.finfo(torch.float32).tiny)
+            self.weights[k].add_(self.lr * m / denominator)
 
 
 @register
@@ -370,15 +389,29 @@ class FedAdam(AdaptiveServer):
 
 @register
 class Scaffold(ServerStrategy):
-    """SCAFFOLD (Karimireddy et al.): x ← x + η Δ;  c ← c + (|S|/N) · mean_{i∈S} Δc_i.
+    """SCAFFOLD (Karimireddy et al.):  x ← x + η Δ;   c ← c + Σ_{i∈S} w_i Δc_i / Σ_{j=1..N} w_j.
 
-    Δc_i arrive in ``update.extras["control/<name>"]`` and are averaged uniformly over the round's
-    |S| updates (summed exactly, like the deltas); N = num_clients. Clients receive c as
-    ``{"control/<name>": c}``.
+    Δ and the control update use the same weights w: uniform by default, as in the paper (Δ the plain
+    mean over S, c ← c + (1/N) Σ_{i∈S} Δc_i), or the sample counts n_i under ``weighting: samples``, where
+    the denominator runs over all N clients' samples (``client_sizes``). Either way c stays the w-weighted
+    mean over all N clients of their c_i, as long as a client's c_i is stored exactly when its update is
+    accepted. Δc_i arrive in ``update.extras["control/<name>"]`` and are summed exactly, like the deltas;
+    clients receive c as ``{"control/<name>": c}``.
     """
 
     name = "scaffold"
+    default_weighting = "uniform"
     PREFIX = "control/"
+
+    def __init__(self, cfg: ServerAlgoConfig, num_clients: int, client_sizes: Sequence[int] | None = None) -> None:
+        super().__init__(cfg, num_clients, client_sizes)
+        if self.weighting == "samples":
+            if self.client_sizes is None or len(self.client_sizes) != num_clients:
+                raise ValueError("SCAFFOLD with algorithm.server.weighting=samples needs the sample count of "
+                                 f"every one of the {num_clients} clients (client_sizes)")
+            self.population_weight = sum(self.client_sizes)
+        else:
+            self.population_weight = num_clients
 
     def init_slots(self) -> dict[str, NamedTensors]:
         return {"control": {k: torch.zeros_like(w) for k, w in self.weights.items()}}
@@ -391,16 +424,16 @@ class Scaffold(ServerStrategy):
         self._require_init()
         what = f"update from client {update.client_id}: extras"
         _check_named(controls, self.weights, what, prefix=self.PREFIX)
-        terms = {k: to_fixed(controls[self.PREFIX + k], 1.0, f"{what} {self.PREFIX + k!r}") for k in self.weights}
-        check_fixed_add(self._control_sum, terms, what, 1.0, prefix=self.PREFIX)
+        terms = {k: to_fixed(controls[self.PREFIX + k], weight, f"{what} {self.PREFIX + k!r}")
+                 for k in self.weights}
+        check_fixed_add(self._control_sum, terms, what, weight, prefix=self.PREFIX)
         super().accumulate(update, weight)  # checks everything before changing anything
         add_fixed(self._control_sum, terms)
 
     def apply(self, mean_delta: NamedTensors) -> None:
-        share = self._count / self.num_clients  # |S| / N
         for k, d in mean_delta.items():
             self.weights[k].add_(d, alpha=self.lr)
-            self.slots["control"][k].add_(from_fixed(self._control_sum[k], self._count), alpha=share)
+            self.slots["control"][k].add_(from_fixed(self._control_sum[k], self.population_weight))
 
     def _reset_round(self) -> None:
         super()._reset_round()

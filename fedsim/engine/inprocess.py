@@ -31,7 +31,8 @@ class InProcessExecutor:
         self.evaluator = evaluator
         self.published: Published | None = None
         self.pending: dict[ClientTask, Published] = {}
-        self.states: dict[int, NamedTensors] = {}
+        self.states: dict[int, NamedTensors] = {}  # committed: clients whose updates were accepted
+        self.unsettled: dict[ClientTask, NamedTensors | None] = {}  # new states awaiting the aggregator's word
         self.tasks_done = 0
 
     def publish(self, version: int, handle: Published) -> None:
@@ -43,13 +44,18 @@ class InProcessExecutor:
     def result(self, task: ClientTask) -> tuple[ClientUpdate, dict[str, float]]:
         weights, extras = self.pending.pop(task)
         update, state = self.trainer.train(task, weights, extras, self.states.get(task.client_id))
-        if state is not None:
-            self.states[task.client_id] = state
+        self.unsettled[task] = state
         self.tasks_done += 1
         return update, {**update.metrics, "num_samples": update.num_samples, "worker": 0}
 
+    def settle(self, task: ClientTask, accepted: bool) -> None:
+        state = self.unsettled.pop(task)
+        if accepted and state is not None:
+            self.states[task.client_id] = state
+
     def discard(self, task: ClientTask) -> None:
         self.pending.pop(task, None)
+        self.unsettled.pop(task, None)
 
     def _evaluate_weights(self, weights: NamedTensors) -> dict[str, float]:
         set_weights(self.trainer.loaded.model, weights)

@@ -33,11 +33,14 @@ log = logging.getLogger(__name__)
 
 class Executor(Protocol):
     """Runs client tasks. ``submit`` queues; ``result`` blocks until that task is done (re-running it
-    elsewhere if its worker died) and commits the client's new state exactly once."""
+    elsewhere if its worker died); ``settle`` then stores the client's new state (SCAFFOLD's c_i, a
+    personal adapter) if the aggregator accepted its update, and forgets it otherwise, so that rejected,
+    late, dropped and too-stale updates leave a client's stored state as it was."""
 
     def publish(self, version: int, handle: Any) -> None: ...
     def submit(self, task: ClientTask) -> None: ...
     def result(self, task: ClientTask) -> tuple[Any, dict[str, float]]: ...
+    def settle(self, task: ClientTask, accepted: bool) -> None: ...
     def discard(self, task: ClientTask) -> None: ...
     def evaluate(self, handle: Any) -> dict[str, float]: ...
     def evaluate_personalized(self, num_clients: int, fallback: Any) -> dict[str, float]: ...
@@ -51,7 +54,7 @@ class Executor(Protocol):
 
 
 class AggregatorLike(Protocol):
-    def submit(self, update: Any) -> str: ...
+    def submit(self, update: Any, base: Any = None) -> str: ...
     def close_round(self) -> int: ...
     def snapshot(self) -> tuple[int, Any]: ...
     def state(self) -> tuple[NamedTensors, dict[str, Any]]: ...
@@ -239,9 +242,13 @@ class FederationLoop:
             losses = []
             for client in outcome.kept:  # each update goes to the aggregator as it comes, never a whole round
                 update, metrics = held.pop(client) if client in held else self.executor.result(tasks[client])
-                if self.aggregator.submit(update) == "accepted":
+                accepted = self.aggregator.submit(update) == "accepted"
+                self.executor.settle(tasks[client], accepted)
+                if accepted:
                     self.tally.updates += 1
-                losses.append(metrics["train_loss"])
+                    losses.append(metrics["train_loss"])
+            for client in held:  # trained (measured durations), but late: their new state is dropped too
+                self.executor.settle(tasks[client], accepted=False)
             self.current_version = self.aggregator.close_round()
             handle = self.publish()
 
@@ -299,9 +306,12 @@ class FederationLoop:
             if done.failed:
                 self.tally.failed += 1
             else:
-                update, metrics = self.executor.result(in_flight.pop(done.id))
+                base = in_flight.handles[in_flight.tasks[done.id].base_version]
+                task = in_flight.pop(done.id)
+                update, metrics = self.executor.result(task)
                 self.tally.bytes_up += up
-                outcome = self.aggregator.submit(update)
+                outcome = self.aggregator.submit(update, base)
+                self.executor.settle(task, outcome == "accepted")
                 if outcome == "accepted":
                     self.tally.updates += 1
                     losses.append(metrics["train_loss"])

@@ -6,13 +6,14 @@ aggregator and loop, with client tasks run in this process instead of on workers
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedsim.aggregator import Aggregator
-from fedsim.algorithms import build_server_strategy
+from fedsim.algorithms import ServerStrategy, build_server_strategy
 from fedsim.client import ClientTrainer
 from fedsim.clientdata import load_client_data
 from fedsim.config import ExperimentConfig
@@ -22,22 +23,41 @@ from fedsim.evaluation import Evaluator
 from fedsim.guard import UpdateGuard
 from fedsim.messages import nbytes
 from fedsim.models.adapter import get_weights
-from fedsim.models.loading import load_model
+from fedsim.models.loading import LoadedModel, load_model
 from fedsim.seeding import derive_seed
+
+
+@dataclass
+class SequentialParts:
+    """The reference engine's pieces, ready for ``run_federation`` (or for a test to drive round by round)."""
+
+    executor: InProcessExecutor
+    aggregator: Aggregator
+    strategy: ServerStrategy
+    shard_sizes: list[int]
+    adapter_bytes: int
+
+
+def build_sequential(cfg: ExperimentConfig, loaded: LoadedModel | None = None) -> SequentialParts:
+    """Data, model (``loaded``, or loaded from ``cfg.model``; its adapter's current weights are the initial
+    global weights), trainer, evaluator and aggregator of one in-process run."""
+    data = load_client_data(cfg)
+    loaded = loaded or load_model(cfg.model, derive_seed(cfg.seed, "lora_init"))
+    shard_sizes = [len(s) for s in data.shards]
+    strategy = build_server_strategy(cfg.algorithm.server, cfg.partition.num_clients, shard_sizes)
+    trainer = ClientTrainer(cfg, loaded, data.splits.train, data.shards, strategy.personalized)
+    evaluator = Evaluator(loaded.processor, data.splits.test, cfg.eval, cfg.data.max_length, loaded.device,
+                          cfg.seed, cfg.data.prompt)
+    initial = get_weights(loaded.model)
+    aggregator = Aggregator(strategy, UpdateGuard(cfg.runtime.max_update_norm))
+    aggregator.init(initial)
+    return SequentialParts(InProcessExecutor(trainer, evaluator), aggregator, strategy, shard_sizes, nbytes(initial))
 
 
 def run_sequential(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     if cfg.runtime.num_threads:
         torch.set_num_threads(cfg.runtime.num_threads)
-    data = load_client_data(cfg)
-    loaded = load_model(cfg.model, derive_seed(cfg.seed, "lora_init"))
-    strategy = build_server_strategy(cfg.algorithm.server, cfg.partition.num_clients)
-    trainer = ClientTrainer(cfg, loaded, data.splits.train, data.shards, strategy.personalized)
-    evaluator = Evaluator(loaded.processor, data.splits.test, cfg.eval, cfg.data.max_length, loaded.device,
-                          cfg.data.prompt)
-    initial = get_weights(loaded.model)
-    aggregator = Aggregator(strategy, UpdateGuard(cfg.runtime.max_update_norm))
-    aggregator.init(initial)
-    return run_federation(cfg, run_dir, "sequential", InProcessExecutor(trainer, evaluator), aggregator,
-                          [len(s) for s in data.shards], nbytes(initial), strategy.personalized,
-                          strategy.asynchronous, strategy.trains, resume)
+    parts = build_sequential(cfg)
+    strategy = parts.strategy
+    return run_federation(cfg, run_dir, "sequential", parts.executor, parts.aggregator, parts.shard_sizes,
+                          parts.adapter_bytes, strategy.personalized, strategy.asynchronous, strategy.trains, resume)

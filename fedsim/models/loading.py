@@ -20,12 +20,22 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndByte
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from transformers.utils import is_torchvision_available
 
-from fedsim.config import ModelConfig
+from fedsim.algorithms.client import edge_layers
+from fedsim.config import ClientAlgoConfig, ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
-# Decoder layers of the language model, across families (LLaVA/Qwen2-VL: language_model, Idefics3: text_model).
-LAYER_PATTERN = re.compile(r"(?:language_model|text_model)\.(?:model\.)?layers\.(\d+)\.")
+# Decoder layer N of the language model, as named in a peft-wrapped model (transformers 5.x unless said):
+#   LLaVA, Qwen2-VL, Gemma3, Mllama      base_model.model.model.language_model.layers.N.
+#   Idefics3 / SmolVLM                   base_model.model.model.text_model.layers.N.
+#   MiniCPM-V (remote code)              base_model.model.llm.model.layers.N.
+#   LLaVA under transformers 4.x         base_model.model.language_model.model.layers.N.
+# The component must be a whole name segment right before ``[model.]layers``, so vision towers
+# (vision_tower.encoder.layers.N, vision_model.encoder.layers.N, Mllama's vision_model.[global_]transformer.layers.N,
+# Qwen2-VL's visual.blocks.N, MiniCPM-V's vpm.encoder.layers.N) never match. Mllama interleaves its cross-attention
+# layers in the same ``layers`` list: each keeps its list index and counts as one of the
+# L = text_config.num_hidden_layers decoder layers (Llama-3.2-11B-Vision: 40, of which 8 cross-attention).
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:language_model|text_model|llm)\.(?:model\.)?layers\.(\d+)\.")
 
 
 @dataclass
@@ -155,3 +165,41 @@ def load_model(cfg: ModelConfig, seed: int) -> LoadedModel:
     log.info("loaded %s on %s: %d trainable parameters in %d tensors, %d decoder layers",
              cfg.name, device, n_trainable, len(layer_of), num_layers)
     return LoadedModel(model, processor, device, num_layers, layer_of)
+
+
+def check_layer_window(loaded: LoadedModel, client_cfg: ClientAlgoConfig) -> None:
+    """Refuse ``fedmllm_reg`` when no trainable parameter lies in its regularized decoder layers s..L-1-s.
+
+    Its penalty would otherwise be zero without a word: LoRA targets that miss the language model's middle
+    layers (only the vision tower or the projector), or a model whose layer names ``LAYER_PATTERN`` does not know.
+    """
+    if client_cfg.name != "fedmllm_reg":
+        return
+    num_layers = loaded.num_layers
+    try:
+        edge = edge_layers(client_cfg.window, num_layers)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    last = num_layers - 1 - edge
+    layers = sorted({layer for layer in loaded.layer_of.values() if layer is not None})
+    if any(edge <= layer <= last for layer in layers):
+        return
+    names = sorted(loaded.layer_of)
+    if layers:
+        found = f"those inside decoder layers are in layers {layers} only"
+    elif names:
+        found = "none is inside a decoder layer of the language model"
+    else:
+        found = "the model has none"
+    first_of_layer: dict[int | None, str] = {}
+    for name in names:
+        first_of_layer.setdefault(loaded.layer_of[name], name)
+    examples = f" (e.g. {', '.join(list(first_of_layer.values())[:3])})" if names else ""
+    hint = " or lower algorithm.client.window" if layers else ""
+    raise ConfigError(
+        f"algorithm.client.name='fedmllm_reg' regularizes the language model's decoder layers {edge}..{last} of "
+        f"{num_layers} (window={client_cfg.window:g}), but none of the {len(names)} trainable tensors lies in them: "
+        f"{found}{examples}. Decoder-layer parameters are recognised by the name pattern '{LAYER_PATTERN.pattern}'. "
+        "Point model.lora.target_modules or model.lora.target_regex at the language model's decoder layers (the "
+        f"default target_regex does){hint}, or use algorithm.client.name='fedprox' to regularize every trainable "
+        "parameter.")

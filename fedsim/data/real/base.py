@@ -67,38 +67,41 @@ class RealDataset:
     hub_example: str = ""  # the hub dataset the column mapping was written for
     hub_config: Optional[str] = None  # the hub dataset's configuration (subset), when it has several
     hub_splits: dict[str, tuple[str, ...]] = {"train": ("train",), "test": ("test",)}  # candidates, in order
+    text_only: bool = False  # no row carries an image: usable as data.scenarios.modality_task's text source
 
     # -- source checks -------------------------------------------------------------------------------------
 
-    def check_source(self, cfg: Any) -> None:
-        """Fail early (ValueError) unless exactly one of data.path / data.hub is set and the folder is complete."""
-        path, _ = self.source(cfg)
+    def check_source(self, cfg: Any, path_key: str = "data.path", hub_key: str = "data.hub") -> None:
+        """Fail early (ValueError) unless exactly one of data.path / data.hub is set and the folder is complete.
+        ``path_key`` / ``hub_key`` name the keys in messages when the source is configured elsewhere."""
+        path, _ = self.source(cfg, path_key, hub_key)
         if path is not None:
-            self.resolve(path)
+            self.resolve(path, path_key)
 
-    def source(self, cfg: Any) -> tuple[Optional[Path], Optional[str]]:
+    def source(self, cfg: Any, path_key: str = "data.path",
+               hub_key: str = "data.hub") -> tuple[Optional[Path], Optional[str]]:
         """``(local folder, None)`` or ``(None, hub name)``; ValueError when neither or both are set."""
         path, hub = getattr(cfg, "path", None) or None, getattr(cfg, "hub", None) or None
         if (path is None) == (hub is None):
             got = "both" if path is not None else "neither"
             raise ValueError(
-                f"dataset {self.name!r} needs exactly one of data.path (a local folder in the source's format) "
-                f"or data.hub (a Hugging Face hub dataset, e.g. {self.hub_example!r}); got {got}")
+                f"dataset {self.name!r} needs exactly one of {path_key} (a local folder in the source's format) "
+                f"or {hub_key} (a Hugging Face hub dataset, e.g. {self.hub_example!r}); got {got}")
         return (Path(path).expanduser() if path is not None else None), hub
 
-    def resolve(self, root: Path) -> dict[Required, Path]:
+    def resolve(self, root: Path, path_key: str = "data.path") -> dict[Required, Path]:
         """The path of each required entry under ``root``; ValueError naming the folder and what is missing."""
         if not root.exists():
-            raise self._layout_error(root, "does not exist")
+            raise self._layout_error(root, "does not exist", path_key)
         if not root.is_dir():
-            raise self._layout_error(root, "is not a folder")
+            raise self._layout_error(root, "is not a folder", path_key)
         found = {}
         for entry in self.required:
             alternatives = (entry,) if isinstance(entry, str) else entry
             hit = next((root / alt for alt in alternatives if _exists(root / alt, alt.endswith("/"))), None)
             if hit is None:
                 others = f" (or {', '.join(repr(alt) for alt in alternatives[1:])})" if len(alternatives) > 1 else ""
-                raise self._layout_error(root, f"lacks {alternatives[0]!r}{others}")
+                raise self._layout_error(root, f"lacks {alternatives[0]!r}{others}", path_key)
             found[entry] = hit
         return found
 
@@ -110,8 +113,8 @@ class RealDataset:
                              f"expected layout:\n{self.layout}")
         return items
 
-    def _layout_error(self, root: Path, problem: str) -> ValueError:
-        return ValueError(f"data.path '{root}' for dataset {self.name!r} {problem}; expected layout:\n{self.layout}")
+    def _layout_error(self, root: Path, problem: str, path_key: str = "data.path") -> ValueError:
+        return ValueError(f"{path_key} '{root}' for dataset {self.name!r} {problem}; expected layout:\n{self.layout}")
 
     # -- loading -------------------------------------------------------------------------------------------
 

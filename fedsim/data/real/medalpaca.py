@@ -37,6 +37,7 @@ class MedAlpaca(RealDataset):
     metric = "accuracy"
     required = (FLASHCARDS_FILE,)
     hub_example = "medalpaca/medical_meadow_medical_flashcards"
+    text_only = True
 
     def local_rows(self, root: Path, seed: int) -> dict[str, list[dict]]:
         path = root / FLASHCARDS_FILE
