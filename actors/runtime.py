@@ -64,7 +64,7 @@ def run_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[
                  sorted({s.placement["node_id"][:8] for s in executor.slots}))
         return run_federation(cfg, run_dir, "ray", executor, aggregator, shard_sizes,
                               nbytes(initial), strategy_cls.personalized, strategy_cls.asynchronous,
-                              strategy_cls.trains, resume)
+                              strategy_cls.trains, resume, headline_metric=data.splits.metric)
     finally:
         if executor is not None:
             executor.shutdown()

@@ -44,17 +44,27 @@ def load_client_data(cfg: ExperimentConfig) -> ClientData:
 
 def _modality_task(cfg: ExperimentConfig, image_splits: DatasetSplits, step: ModalityTask
                    ) -> tuple[DatasetSplits, list[np.ndarray]]:
-    """Clients 0..image_clients-1 share the configured dataset, the others the text-only source; each
-    group is partitioned by ``cfg.partition``; train and test splits are the two sources concatenated."""
+    """Each source's training rows are partitioned by ``cfg.partition`` over the clients that hold it
+    (``step.holders``: clients 0..image_clients-1 the configured dataset and the others the text-only source,
+    or a per-client draw under ``p``, where a client may hold both); train and test splits are the two
+    sources concatenated."""
     step.check("data.scenarios", cfg.partition.num_clients)
     text_splits = load_dataset_splits(step.text_data(cfg.data), derive_seed(cfg.seed, "data", 1))
-    groups = ((image_splits, step.image_clients), (text_splits, cfg.partition.num_clients - step.image_clients))
-    shards, offset = [], 0
-    for group, (splits, num_clients) in enumerate(groups):
-        group_cfg = replace(cfg.partition, num_clients=num_clients)
-        shards += [s + offset for s in partition(np.asarray(splits.train["label"]), group_cfg,
-                                                 derive_seed(cfg.seed, "partition", group))]
+    holders = step.holders(cfg.partition.num_clients, cfg.seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(cfg.partition.num_clients)]
+    offset = 0
+    for group, splits in enumerate((image_splits, text_splits)):
+        clients = np.flatnonzero(holders[:, group])
+        if not len(clients):
+            source = (cfg.data.dataset, step.text_dataset)[group]
+            raise ValueError(f"data.scenarios.modality_task.p={step.p}: with seed {cfg.seed} no client holds "
+                             f"{source!r}; choose another seed or a larger p")
+        group_cfg = replace(cfg.partition, num_clients=len(clients))
+        for client, shard in zip(clients, partition(np.asarray(splits.train["label"]), group_cfg,
+                                                    derive_seed(cfg.seed, "partition", group))):
+            parts[client].append(shard + offset)
         offset += len(splits.train)
+    shards = [np.concatenate(p).astype(np.int64) for p in parts]
     merged = DatasetSplits(
         train=datasets.concatenate_datasets([image_splits.train, text_splits.train]),
         test=datasets.concatenate_datasets([image_splits.test, text_splits.test]),

@@ -48,7 +48,6 @@ class ModelConfig:
     prepare_kbit_training: bool = False
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
-    cache_dir: Optional[str] = None  # where the tiny preset is built; default ~/.cache/fedsim
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -75,6 +74,15 @@ class DataConfig:
     # How prompts refer to modalities: plain (they do not) | modality (they name the ones present, as in
     # FedMLLM's baseline) | agnostic (FedMLLM's prompt augmentation: answer whatever modalities are given)
     prompt: str = "plain"
+    # Synthetic classification: the accuracy that each modality alone can reach, in [0.5, 1] (0.5: it
+    # carries only its own half of the label; 1: it carries the whole label). Both together always reach
+    # 100%. The image hints at the text's attribute through the item's shape, the text at the image's
+    # through a temperature word in the note.
+    image_share: float = 0.7
+    text_share: float = 0.7
+    # Synthetic: render the note's describing word into the image as a glyph strip (like a meme's caption),
+    # so that the image alone carries the whole label and missing text costs almost nothing.
+    text_in_image: bool = False
 
 
 @dataclass
@@ -99,6 +107,9 @@ class TrainingConfig:
     momentum: float = 0.0  # sgd only (heavy ball, torch.optim.SGD's momentum)
     lr_schedule: str = "constant"  # constant | cosine (decays across rounds, as in FedMLLM)
     min_lr: float = 0.0
+    # > 0: the FedMLLM code's warm-up over the first warmup_fraction x rounds rounds, then its cosine form
+    # (fedsim/training.py round_lr has the formula; under 1 round of warm-up, round 1 runs above lr).
+    warmup_fraction: float = 0.0
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
@@ -125,6 +136,15 @@ class ServerAlgoConfig:
     beta2: float = 0.99
     tau: float = 1e-3
     weighting: str = "auto"  # auto (the algorithm's default) | samples | uniform
+    # Server momentum forms (fedsim/algorithms/server.py gives the formulas). FedAvgM: heavy_ball
+    # v <- beta1 v + delta (Hsu et al.) | ema m <- beta1 m + (1 - beta1) delta (the FedMLLM/OpenFedLLM code).
+    momentum_form: str = "heavy_ball"
+    # First moment at the first server step of fedavgm/fedadagrad/fedyogi/fedadam: zero (m0 = 0, Reddi et
+    # al.) | first_delta (m = delta at the first step, as the FedMLLM/OpenFedLLM code does).
+    moment_init: str = "zero"
+    # What the adaptive servers' second moment v is built from: delta (Reddi et al.) | momentum (m, as the
+    # FedMLLM/OpenFedLLM code does for FedYogi and FedAdam).
+    second_moment_of: str = "delta"
     # Asynchronous strategies (fedbuff, fedasync): an update trained from version v and applied at version
     # t has staleness s = t - v and weight (1 + s) ** -staleness_exponent; beyond max_staleness it is dropped.
     buffer_size: int = 10  # FedBuff's K: updates per server step
@@ -157,6 +177,9 @@ class EvalConfig:
     max_samples: int = 0  # 0: the whole test split
     zero_shot: bool = True  # evaluate the untouched backbone before round 1
     max_new_tokens: int = 8
+    # Also score the test split with a modality removed, reported as ``<ablation>/<metric>``:
+    # no_image (every image dropped) and/or no_text (every text dropped).
+    ablations: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -254,6 +277,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.lr_schedule": ("constant", "cosine"),
     "training.optimizer": ("adamw", "sgd"),
     "algorithm.server.fedasync_rule": ("mix", "delta"),
+    "algorithm.server.momentum_form": ("heavy_ball", "ema"),
+    "algorithm.server.moment_init": ("zero", "first_delta"),
+    "algorithm.server.second_moment_of": ("delta", "momentum"),
     "algorithm.server.weighting": ("auto", "samples", "uniform"),
     "runtime.engine": ("ray", "sequential"),
     "runtime.placement": ("pack", "spread"),
@@ -276,7 +302,8 @@ NON_NEGATIVE = (
     "algorithm.server.max_staleness", "checkpoint.every",
 )
 UNIT_INTERVAL = ("model.lora.dropout", "federation.fraction", "training.beta1", "training.beta2",
-                 "algorithm.server.beta1", "algorithm.server.beta2", "algorithm.server.mixing")
+                 "algorithm.server.beta1", "algorithm.server.beta2", "algorithm.server.mixing",
+                 "training.warmup_fraction")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -326,6 +353,9 @@ def check_values(cfg: ExperimentConfig) -> None:
              f"{max(1, cfg.partition.min_samples)})")
     if not cfg.model.lora.target_regex and not cfg.model.lora.target_modules:
         fail("model.lora.target_modules", [], "a non-empty list, or model.lora.target_regex")
+    ablations = list(cfg.eval.ablations)  # the names fedsim.evaluation.ABLATIONS knows
+    if any(a not in ("no_image", "no_text") for a in ablations) or len(set(ablations)) != len(ablations):
+        fail("eval.ablations", ablations, "a list of distinct names among no_image, no_text")
 
 
 def _check_training(cfg: TrainingConfig) -> None:

@@ -12,10 +12,15 @@ into closed (yes/no reference) and open questions, as medical VQA reports them.
 that mixes sources (the ``modality_task`` scenario) is scored per source, each as multiple choice or open
 answers by whether its rows have options: metrics are named ``<source>/<metric>``, and ``accuracy`` is the
 unweighted mean of the sources' accuracies.
+
+``eval.ablations`` also scores the split with one modality removed from every row (``no_image``: images,
+``no_text``: the text notes), as the ``missing`` scenario removes it, and reports those metrics beside the
+full ones as ``<ablation>/<metric>`` (``no_image/accuracy``, ``no_image/<source>/<metric>``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -27,9 +32,12 @@ from fedsim.data.collator import IGNORE_INDEX, Collator, answer_token_ids
 from fedsim.data.schema import OPTION_LETTERS
 from fedsim.metrics import classification_metrics, exact_match, normalize_answer, token_f1
 from fedsim.models.adapter import inference
+from fedsim.scenarios import ModalityStep
 from fedsim.seeding import rng_for
 
 CLOSED_ANSWERS = ("yes", "no")
+# Each ablation's (keep image, keep text).
+ABLATIONS = {"no_image": (False, True), "no_text": (True, False)}
 
 
 def sample_rows(test: datasets.Dataset, max_samples: int, seed: int) -> datasets.Dataset:
@@ -38,6 +46,32 @@ def sample_rows(test: datasets.Dataset, max_samples: int, seed: int) -> datasets
         return test
     picked = rng_for(seed, "eval_sample").choice(len(test), size=max_samples, replace=False)
     return test.select(np.sort(picked).tolist())
+
+
+@dataclass
+class Ablation(ModalityStep):
+    """Every row keeps the same modalities: a scenario step (unregistered) for the test split."""
+
+    name = "ablation"
+    keep_image: bool
+    keep_text: bool
+
+    def keep(self, client_of: np.ndarray, num_clients: int, seed: int, stream: str) -> np.ndarray:
+        return np.tile([self.keep_image, self.keep_text], (len(client_of), 1))
+
+
+def ablate(test: datasets.Dataset, ablation: str) -> datasets.Dataset:
+    """``test`` with the modality ``ablation`` names removed from every row (rows already without it stay)."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}: expected one of {', '.join(ABLATIONS)}")
+    everyone = np.zeros(len(test), dtype=np.int64)  # the whole split as one client's rows
+    return Ablation(*ABLATIONS[ablation]).apply(test, everyone, 1, seed=0, stream="ablation")
+
+
+def by_source(test: datasets.Dataset) -> dict[str, datasets.Dataset]:
+    """The rows of each source, in order of first appearance."""
+    sources = test["source"]
+    return {name: test.select([i for i, s in enumerate(sources) if s == name]) for name in dict.fromkeys(sources)}
 
 
 def is_multiple_choice(source: str, rows: datasets.Dataset) -> bool:
@@ -76,10 +110,9 @@ class Evaluator:
         self.option_collate = Collator(processor, max_length, train=True, padding_side="right", prompt=prompt)
         self.generate_collate = Collator(processor, max_length, train=False, padding_side="left", prompt=prompt)
         self._option_answers: dict[int, list[list[int]]] = {}
-        sources = test["source"]
-        self.groups = {name: test.select([i for i, s in enumerate(sources) if s == name])
-                       for name in dict.fromkeys(sources)}
+        self.groups = by_source(test)
         self.multiple_choice = {name: is_multiple_choice(name, rows) for name, rows in self.groups.items()}
+        self.ablated = {ablation: by_source(ablate(test, ablation)) for ablation in cfg.ablations}
 
     def option_answers(self, sample: dict) -> list[list[int]]:
         """Each option letter's answer tokens, less the suffix all options share."""
@@ -142,8 +175,16 @@ class Evaluator:
             yield [test[i] for i in range(start, min(start + self.cfg.batch_size, len(test)))]
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """The metrics of the test split, then those of each ablated split prefixed with the ablation's name."""
         with inference(model):
-            scores = {name: self._score(name, model, test) for name, test in self.groups.items()}
+            out = self._score_sources(model, self.groups)
+            for ablation, groups in self.ablated.items():
+                out.update({f"{ablation}/{metric}": value
+                            for metric, value in self._score_sources(model, groups).items()})
+        return out
+
+    def _score_sources(self, model: torch.nn.Module, groups: dict[str, datasets.Dataset]) -> dict[str, float]:
+        scores = {name: self._score(name, model, test) for name, test in groups.items()}
         if len(scores) == 1:
             return next(iter(scores.values()))
         out = {f"{name}/{metric}": value for name, group in scores.items() for metric, value in group.items()}

@@ -2,13 +2,17 @@
 
 Figures: the metric against rounds, simulated time and bytes communicated (one line per run, labelled by
 its swept values); for every numeric swept key, the final metric and seconds per round against it; for
-asynchronous runs, the staleness histogram. Runs still in progress are drawn from their metrics.jsonl.
+asynchronous runs, the staleness histogram; for runs evaluated with ``eval.ablations``, the metric with
+both modalities and with each one removed. Runs still in progress are drawn from their metrics.jsonl.
+The default metric is the runs' ``headline_metric`` (summary.json), else the first of PREFERRED_METRICS.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -19,10 +23,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedsim.evaluation import ABLATIONS  # noqa: E402
 from fedsim.output import atomic_write_text, read_metrics  # noqa: E402
 from fedsim.sweep import MANIFEST, short_key  # noqa: E402
 
 PREFERRED_METRICS = ("accuracy", "macro_f1", "token_f1")
+ABLATION_STYLES = ("--", ":")  # line styles of the ablations, in ABLATIONS order; the full metric is solid
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,10 +94,24 @@ def load_runs(path: Path) -> list[RunData]:
     return runs
 
 
+def default_metric(runs: list[RunData], available: list[str]) -> Optional[str]:
+    """The finished runs' ``headline_metric`` when they name one and it was evaluated, else the first of
+    PREFERRED_METRICS evaluated, else the first metric evaluated on the full test split."""
+    headlines = sorted({run.summary["headline_metric"] for run in runs
+                        if run.summary and run.summary.get("headline_metric")})
+    if len(headlines) == 1 and headlines[0] in available:
+        return headlines[0]
+    if headlines:
+        log.warning("the runs' headline metrics %s are not one evaluated metric; falling back to %s (use --metric)",
+                    headlines, "/".join(PREFERRED_METRICS))
+    full = [m for m in available if m.split("/")[0] not in ABLATIONS]
+    return next((m for m in PREFERRED_METRICS if m in full), full[0] if full else None)
+
+
 def pick_metric(runs: list[RunData], metric: Optional[str]) -> str:
     available = sorted({k for run in runs for r in run.records for k in r.get("eval", {})})
     if metric is None:
-        metric = next((m for m in PREFERRED_METRICS if m in available), available[0] if available else None)
+        metric = default_metric(runs, available)
     if metric not in available:
         raise ValueError(f"metric {metric!r} was never evaluated in these runs; available: {available}")
     return metric
@@ -203,6 +225,36 @@ def plot_staleness(runs: list[RunData], out_dir: Path) -> list[tuple[str, str]]:
                                                         "when it reached the server.")]
 
 
+def plot_modality_contribution(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[str, str]]:
+    """Per run evaluated with ablations, one panel: the metric over rounds with both modalities (full)
+    and with each ablation's modality removed."""
+    variants = [("full", metric, "-"), *((a, f"{a}/{metric}", style) for a, style in zip(ABLATIONS, ABLATION_STYLES))]
+    panels = [(run, [run.curve(key) for _, key, _ in variants]) for run in runs]
+    panels = [(run, curves) for run, curves in panels if any(curves[1:])]
+    if not panels:
+        return []
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    size = (6.4, 4.0) if len(panels) == 1 else (4.2 * cols, 3.3 * rows)  # one panel: as large as the other figures
+    fig, axs = plt.subplots(rows, cols, figsize=size, dpi=110, sharey=True, squeeze=False)
+    for i, (ax, (run, curves)) in enumerate(zip(axs.flat, panels)):
+        for (name, _, style), curve, color in zip(variants, curves, ("C0", "C1", "C2")):
+            if curve:
+                ax.plot([p[0] for p in curve], [p[3] for p in curve], linestyle=style, color=color, marker="o", ms=3,
+                        label=name)
+        ax.set(xlabel="round (asynchronous: global version)", ylabel=f"test {metric}" if i % cols == 0 else "")
+        ax.set_title(run.label, fontsize="small")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in axs.flat[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"test {metric} with a modality removed")
+    return [(_save(fig, out_dir, "modality_contribution.png", axs.flat[0]),
+             f"Test {metric} against round, one panel per run: with both modalities (full, solid), without images "
+             "(no_image, dashed) and without text (no_text, dotted); the gap below full is what the removed modality "
+             "contributes.")]
+
+
 # ------------------------------------------------------------------------------------------------ page
 def _table(runs: list[RunData], metric: str) -> str:
     keys = list(dict.fromkeys(k for r in runs for k in r.values))
@@ -230,7 +282,8 @@ def write_report(path: Path, metric: Optional[str] = None, out: Optional[Path] =
     metric = pick_metric(runs, metric)
     out = out or path / "report"
     out.mkdir(parents=True, exist_ok=True)
-    figures = plot_curves(runs, metric, out) + plot_scaling(runs, metric, out) + plot_staleness(runs, out)
+    figures = (plot_curves(runs, metric, out) + plot_modality_contribution(runs, metric, out)
+               + plot_scaling(runs, metric, out) + plot_staleness(runs, out))
     body = "".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
                    f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in figures)
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fedsim report: {html.escape(path.name)}"

@@ -132,28 +132,47 @@ class Cross(ModalityStep):
         return np.stack([image, ~image], axis=1)
 
 
+HYBRID_COINS = ("client", "sample")
+
+
 @register
 @dataclass
 class Hybrid(ModalityStep):
-    """Each client keeps each modality w.p. p, drawn once per client; a client drawn to keep neither
-    keeps one at random (fair coin), so a modality is kept w.p. p + (1 - p)^2 / 2."""
+    """Each client keeps each modality w.p. p, drawn once per client; a client drawn to keep neither keeps
+    one at random by a fair coin, so a modality is kept w.p. p + (1 - p)^2 / 2.
+
+    ``coin: client`` (default) flips that coin once per client, so every client holds one modality pattern
+    (as the authors' medical code does); ``coin: sample`` flips it per row, as the authors' Hateful-Memes and
+    CrisisMMD code does, so such a client holds image-only and text-only rows, about half each. The
+    per-client draws are the same either way.
+    """
 
     name = "hybrid"
     stream = 2
     p: float
+    coin: str = "client"
 
     def check(self, key: str, num_clients: int) -> None:
         _check_unit(key, self.name, "p", self.p)
+        if self.coin not in HYBRID_COINS:
+            raise ValueError(f"{key}.hybrid.coin must be one of {', '.join(HYBRID_COINS)} (a client drawn to keep "
+                             f"neither modality flips its coin once, or once per sample), got {self.coin!r}")
 
     def keep(self, client_of: np.ndarray, num_clients: int, seed: int, stream: str) -> np.ndarray:
-        patterns = []
+        patterns, neither = [], []
         for client in range(num_clients):
             rng = rng_for(seed, stream, self.stream, client)  # per client: independent of the other clients
             pattern = rng.random(2) < self.p
             coin = rng.random() < 0.5
+            neither.append(not pattern.any())
             patterns.append(pattern if pattern.any() else np.array([coin, not coin]))
         table = np.array(patterns or [[True, True]], dtype=bool)
-        return table[np.maximum(client_of, 0)]
+        keep = table[np.maximum(client_of, 0)]
+        for client in np.flatnonzero(neither) if self.coin == "sample" else ():
+            rows = np.flatnonzero(client_of == client)
+            image = rng_for(seed, stream, self.stream, int(client), 1).random(len(rows)) < 0.5
+            keep[rows] = np.stack([image, ~image], axis=1)
+        return keep
 
 
 @register
@@ -241,12 +260,24 @@ class Domain(Step):
 @register
 @dataclass
 class ModalityTask(Step):
-    """``image_clients`` clients hold the configured dataset (image + question); the other clients hold a
-    text-only QA source with its own task: ``text_dataset`` (``synthetic`` with ``text_task``, or a real
-    adapter read from ``text_path`` / ``text_hub``). Both test splits are evaluated, each with its metrics."""
+    """Clients hold the configured dataset (image + question), a text-only QA source with its own task
+    (``text_dataset``: ``synthetic`` with ``text_task``, or a real adapter read from ``text_path`` /
+    ``text_hub``), or both. Who holds what is set by exactly one of:
+
+    - ``image_clients`` (the paper's cross form): clients 0..image_clients-1 hold the dataset, the others
+      the text source;
+    - ``p`` (the paper's hybrid form, as the authors' medical code draws it): each client holds each source
+      w.p. p, drawn once per client; a client drawn to hold neither gets one by a fair coin. A client may
+      hold both, so a source is held w.p. p + (1 - p)^2 / 2.
+
+    Each source's training rows are partitioned (``partition``) over the clients that hold it. Both test
+    splits are evaluated, each with its metrics.
+    """
 
     name = "modality_task"
-    image_clients: int
+    stream = 5
+    image_clients: Any = None
+    p: Any = None
     text_dataset: str = "synthetic"
     text_task: str = "textqa"
     text_path: Any = None
@@ -257,10 +288,31 @@ class ModalityTask(Step):
             raise ValueError(f"config key '{key}.{self.name}' is not allowed: expected modality_task under "
                              "data.scenarios only (it decides where each client's data comes from; the test split "
                              "then holds both sources' test rows)")
+        if (self.image_clients is None) == (self.p is None):
+            raise ValueError(f"{key}.modality_task takes exactly one of image_clients (the cross form: that many "
+                             "clients hold the dataset, the others the text source) or p (the hybrid form: each "
+                             "client holds each source w.p. p); got "
+                             f"{'both' if self.p is not None else 'neither'}")
+        if self.p is not None:
+            _check_unit(key, self.name, "p", self.p)
+            return
         _check_count(key, self.name, "image_clients", self.image_clients, num_clients)
         if not 0 < self.image_clients < num_clients:
             raise ValueError(f"{key}.modality_task.image_clients must leave both groups non-empty: an integer "
                              f"in [1, {num_clients - 1}] for {num_clients} clients, got {self.image_clients!r}")
+
+    def holders(self, num_clients: int, seed: int) -> np.ndarray:
+        """Bool (clients, 2): column 0 holds the configured dataset, column 1 the text source."""
+        if self.p is None:
+            image = np.arange(num_clients) < self.image_clients
+            return np.stack([image, ~image], axis=1)
+        table = np.zeros((num_clients, 2), dtype=bool)
+        for client in range(num_clients):
+            rng = rng_for(seed, "scenario", self.stream, client)  # per client: independent of the other clients
+            pattern = rng.random(2) < self.p
+            coin = rng.random() < 0.5
+            table[client] = pattern if pattern.any() else (coin, not coin)
+        return table
 
     def text_data(self, data: Any) -> Any:
         """The DataConfig of the text-only source: ``data`` with the step's dataset, task, path and hub."""

@@ -13,7 +13,21 @@ from fedsim.config import TrainingConfig
 
 
 def round_lr(cfg: TrainingConfig, round_idx: int, rounds: int) -> float:
-    """The local learning rate of round ``round_idx`` (1-based): constant, or cosine-decayed across rounds."""
+    """The local learning rate of round ``round_idx`` (1-based): constant, or cosine-decayed across rounds
+    (round 1 at ``lr``, the last at ``min_lr``).
+
+    With ``warmup_fraction`` f > 0, the FedMLLM code's ``cosine_warm_learning_rate``: with r = round_idx - 1
+    and W = f * rounds warm-up rounds (not rounded), lr * (r + 1) / W while r < W, then ``lr`` (constant) or
+    min_lr + (lr - min_lr) * (1 + cos(pi * (r - W) / (rounds - W))) / 2 (cosine). As in that code, a
+    warm-up shorter than one round puts round 1 above ``lr`` (1% of 50 rounds: W = 0.5, round 1 at 2 lr).
+    """
+    if cfg.warmup_fraction > 0:
+        warmup, r = cfg.warmup_fraction * rounds, round_idx - 1
+        if r < warmup:
+            return cfg.lr * (r + 1) / warmup
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * (r - warmup) / (rounds - warmup))) / 2
     if cfg.lr_schedule == "constant" or rounds <= 1:
         return cfg.lr
     progress = (round_idx - 1) / (rounds - 1)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny preset is built once per machine (cached under FEDSIM_CACHE) and reused."""
+"""Shared fixtures: the shipped tiny preset, small configs, one Ray instance per session."""
 
 from __future__ import annotations
 

@@ -40,6 +40,16 @@ def make_hateful_memes(root: Path) -> None:
     (root / "test_seen.jsonl").write_text(json.dumps({"id": 99, "img": "img/00099.png", "text": "no label"}) + "\n")
 
 
+def make_hateful_memes_test_seen(root: Path) -> None:
+    """The final release: test_seen.jsonl carries labels."""
+    make_hateful_memes(root)
+    lines = []
+    for i in range(20, 24):
+        write_image(root / "img" / f"{i:05d}.png", i)
+        lines.append(json.dumps({"id": i, "img": f"img/{i:05d}.png", "label": int(i >= 22), "text": f"seen {i}"}))
+    (root / "test_seen.jsonl").write_text("\n".join(lines) + "\n")
+
+
 CRISIS_HEADER = ["event_name", "tweet_id", "image_id", "tweet_text", "image", "label", "label_text", "label_image",
                  "label_text_image"]
 CRISIS_TRAIN = [("rescue_volunteering_or_donation_effort", "Volunteers needed at the shelter"),
@@ -62,6 +72,33 @@ def make_crisismmd(root: Path) -> None:
             lines.append("\t".join(["hurricane_harvey", tweet, f"{tweet}_0", text, image, label, merged, merged,
                                     "Positive"]))
         path = root / "crisismmd_datasplit_agreed_label" / f"task_humanitarian_text_img_agreed_lab_{split}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# crisismmd_datasplit_all: (label_image, label_text, tweet_text); the labels need not agree
+CRISIS_ALL_TRAIN = [("injured_or_dead_people", "affected_individuals", "Two hurt https://t.co/abc"),
+                    ("vehicle_damage", "vehicle_damage", "Cars burned"),
+                    ("missing_or_found_people", "missing_or_found_people", "Boy found"),
+                    ("not_humanitarian", "rescue_volunteering_or_donation_effort", "Donate http://x.co/1 now"),
+                    ("other_relevant_information", "other_relevant_information", "Tornado watch"),
+                    ("affected_individuals", "not_humanitarian", "Families displaced"),
+                    ("infrastructure_and_utility_damage", "infrastructure_and_utility_damage", "Bridge out"),
+                    ("rescue_volunteering_or_donation_effort", "not_humanitarian", 'Volunteers "needed')]
+CRISIS_ALL_TEST = [("vehicle_damage", "not_humanitarian", "Truck flipped"),
+                   ("missing_or_found_people", "affected_individuals", "Still missing")]
+
+
+def make_crisismmd_all(root: Path) -> None:
+    for split, items in (("train", CRISIS_ALL_TRAIN), ("dev", CRISIS_ALL_TEST), ("test", CRISIS_ALL_TEST)):
+        lines = ["\t".join(CRISIS_HEADER)]
+        for i, (label_image, label_text, text) in enumerate(items):
+            tweet = f"{split}{i}"
+            image = f"data_image/hurricane_irma/9_9_2017/{tweet}_0.jpg"
+            write_image(root / image, i)
+            lines.append("\t".join(["hurricane_irma", tweet, f"{tweet}_0", text, image, label_text, label_text,
+                                    label_image, "Negative" if label_text != label_image else "Positive"]))
+        path = root / "crisismmd_datasplit_all" / f"task_humanitarian_text_img_{split}.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -140,7 +177,8 @@ def make_scienceqa(root: Path) -> None:
     write_json(root / "pid_splits.json", {"train": ["1", "2", "3", "4"], "val": ["5"], "test": ["6", "7"]})
 
 
-BUILDERS = {"hateful_memes": make_hateful_memes, "crisismmd": make_crisismmd, "vqa_rad": make_vqa_rad,
+BUILDERS = {"hateful_memes": make_hateful_memes, "hateful_memes_test_seen": make_hateful_memes_test_seen,
+            "crisismmd": make_crisismmd, "crisismmd_all": make_crisismmd_all, "vqa_rad": make_vqa_rad,
             "slake": make_slake, "medalpaca": make_medalpaca, "scienceqa": make_scienceqa}
 
 

@@ -12,7 +12,6 @@ IMAGE_TOKENS = 16  # (32 / patch 8) ** 2 patches; CLIP's CLS token is dropped
 
 @pytest.fixture(scope="module")
 def processor():
-    # Built once per machine (about a minute), then loaded from FEDSIM_CACHE.
     return AutoProcessor.from_pretrained(tiny_model_path())
 
 

@@ -1,10 +1,11 @@
 import copy
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
-from fedsim.config import EvalConfig, ModelConfig
+from fedsim.config import ConfigError, EvalConfig, ModelConfig
 from fedsim.data.collator import IGNORE_INDEX, Collator
 from fedsim.data.schema import OPTION_LETTERS
 from fedsim.data.synthetic import generate
@@ -12,6 +13,8 @@ from fedsim.evaluation import Evaluator
 from fedsim.models.adapter import inference
 from fedsim.models.loading import load_model
 from fedsim.models.tiny import CHAT_TEMPLATE
+
+from conftest import small_config
 
 # The tiny preset's template with every assistant turn opening with "Option ": the answer "A" renders as
 # "Option A<|im_end|>\n", so all option letters share their first answer token.
@@ -76,3 +79,54 @@ def test_a_source_mixing_multiple_choice_and_open_rows_is_an_error(loaded):
     mixed = mixed.remove_columns("source").add_column("source", ["clinic"] * 3)
     with pytest.raises(ValueError, match="'clinic'.*1 of 3 rows"):
         Evaluator(loaded.processor, mixed, EvalConfig(), 256, torch.device("cpu"), seed=0)
+
+
+def removed(test: datasets.Dataset, modality: str) -> datasets.Dataset:
+    """``test`` with every row's image or text removed, row by row."""
+    return datasets.Dataset.from_list([{**row, modality: None, f"has_{modality}": False} for row in test],
+                                      features=test.features)
+
+
+def test_ablations_score_the_split_without_a_modality(loaded):
+    rows = generate("classification", 4, "test", seed=0)
+    # A row already without its image: no_image leaves it as it is, no_text leaves it with neither modality.
+    test = datasets.concatenate_datasets([removed(rows.select([0]), "image"), rows.select(range(1, 4))])
+    evaluator = Evaluator(loaded.processor, test, EvalConfig(batch_size=4, ablations=["no_image", "no_text"]), 256,
+                          loaded.device, seed=0)
+    out = evaluator.evaluate(loaded.model)
+
+    def score(split: datasets.Dataset) -> dict[str, float]:
+        return Evaluator(loaded.processor, split, EvalConfig(batch_size=4), 256, loaded.device, seed=0) \
+            .evaluate(loaded.model)
+
+    full = score(test)
+    expected = {**full, **{f"no_image/{k}": v for k, v in score(removed(test, "image")).items()},
+                **{f"no_text/{k}": v for k, v in score(removed(test, "text")).items()}}
+    assert "no_image/accuracy" in out and "no_text/macro_f1" in out
+    np.testing.assert_equal(out, expected)  # NaN (roc_auc of a one-class split) equals NaN here
+    (no_image,), (no_text,) = (evaluator.ablated[a].values() for a in ("no_image", "no_text"))  # built up front
+    assert not any(no_image["has_image"]) and set(no_image["image"]) == {None} and all(no_image["has_text"])
+    assert not any(no_text["has_text"]) and set(no_text["text"]) == {None}
+    assert list(no_text["has_image"]) == list(test["has_image"])  # the row without an image stays without
+
+
+def test_ablations_of_a_split_with_several_sources(loaded):
+    rows = generate("classification", 4, "test", seed=0)
+    notes = removed(rows.select([2, 3]), "image").remove_columns("source").add_column("source", ["notes"] * 2)
+    test = datasets.concatenate_datasets([rows.select([0, 1]), notes.cast(rows.features)])
+    cfg = EvalConfig(batch_size=4, ablations=["no_image"])
+    out = Evaluator(loaded.processor, test, cfg, 256, loaded.device, seed=0).evaluate(loaded.model)
+    sources = ("synthetic/classification", "notes")
+    full = {k for k in out if not k.startswith("no_image/")}
+    assert {k for k in out if k.startswith("no_image/")} == {f"no_image/{k}" for k in full}
+    assert {k.split("/accuracy")[0] for k in full if k.endswith("/accuracy")} == set(sources)
+    assert out["no_image/accuracy"] == pytest.approx(np.mean([out[f"no_image/{s}/accuracy"] for s in sources]))
+    # The text-only source has no image to lose.
+    assert all(out[f"no_image/notes/{metric}"] == out[f"notes/{metric}"] for metric in ("accuracy", "macro_f1"))
+
+
+@pytest.mark.parametrize("ablations", [["no_audio"], ["no_image", "no_image"]])
+def test_an_unknown_or_repeated_ablation_is_a_config_error(tmp_path, ablations):
+    with pytest.raises(ConfigError, match="'eval.ablations'"):
+        small_config(tmp_path, f"eval.ablations=[{','.join(ablations)}]")
+    assert small_config(tmp_path, "eval.ablations=[no_text,no_image]").eval.ablations == ["no_text", "no_image"]

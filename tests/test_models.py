@@ -1,3 +1,5 @@
+import json
+
 import bitsandbytes as bnb
 import pytest
 from peft import PeftModel
@@ -8,6 +10,7 @@ from fedsim.data.synthetic import generate
 from fedsim.evaluation import Evaluator
 from fedsim.models.adapter import adapter_sha256, get_weights, inference, save_adapter, set_weights
 from fedsim.models.loading import load_backbone, load_model, resolve_model_path
+from fedsim.models.tiny import CHECKSUMS, SPEC, file_checksums
 
 from conftest import adamw_steps
 
@@ -70,3 +73,14 @@ def test_saved_adapter_loads_with_peft(loaded, tmp_path, tiny_path):
 def test_local_model_path_without_config_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         resolve_model_path(ModelConfig(name=str(tmp_path)))
+
+
+def test_the_shipped_tiny_preset_matches_its_recorded_checksums(tiny_path):
+    """The preset ships as files, not as a build: any change to them must come from a rebuild
+    (`python -m fedsim.models.tiny`), which records new checksums and its SPEC next to them."""
+    recorded = json.loads((tiny_path / CHECKSUMS).read_text())
+    assert recorded == file_checksums(tiny_path)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
+            "fedsim_tiny.json"} <= set(recorded)
+    assert json.loads((tiny_path / "fedsim_tiny.json").read_text())["spec"] == SPEC
+    assert resolve_model_path(ModelConfig(name="tiny")) == str(tiny_path)

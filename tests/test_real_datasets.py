@@ -19,8 +19,9 @@ from fedsim.data.real import base as real_base
 from fedsim.data.real.crisismmd import OPTIONS as CRISIS_OPTIONS, class_index
 from fedsim.data.real.slake import Slake
 from fedsim.data.schema import FEATURES, OPTION_LETTERS
-from real_fixtures import (COLOURS, CRISIS_TRAIN, SCIENCEQA_PROBLEMS, make_crisismmd, make_hateful_memes,
-                           make_medalpaca, make_scienceqa, make_slake, make_vqa_rad, write_image, write_json)
+from real_fixtures import (COLOURS, CRISIS_ALL_TRAIN, CRISIS_TRAIN, SCIENCEQA_PROBLEMS, make_crisismmd,
+                           make_crisismmd_all, make_hateful_memes, make_hateful_memes_test_seen, make_medalpaca,
+                           make_scienceqa, make_slake, make_vqa_rad, write_image, write_json)
 
 
 def _pil(i: int) -> Image.Image:
@@ -37,6 +38,8 @@ def _colour(image: Image.Image) -> int:
 CASES = {
     "hateful_memes": (make_hateful_memes, 6, 3, True, True, 2),
     "crisismmd": (make_crisismmd, 6, 2, True, True, 5),
+    "hateful_memes_test_seen": (make_hateful_memes_test_seen, 6, 4, True, True, 2),
+    "crisismmd_all": (make_crisismmd_all, 8, 2, True, True, 8),
     "vqa_rad": (make_vqa_rad, 4, 2, True, False, 3),  # train answers yes, Yes, 2, lung -> {yes, 2, lung}
     "slake": (make_slake, 4, 1, True, False, 4),
     "medalpaca": (make_medalpaca, 18, 2, False, True, 18),
@@ -140,6 +143,9 @@ MISSING = {  # name -> (entry to delete, text the message must contain)
     "hateful_memes": ("dev_seen.jsonl", "'dev_seen.jsonl' (or 'dev.jsonl')"),
     "crisismmd": ("crisismmd_datasplit_agreed_label/task_humanitarian_text_img_agreed_lab_test.tsv",
                   "task_humanitarian_text_img_agreed_lab_test.tsv"),
+    "hateful_memes_test_seen": ("test_seen.jsonl", "lacks 'test_seen.jsonl'"),
+    "crisismmd_all": ("crisismmd_datasplit_all/task_humanitarian_text_img_train.tsv",
+                      "crisismmd_datasplit_all/task_humanitarian_text_img_train.tsv"),
     "vqa_rad": ("VQA_RAD Image Folder", "VQA_RAD Image Folder/"),
     "slake": ("test.json", "test.json"),
     "medalpaca": ("medical_meadow_wikidoc_medical_flashcards.json", "medical_meadow_wikidoc_medical_flashcards"),
@@ -236,6 +242,48 @@ def test_crisismmd_rows(source):
     assert splits.train["answer"] == ["E", "C", "B", "B", "D", "A"]  # vehicle damage -> infrastructure
     assert splits.test["label"] == [2, 0]
     assert _colour(splits.train[0]["image"]) == 0
+
+
+@pytest.mark.parametrize("source", ["hateful_memes_test_seen"], indirect=True)
+def test_hateful_memes_test_seen_scores_the_labelled_test_seen(source):
+    name, root = source
+    splits = REAL_DATASETS[name].load(_cfg(name, root), seed=0)
+    assert splits.test["text"] == ["seen 20", "seen 21", "seen 22", "seen 23"]  # test_seen, not dev_seen
+    assert splits.test["answer"] == ["A", "A", "B", "B"] and splits.metric == "roc_auc"
+    assert splits.train["text"] == REAL_DATASETS["hateful_memes"].load(_cfg(name, root), seed=0).train["text"]
+    assert "test_seen.jsonl" in REAL_DATASETS[name].layout and "dev_seen" not in REAL_DATASETS[name].required[2]
+    # the first release's test_seen.jsonl has no labels: named, with the layout
+    (root / "test_seen.jsonl").write_text(json.dumps({"id": 1, "img": "img/00020.png", "text": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"test_seen\.jsonl.*lacks fields \['label'\]"):
+        REAL_DATASETS[name].load(_cfg(name, root), seed=0)
+
+
+@pytest.mark.parametrize("source", ["crisismmd_all"], indirect=True)
+def test_crisismmd_all_keeps_eight_classes_of_the_image_label(source):
+    name, root = source
+    splits = REAL_DATASETS[name].load(_cfg(name, root), seed=0)
+    assert splits.train["options"][0] == [
+        "affected individuals", "infrastructure and utility damage", "injured or dead people",
+        "missing or found people", "rescue, volunteering or donation effort", "vehicle damage",
+        "other relevant information", "not humanitarian"]  # the FedMLLM code's order
+    # label_image decides (rows 4, 6 and 8 disagree with label_text); no class is merged
+    assert splits.train["answer"] == ["C", "F", "D", "H", "G", "A", "B", "E"]
+    assert splits.test["label"] == [5, 3] and splits.num_classes == 8 and splits.metric == "macro_f1"
+    assert splits.train["text"][0] == "Two hurt" and splits.train["text"][3] == "Donate  now"  # URLs removed
+    assert len(CRISIS_ALL_TRAIN) == len(splits.train)
+    assert "crisismmd_datasplit_all" in REAL_DATASETS[name].layout
+    assert "agreed" not in REAL_DATASETS[name].layout
+    assert "crisismmd_datasplit_all" not in REAL_DATASETS["crisismmd"].layout  # each adapter its own layout
+
+
+def test_crisismmd_all_hub_mapping_keeps_fine_classes():
+    names = sorted(["affected_individuals", "infrastructure_and_utility_damage", "injured_or_dead_people",
+                    "missing_or_found_people", "not_humanitarian", "other_relevant_information",
+                    "rescue_volunteering_or_donation_effort", "vehicle_damage"])
+    ds = _with_images({"tweet_text": ["hurt http://t.co/x", "car"], "label": [2, 7]}, [_pil(0), _pil(1)])
+    ds = ds.cast_column("label", datasets.ClassLabel(names=names))
+    rows = REAL_DATASETS["crisismmd_all"].map_hub(ds)
+    assert [(r["text"], r["answer"]) for r in rows] == [("hurt", "C"), ("car", "F")]
 
 
 def test_crisismmd_class_merge_and_unknown_class():

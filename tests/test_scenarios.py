@@ -85,6 +85,61 @@ def test_hybrid_rate_over_many_clients(train):
     assert abs(has_text[::2].mean() - (0.6 + 0.4**2 / 2)) <= 0.06
 
 
+def test_hybrid_coin_per_sample_as_the_authors_hateful_memes_code(train):
+    """p = 0.2: 64% of clients are drawn to keep neither; with coin: sample each of their rows keeps one
+    modality by its own fair coin, the other clients are as under coin: client."""
+    shards = list(np.arange(N).reshape(100, 30))
+    per_client = _flags(apply_scenarios(train, shards, {"hybrid": {"p": 0.2}}, seed=2))
+    per_sample = _flags(apply_scenarios(train, shards, {"hybrid": {"p": 0.2, "coin": "sample"}}, seed=2))
+    image, text = per_sample
+    assert (image | text).all()  # never neither
+    mixed = [idx for idx in shards if image[idx].any() and text[idx].any() and not (image & text)[idx].any()]
+    unchanged = [idx for idx in shards if all(np.array_equal(a[idx], b[idx]) for a, b in zip(per_client, per_sample))]
+    assert len(mixed) + len(unchanged) == 100
+    assert abs(len(mixed) - 64) <= 15  # (1 - p)^2 of 100 clients, binomial sd 4.8
+    rows = np.concatenate(mixed)
+    assert abs(image[rows].mean() - 0.5) <= 0.05  # ~1,900 rows, sd 0.011
+    # a modality is still kept w.p. p + (1 - p)^2 / 2 = 0.52 overall
+    assert abs(image.mean() - 0.52) <= 0.1 and abs(text.mean() - 0.52) <= 0.1
+    with pytest.raises(ValueError, match="hybrid.coin"):
+        apply_scenarios(train, shards, {"hybrid": {"p": 0.2, "coin": "row"}}, seed=2)
+
+
+def test_modality_task_hybrid_holders_rates():
+    from fedsim.scenarios import ModalityTask
+
+    held = ModalityTask(p=0.6).holders(3000, seed=1)
+    assert held.any(axis=1).all()  # every client holds a source
+    assert abs(held[:, 0].mean() - (0.6 + 0.4**2 / 2)) <= 0.03 and abs(held[:, 1].mean() - 0.68) <= 0.03
+    assert abs(held.all(axis=1).mean() - 0.36) <= 0.03  # both sources: p^2
+    np.testing.assert_array_equal(ModalityTask(image_clients=3).holders(5, seed=1),
+                                  [[True, False]] * 3 + [[False, True]] * 2)
+    with pytest.raises(ValueError, match="exactly one of image_clients"):
+        ModalityTask(image_clients=3, p=0.5).check("data.scenarios", 10)
+    with pytest.raises(ValueError, match="exactly one of image_clients"):
+        ModalityTask().check("data.scenarios", 10)
+    with pytest.raises(ValueError, match="modality_task.p must be a probability"):
+        ModalityTask(p=1.5).check("data.scenarios", 10)
+
+
+def test_modality_task_hybrid_gives_a_client_both_sources():
+    from fedsim.clientdata import load_client_data
+    from fedsim.config import merge_config
+    from fedsim.scenarios import ModalityTask
+
+    cfg = merge_config(None, ["data.task=vqa", "data.num_train=200", "data.num_test=10", "partition.num_clients=10",
+                              "data.scenarios.modality_task.p=0.6"])
+    data = load_client_data(cfg)
+    source = np.asarray(data.splits.train["source"])
+    held = ModalityTask(p=0.6).holders(10, cfg.seed)
+    assert held.all(axis=1).any()
+    for client, shard in enumerate(data.shards):
+        assert {"synthetic/vqa", "synthetic/textqa"} & set(source[shard]) == \
+            {s for s, h in zip(("synthetic/vqa", "synthetic/textqa"), held[client]) if h}
+    rows = np.concatenate(data.shards)
+    assert len(rows) == len(np.unique(rows)) == len(source) == 400  # each source's rows, each to one holder
+
+
 def test_aligned_is_identity(train, shards):
     out = apply_scenarios(train, shards, {"aligned": {}}, seed=1)
     assert out.features == train.features

@@ -132,6 +132,89 @@ def test_adaptive_initial_moments() -> None:
     assert close(state["m/w"], [0.0, 0.0]) and close(state["v/w"], [0.25, 0.25])  # v0 = τ²
 
 
+# The FedMLLM / OpenFedLLM code's forms (federated_learning/fed_global.py there), on the rounds above.
+
+
+def test_fedavgm_ema_form_with_first_delta_as_the_fedmllm_code() -> None:
+    s = make("fedavgm", x0=(1.0, 2.0), momentum_form="ema", moment_init="first_delta")  # β1 = 0.9, η = 1
+    # round 1: Δ = [1, -2];  v = Δ (first step);  x = [2, 0]
+    assert close(round_(s, upd([1.0, -2.0])), [2.0, 0.0])
+    # round 2: Δ = [0.5, 1];  v = 0.9·[1, -2] + 0.1·[0.5, 1] = [0.95, -1.7];  x = [2.95, -1.7]
+    assert close(round_(s, upd([0.5, 1.0])), [2.95, -1.7])
+
+
+def test_fedavgm_ema_form_from_zero() -> None:
+    s = make("fedavgm", x0=(1.0, 2.0), momentum_form="ema")
+    # round 1: v = 0.1·[1, -2];  x = [1.1, 1.8];  round 2: v = 0.9·[0.1, -0.2] + 0.1·[0.5, 1] = [0.14, -0.08]
+    assert close(round_(s, upd([1.0, -2.0])), [1.1, 1.8])
+    assert close(round_(s, upd([0.5, 1.0])), [1.24, 1.72])
+
+
+def test_fedadagrad_with_beta1_zero_is_the_fedmllm_code_form() -> None:
+    s = make("fedadagrad", **dict(ADAPTIVE, beta1=0.0))
+    # m = Δ every round.  round 1: v = 1 + [4, 0.25];  x1 = [2/(√5+1), 0.5/(√1.25+1)]
+    x1 = round_(s, upd([2.0, 0.5]))
+    assert close(x1, [0.6180339887, 0.2360679775])
+    # round 2: Δ = [0.5, -1];  v = [5.25, 2.25];  x2 = x1 + [0.5/(√5.25+1), -1/(1.5+1)]
+    x2 = round_(s, upd([0.0, -1.0], n=1), upd([1.0, -1.0], n=9))
+    assert close(x2, [0.6180339887 + 0.5 / (5.25 ** 0.5 + 1), 0.2360679775 - 0.4])
+    # moment_init and second_moment_of change nothing when m = Δ
+    t = make("fedadagrad", **dict(ADAPTIVE, beta1=0.0), moment_init="first_delta", second_moment_of="momentum")
+    assert close(round_(t, upd([2.0, 0.5])), x1.tolist())
+
+
+def test_adaptive_first_delta_initialisation() -> None:
+    s = make("fedadam", **ADAPTIVE, moment_init="first_delta")
+    # round 1: m = Δ = [2, 0.5] (not 0.5·Δ);  v = 0.75 + 0.25·[4, 0.25] = [1.75, 0.8125]
+    x1 = round_(s, upd([2.0, 0.5]))
+    assert close(x1, [2 / (1.75 ** 0.5 + 1), 0.5 / (0.8125 ** 0.5 + 1)])
+    # round 2: m = 0.5·[2, 0.5] + 0.5·[0.5, -1] = [1.25, -0.25];  v = 0.75·v + 0.25·Δ² = [1.375, 0.859375]
+    x2 = round_(s, upd([0.0, -1.0], n=1), upd([1.0, -1.0], n=9))
+    assert close(x2 - x1, [1.25 / (1.375 ** 0.5 + 1), -0.25 / (0.859375 ** 0.5 + 1)])
+    assert close(s.state_dict()["m/w"], [1.25, -0.25])
+
+
+def test_fedyogi_as_the_fedmllm_code_runs_it() -> None:
+    """m = Δ in the first round, then β1 m + (1−β1) Δ;  v ← v − (1−β2) m² sign(v − m²)."""
+    s = make("fedyogi", **ADAPTIVE, moment_init="first_delta", second_moment_of="momentum")
+    # round 1: m = [2, 0.5], m² = [4, 0.25];  v = [1 + 0.25·4, 1 − 0.25·0.25] = [2, 0.9375]
+    x1 = round_(s, upd([2.0, 0.5]))
+    assert close(x1, [2 / (2 ** 0.5 + 1), 0.5 / (0.9375 ** 0.5 + 1)])
+    # round 2: m = [1.25, -0.25], m² = [1.5625, 0.0625];  v = [2 − 0.25·1.5625, 0.9375 − 0.25·0.0625]
+    x2 = round_(s, upd([0.0, -1.0], n=1), upd([1.0, -1.0], n=9))
+    assert close(s.state_dict()["v/w"], [1.609375, 0.921875])
+    assert close(x2 - x1, [1.25 / (1.609375 ** 0.5 + 1), -0.25 / (0.921875 ** 0.5 + 1)])
+
+
+def test_fedadam_second_moment_of_the_momentum() -> None:
+    s = make("fedadam", **ADAPTIVE, second_moment_of="momentum")
+    # round 1: m = 0.5·Δ = [1, 0.25];  v = 0.75 + 0.25·m² = [1, 0.765625];  x1 = [1/(1+1), 0.25/(0.875+1)]
+    assert close(round_(s, upd([2.0, 0.5])), [0.5, 0.25 / 1.875])
+    assert close(s.state_dict()["v/w"], [1.0, 0.765625])
+
+
+def test_first_delta_applies_once_and_not_again_after_a_resume() -> None:
+    a = make("fedyogi", **ADAPTIVE, moment_init="first_delta", second_moment_of="momentum")
+    round_(a, upd([2.0, 0.5]))
+    b = build_server_strategy(a.cfg, 4)
+    b.load_state_dict(a.state_dict())  # resumed after the first step: the second is a momentum step
+    assert torch.equal(round_(a, upd([0.5, -1.0])), round_(b, upd([0.5, -1.0])))
+    assert close(b.state_dict()["m/w"], [1.25, -0.25])
+
+
+@pytest.mark.parametrize("key, value, name", [("momentum_form", "nesterov", "fedavgm"),
+                                               ("moment_init", "ones", "fedadam"),
+                                               ("moment_init", "ones", "fedavgm"),
+                                               ("second_moment_of", "grad", "fedyogi")])
+def test_momentum_options_are_checked(key: str, value: str, name: str) -> None:
+    with pytest.raises(ValueError, match=f"algorithm.server.{key}"):
+        make(name, **{key: value})
+    from fedsim.config import ConfigError, check_values, merge_config
+
+    with pytest.raises(ConfigError, match=f"config key 'algorithm.server.{key}' has invalid value '{value}'"):
+        check_values(merge_config(None, [f"algorithm.server.name={name}", f"algorithm.server.{key}={value}"]))
+
+
 def test_scaffold_server_control_update() -> None:
     s = make("scaffold", num_clients=4)  # η = 1, N = 4, uniform weights (the paper)
     assert close(s.broadcast_extras()["control/w"], [0.0, 0.0])

@@ -2,8 +2,9 @@
 no data, no Ray; seconds).
 
 The FedMLLM grid is base x scenario x method, layered as experiments/fedmllm_table.py layers it: cpu.yaml,
-cpu.yaml + cpu-adaptive.yaml (after the method, for the adaptive server optimizers) and gpu.yaml. The real
-datasets the GPU configs read from local folders are stood in for by tiny fixture folders.
+cpu.yaml + cpu-adaptive.yaml (after the method, for the adaptive server optimizers), gpu.yaml, and gpu.yaml
+with each dataset layer (datasets/*.yaml) after it. The real datasets the GPU configs read from local folders
+are stood in for by tiny fixture folders.
 """
 
 from __future__ import annotations
@@ -37,27 +38,34 @@ def _table_module():
 TABLE = _table_module()
 
 
+DATASETS = sorted(p.stem for p in (FEDMLLM / "datasets").glob("*.yaml"))  # layered after gpu.yaml
+BASES = ["cpu", "cpu-adaptive", "gpu"] + [f"gpu+{dataset}" for dataset in DATASETS]
+
+
 def _layers(base: str, scenario: str, method: str) -> list[Path]:
     if base == "cpu-adaptive":
         return [Path(p) for p in TABLE.layers(scenario, method)]  # cpu.yaml, scenario, method, cpu-adaptive.yaml
-    return [FEDMLLM / f"{base}.yaml", FEDMLLM / "scenarios" / f"{scenario}.yaml",
-            FEDMLLM / "methods" / f"{method}.yaml"]
+    base, *dataset = base.split("+")
+    return [FEDMLLM / f"{base}.yaml", *(FEDMLLM / "datasets" / f"{d}.yaml" for d in dataset),
+            FEDMLLM / "scenarios" / f"{scenario}.yaml", FEDMLLM / "methods" / f"{method}.yaml"]
 
 
-COMBINATIONS = [(base, scenario, method) for base in ("cpu", "cpu-adaptive", "gpu") for scenario in SCENARIOS
+COMBINATIONS = [(base, scenario, method) for base in BASES for scenario in SCENARIOS
                 for method in METHODS if base != "cpu-adaptive" or method in TABLE.ADAPTIVE]
 
 # (base, scenario) -> (the key the refusal names, why the combination is not meant to be made), for every method.
 NOT_MEANT = {
-    ("gpu", "modality-task-5-5"): (
+    **{(base, "modality-task-5-5"): (
         "data.num_train",
         "the synthetic-benchmark version of the medical cross setting (its data.task: vqa and its text-only "
         "clients are synthetic); gpu.yaml reads all rows of a real dataset (data.num_train: 0), which would leave "
-        "the synthetic text source with 0 rows. Its GPU counterpart is medical-cross-5-5.yaml"),
-    ("gpu", "multilingual-domain"): (
+        "the synthetic text source with 0 rows. Its GPU counterparts are medical-cross-*.yaml")
+       for base in BASES if base.startswith("gpu")},
+    **{(base, "multilingual-domain"): (
         "data.scenarios.multilingual",
         "the multilingual step translates the synthetic benchmark's templates only; gpu.yaml's data is real "
-        "(hateful_memes)"),
+        "(hateful_memes_test_seen, or crisismmd_all)")
+       for base in BASES if base.startswith("gpu")},
 }
 
 
@@ -89,7 +97,7 @@ def _fixture_paths(layers: list[Path], data_root: Path) -> list[str]:
 
 def test_the_grid_covers_the_table_and_every_exception_is_shipped():
     assert set(TABLE.SCENARIOS) <= set(SCENARIOS) and set(TABLE.METHODS) | set(TABLE.ADAPTIVE) <= set(METHODS)
-    assert {base for base, _ in NOT_MEANT} <= {"cpu", "cpu-adaptive", "gpu"}
+    assert {base for base, _ in NOT_MEANT} <= set(BASES)
     assert {scenario for _, scenario in NOT_MEANT} <= set(SCENARIOS)
 
 
@@ -105,6 +113,58 @@ def test_fedmllm_combination_loads(base, scenario, method, data_root):
     assert cfg.name == "-".join(p.stem for p in layers)
     if cfg.data.dataset != "synthetic":  # checked against its fixture, not a data/ folder that may exist here
         assert cfg.data.path.startswith(str(data_root))
+
+
+def _load(base: str, scenario: str, method: str, data_root: Path):
+    layers = _layers(base, scenario, method)
+    return load_config(layers, _fixture_paths(layers, data_root))
+
+
+@pytest.mark.parametrize("base, scenario, dataset, rounds, metric", [
+    ("gpu", "aligned-5.0", "hateful_memes_test_seen", 25, "roc_auc"),
+    ("gpu+crisismmd", "missing-0.5", "crisismmd_all", 40, "macro_f1"),
+    ("gpu", "medical-cross-3-7", "vqa_rad", 50, "accuracy"),
+    ("gpu+crisismmd", "medical-hybrid-0.6", "vqa_rad", 50, "accuracy"),
+])
+def test_gpu_grid_runs_each_dataset_as_the_paper(base, scenario, dataset, rounds, metric, data_root):
+    """Rounds per dataset (Hateful-Memes 25, CrisisMMD 40, medical 50), lr 2e-5 with the 1% warm-up, and
+    the dataset forms FedMLLM scores (Hateful-Memes test_seen, CrisisMMD's 8 classes)."""
+    cfg = _load(base, scenario, "fedavg", data_root)
+    assert (cfg.data.dataset, cfg.federation.rounds) == (dataset, rounds)
+    assert (cfg.training.lr, cfg.training.lr_schedule, cfg.training.warmup_fraction) == (2e-5, "cosine", 0.01)
+    assert REAL_DATASETS[dataset].metric == metric
+
+
+@pytest.mark.parametrize("scenario, holders", [("medical-cross-3-7", {"image_clients": 3}),
+                                               ("medical-cross-5-5", {"image_clients": 5}),
+                                               ("medical-cross-7-3", {"image_clients": 7}),
+                                               ("medical-hybrid-0.8", {"p": 0.8}),
+                                               ("medical-hybrid-0.7", {"p": 0.7}),
+                                               ("medical-hybrid-0.6", {"p": 0.6})])
+def test_medical_modality_task_levels(scenario, holders, data_root):
+    cfg = _load("gpu", scenario, "fedavg", data_root)
+    task = cfg.data.scenarios["modality_task"]
+    assert {key: task.get(key) for key in holders} == holders and task["text_dataset"] == "medalpaca"
+    assert cfg.partition.scheme == "iid"  # each source split evenly at random, as the authors' code does
+
+
+@pytest.mark.parametrize("base", ["cpu", "gpu"])
+def test_local_baseline_trains_every_client_every_round(base, data_root):
+    local = _load(base, "aligned-5.0", "local", data_root)
+    assert local.algorithm.server.name == "local_only"
+    assert local.clients_per_round() == local.partition.num_clients == 10
+    sampled = _load(base, "aligned-5.0", "local-only", data_root)
+    assert sampled.clients_per_round() < sampled.partition.num_clients  # the base's cohort size
+
+
+def test_grid_server_layers_are_the_fedmllm_code_forms(data_root):
+    server = {method: _load("cpu", "aligned-5.0", method, data_root).algorithm.server
+              for method in ("fedadagrad", "fedmllm", "fedavgm", "fedyogi", "fedadam")}
+    assert server["fedadagrad"].beta1 == server["fedmllm"].beta1 == 0.0  # no momentum
+    assert (server["fedavgm"].momentum_form, server["fedavgm"].moment_init) == ("ema", "first_delta")
+    for name in ("fedyogi", "fedadam"):
+        assert (server[name].moment_init, server[name].second_moment_of) == ("first_delta", "momentum")
+    assert _load("cpu", "hybrid-0.6", "fedavg", data_root).data.scenarios["hybrid"]["coin"] == "sample"
 
 
 STUDIES = sorted(EXPERIMENTS.glob("quickstart.yaml")) + sorted((EXPERIMENTS / "studies").rglob("*.yaml"))

@@ -130,6 +130,59 @@ def test_report_of_a_single_run_and_bad_metric(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
+def write_run(run_dir, evals, headline=None):
+    """A finished run's metrics.jsonl and summary.json, without training: ``evals[0]`` is the zero-shot
+    evaluation, ``evals[r]`` round r's."""
+    run_dir.mkdir(parents=True)
+    records = [{"round": r, "bytes_up": 1000, "bytes_down": 1000, "simulated_seconds": 10.0 * r, "eval": e}
+               for r, e in enumerate(evals[1:], start=1)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {"experiment": run_dir.name, "algorithm": {"server": "fedavg"}, "mode": "sync",
+               "rounds": len(records), "client_updates": 2 * len(records), "simulated_seconds": 10.0 * len(records),
+               "wall_seconds": 1.0, "train_seconds": 1.0, "bytes_up": 1000 * len(records),
+               "bytes_down": 1000 * len(records), "zero_shot_metrics": evals[0], "final_metrics": evals[-1]}
+    if headline:
+        summary["headline_metric"] = headline
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def with_ablations(accuracy):
+    return {"accuracy": accuracy, "no_image/accuracy": accuracy / 2, "no_text/accuracy": accuracy / 3}
+
+
+def test_report_draws_modality_contribution_of_runs_with_ablations(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    runs = [{"label": f"seed={seed}", "values": {"seed": str(seed)}} for seed in (1, 2, 3)]
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.json").write_text(json.dumps({"runs": runs}))
+    for seed in (1, 2):
+        write_run(sweep_dir / f"seed={seed}", [with_ablations(a / seed) for a in (0.3, 0.6, 0.9)])
+    write_run(sweep_dir / "seed=3", [{"accuracy": a} for a in (0.3, 0.6, 0.9)])  # no ablations: no panel
+    assert main(["report", str(sweep_dir)]) == 0
+    page = (sweep_dir / "report" / "index.html").read_text()
+    assert 'src="modality_contribution.png"' in page
+    assert (sweep_dir / "report" / "modality_contribution.png").stat().st_size > 10_000
+
+    plain = tmp_path / "plain"
+    write_run(plain, [{"accuracy": a} for a in (0.3, 0.6)])
+    assert main(["report", str(plain)]) == 0
+    assert "modality_contribution" not in (plain / "report" / "index.html").read_text()
+    assert not (plain / "report" / "modality_contribution.png").exists()
+
+
+def test_report_defaults_to_the_runs_headline_metric(tmp_path):
+    evals = [{"accuracy": a, "macro_f1": a / 2, "roc_auc": a / 3} for a in (0.3, 0.6)]
+    headline, older = tmp_path / "headline", tmp_path / "older"
+    write_run(headline, evals, headline="roc_auc")
+    write_run(older, evals)  # written before summary.json had headline_metric
+    assert main(["report", str(headline)]) == 0
+    assert "metric: roc_auc." in (headline / "report" / "index.html").read_text()
+    assert main(["report", str(headline), "--metric", "macro_f1"]) == 0  # an explicit metric wins
+    assert "metric: macro_f1." in (headline / "report" / "index.html").read_text()
+    assert main(["report", str(older)]) == 0
+    assert "metric: accuracy." in (older / "report" / "index.html").read_text()
+
+
 def _keys(node, prefix=""):
     if not isinstance(node, dict):
         return {prefix}

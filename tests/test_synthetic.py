@@ -1,4 +1,5 @@
 import hashlib
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -8,12 +9,17 @@ from fedsim.data.schema import FEATURES, OPTION_LETTERS, check_schema
 from fedsim.data.synthetic import (
     CLASS_OPTIONS,
     COLOURS,
+    COOL_HINTS,
     FRAGILE,
     LEFT,
     RIGHT,
+    STRIP_HEIGHT,
     STURDY,
+    STURDY_SHAPES,
     TASK_NUM_CLASSES,
     WARM,
+    WARM_HINTS,
+    Cues,
     generate,
     load_synthetic,
 )
@@ -130,16 +136,77 @@ def test_classification_label_matches_text_and_image(classification):
         assert row["task"] == "classification" and row["has_image"] and row["has_text"]
 
 
-def test_classification_needs_both_modalities(classification):
+def _shape_of(pixels: np.ndarray) -> str:
+    """The shape drawn in ``pixels``, from its mask's fill of its bounding box and its top/bottom balance."""
+    mask = np.abs(pixels.astype(float) - 235).max(axis=2) > 60
+    ys, xs = np.nonzero(mask)
+    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    fill, half = box.mean(), len(box) // 2
+    if fill > 0.95:
+        return "square"
+    if fill > 0.66:
+        return "circle"
+    return "triangle" if box[:half].sum() < 0.6 * box[len(box) - half:].sum() else "diamond"
+
+
+def _solo_accuracies(rows: datasets.Dataset) -> tuple[float, float]:
+    """Accuracy of the best answer from the image alone (colour, and shape as a sturdiness hint) and from
+    the note alone (describing word, and a temperature word as a colour hint; none: guess warm)."""
+    image_right = text_right = 0
+    for row in rows:
+        cool, sturdy = divmod(row["label"], 2)
+        pixels = np.asarray(row["image"])
+        image_cool = _colour_of(pixels) not in WARM
+        image_sturdy = _shape_of(pixels) in STURDY_SHAPES
+        image_right += (image_cool, image_sturdy) == (cool, sturdy)
+        words = row["text"].split()
+        text_cool = any(w in COOL_HINTS for w in words)
+        text_right += (text_cool, _qualifier(row["text"]) in STURDY) == (cool, sturdy)
+    return image_right / len(rows), text_right / len(rows)
+
+
+@pytest.mark.parametrize("image_share, text_share", [(0.5, 0.5), (0.7, 0.7), (0.9, 0.6), (1.0, 1.0)])
+def test_each_modality_alone_reaches_its_configured_share(image_share, text_share):
+    rows = generate("classification", 800, "train", seed=1, cues=Cues(image_share, text_share))
+    image_alone, text_alone = _solo_accuracies(rows)
+    # 800 rows: a binomial standard error of at most 1.8 points
+    assert abs(image_alone - image_share) < 0.06 and abs(text_alone - text_share) < 0.06
+
+
+def test_shape_and_word_hints_are_never_wrong():
+    misread = 0
+    for row in generate("classification", 300, "train", seed=2, cues=Cues(1.0, 1.0)):
+        cool, sturdy = divmod(row["label"], 2)
+        misread += (_shape_of(np.asarray(row["image"])) in STURDY_SHAPES) != sturdy
+        assert any(w in (COOL_HINTS if cool else WARM_HINTS) for w in row["text"].split())
+    assert misread <= 3  # the pixel reader of shapes misses the odd small, noisy item
+
+
+def test_text_in_image_draws_the_describing_word_into_the_pixels():
+    rows = generate("classification", 200, "train", seed=3, cues=Cues(text_in_image=True))
+    strips = {}
+    for row in rows:
+        pixels = np.asarray(row["image"])
+        strip = tuple(pixels[-1, ::4, 0] < 128)  # the 8 cells' dark/light pattern on the bottom row
+        strips.setdefault(strip, set()).add(_qualifier(row["text"]))
+        assert _colour_of(pixels[:-STRIP_HEIGHT]) in COLOURS
+    # one pattern per describing word, so the image alone tells fragile from sturdy
+    assert len(strips) == len(FRAGILE + STURDY) and all(len(words) == 1 for words in strips.values())
+
+
+@pytest.mark.parametrize("key, value", [("image_share", 0.4), ("text_share", 1.2)])
+def test_a_share_outside_its_range_names_the_key(key, value):
+    with pytest.raises(ValueError, match=f"data.{key}"):
+        Cues(**{key: value})
+
+
+def test_classification_cues_do_not_shift_the_label(classification):
     labels = np.array(classification["label"])
     sturdy = np.array([_qualifier(t) in STURDY for t in classification["text"]])
-    # Text alone fixes the sturdy bit but not the warm/cool bit: within each qualifier group cool is ~50%.
+    # The describing word fixes the sturdy bit but not the warm/cool bit: within each group cool is ~50%.
     cool = labels // 2
     for group in (sturdy, ~sturdy):
         assert 0.4 < cool[group].mean() < 0.6
-    # Image alone fixes the warm/cool bit but not the sturdy bit: within each warmth group sturdy is ~50%.
-    for group in (cool == 0, cool == 1):
-        assert 0.4 < (labels[group] % 2).mean() < 0.6
     # Each sturdy word co-occurs with both a warm and a cool class.
     for word in STURDY:
         classes = set(labels[[word in t.split() for t in classification["text"]]])
@@ -176,6 +243,15 @@ def test_pretrain_mixes_modalities_with_consistent_flags():
     for image, text, has_image, has_text in zip(images, texts, ds["has_image"], ds["has_text"]):
         assert has_image == (image is not None)
         assert has_text == (text is not None)
-        assert has_image or has_text
+    # every mix a client may hold: both, image only, note only, neither
     pairs = set(zip(ds["has_image"], ds["has_text"]))
-    assert (True, False) in pairs and (False, True) in pairs
+    assert pairs == {(True, True), (True, False), (False, True), (False, False)}
+
+
+@pytest.mark.parametrize("variant, cues", [("image-dominant", Cues(0.9, 0.6)), ("text-in-image", Cues(text_in_image=True))])
+def test_shipped_benchmark_variants_load_onto_the_cpu_twin(variant, cues):
+    from fedsim.validation import load_config
+
+    root = Path(__file__).resolve().parents[1] / "experiments" / "fedmllm"
+    data = load_config([root / "cpu.yaml", root / "variants" / f"{variant}.yaml"]).data
+    assert Cues(data.image_share, data.text_share, data.text_in_image) == cues

@@ -36,6 +36,25 @@ def test_cosine_lr_decreases_and_single_round_keeps_lr():
     assert round_lr(cfg, 1, 1) == 1.0
 
 
+def test_fedmllm_warmup_under_one_round_puts_round_one_above_lr():
+    """The FedMLLM code's cosine_warm_learning_rate(r, lr, T, 0.01 T) with T = 50: W = 0.5."""
+    cfg = TrainingConfig(lr=2.0, lr_schedule="cosine", warmup_fraction=0.01)
+    assert round_lr(cfg, 1, 50) == pytest.approx(4.0)  # r = 0 < W: lr (0 + 1) / 0.5
+    # r = 1: (1 + cos(pi (1 - 0.5) / 49.5)) / 2 · lr
+    assert round_lr(cfg, 2, 50) == pytest.approx(1 + np.cos(np.pi * 0.5 / 49.5))
+    assert round_lr(cfg, 50, 50) == pytest.approx(1 + np.cos(np.pi * 48.5 / 49.5))  # never reaches min_lr
+
+
+def test_warmup_over_several_rounds_then_cosine_or_constant():
+    cosine = TrainingConfig(lr=1.0, lr_schedule="cosine", min_lr=0.2, warmup_fraction=0.1)
+    # T = 30: W = 3 warm-up rounds at 1/3, 2/3, 1; then 0.2 + 0.8 (1 + cos(pi (r - 3) / 27)) / 2
+    assert [round_lr(cosine, r, 30) for r in (1, 2, 3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert round_lr(cosine, 4, 30) == pytest.approx(1.0)
+    assert round_lr(cosine, 17, 30) == pytest.approx(0.2 + 0.4 * (1 + np.cos(np.pi * 13 / 27)))
+    constant = TrainingConfig(lr=1.0, lr_schedule="constant", warmup_fraction=0.1)
+    assert [round_lr(constant, r, 30) for r in (1, 2, 3, 4, 30)] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1])
+
+
 # --- batch_indices ----------------------------------------------------------------------------------------
 
 SHARD = np.arange(100, 110)  # client shards hold global dataset indices, not 0..n-1

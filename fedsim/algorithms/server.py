@@ -305,28 +305,71 @@ class FedAvg(ServerStrategy):
             self.weights[k].add_(d, alpha=self.lr)
 
 
+MOMENTUM_FORMS = ("heavy_ball", "ema")
+MOMENT_INITS = ("zero", "first_delta")
+SECOND_MOMENT_OF = ("delta", "momentum")
+
+
+def _check_choice(cfg: ServerAlgoConfig, key: str, allowed: tuple[str, ...]) -> None:
+    if getattr(cfg, key) not in allowed:
+        raise ValueError(f"config key 'algorithm.server.{key}' has invalid value {getattr(cfg, key)!r}: "
+                         f"expected one of {', '.join(allowed)}")
+
+
+class MomentumServer(ServerStrategy):
+    """A server strategy with a first moment m of the mean delta; ``moment_init`` sets its first step."""
+
+    def __init__(self, cfg: ServerAlgoConfig, num_clients: int, client_sizes: Sequence[int] | None = None) -> None:
+        super().__init__(cfg, num_clients, client_sizes)
+        _check_choice(cfg, "moment_init", MOMENT_INITS)
+
+    def first_moment(self, m: torch.Tensor, d: torch.Tensor, decay: float, gain: float) -> torch.Tensor:
+        """``m ← decay·m + gain·Δ`` in place; ``m ← Δ`` instead at the first server step under first_delta."""
+        if self.cfg.moment_init == "first_delta" and self.version == 0:
+            return m.copy_(d)
+        return m.mul_(decay).add_(d, alpha=gain)
+
+
 @register
-class FedAvgM(ServerStrategy):
-    """FedAvg with server momentum: v ← β1 v + Δ;  x ← x + η v  (v0 = 0)."""
+class FedAvgM(MomentumServer):
+    """FedAvg with server momentum, in one of two forms (``momentum_form``), v0 = 0:
+
+    - ``heavy_ball`` (default; Hsu et al. 2019):  v ← β1 v + Δ;  x ← x + η v.
+    - ``ema`` (the FedMLLM / OpenFedLLM code):  v ← β1 v + (1−β1) Δ;  x ← x + η v. With
+      ``moment_init: first_delta`` v = Δ at the first step, as that code does (it also has no server
+      lr: η = 1, the default here).
+
+    Δ is sample-weighted by default, as in both. The slot is named ``v`` in both forms.
+    """
 
     name = "fedavgm"
+
+    def __init__(self, cfg: ServerAlgoConfig, num_clients: int, client_sizes: Sequence[int] | None = None) -> None:
+        super().__init__(cfg, num_clients, client_sizes)
+        _check_choice(cfg, "momentum_form", MOMENTUM_FORMS)
 
     def init_slots(self) -> dict[str, NamedTensors]:
         return {"v": {k: torch.zeros_like(w) for k, w in self.weights.items()}}
 
     def apply(self, mean_delta: NamedTensors) -> None:
+        b1 = self.cfg.beta1
+        gain = 1.0 if self.cfg.momentum_form == "heavy_ball" else 1 - b1
         for k, d in mean_delta.items():
-            v = self.slots["v"][k].mul_(self.cfg.beta1).add_(d)
+            v = self.first_moment(self.slots["v"][k], d, b1, gain)
             self.weights[k].add_(v, alpha=self.lr)
 
 
-class AdaptiveServer(ServerStrategy):
+class AdaptiveServer(MomentumServer):
     """Reddi et al.'s adaptive server optimizers, without bias correction:
 
-        m ← β1 m + (1−β1) Δ;   v ← second_moment(v, Δ²);   x ← x + η m / (√v + τ)
+        m ← β1 m + (1−β1) Δ;   v ← second_moment(v, s²);   x ← x + η m / (√v + τ)
 
-    with m0 = 0 and v0 = τ² (as in the FedMLLM / OpenFedLLM code), default η = 1e-3, and client
-    deltas averaged with equal weights.
+    with s = Δ (``second_moment_of: delta``, Reddi et al., the default) or s = m (``momentum``, as the
+    FedMLLM / OpenFedLLM code does for FedYogi and FedAdam), m0 = 0 (``moment_init: zero``) or m = Δ at the
+    first server step (``first_delta``, that code's FedYogi/FedAdam), v0 = τ² (as in that code), default
+    η = 1e-3, and client deltas averaged with equal weights. That code's FedAdagrad has no momentum
+    (m = Δ every round): here that is ``beta1: 0``, with which both ``moment_init`` and ``second_moment_of``
+    change nothing.
     """
 
     default_lr = 1e-3
@@ -334,6 +377,7 @@ class AdaptiveServer(ServerStrategy):
 
     def __init__(self, cfg: ServerAlgoConfig, num_clients: int, client_sizes: Sequence[int] | None = None) -> None:
         super().__init__(cfg, num_clients, client_sizes)
+        _check_choice(cfg, "second_moment_of", SECOND_MOMENT_OF)
         if not (math.isfinite(cfg.tau) and cfg.tau > 0):
             raise ValueError(f"config key 'algorithm.server.tau' has invalid value {cfg.tau!r} for {self.name}: "
                              "expected a finite value > 0 (the step is m / (sqrt(v) + tau))")
@@ -343,15 +387,16 @@ class AdaptiveServer(ServerStrategy):
         return {"m": {k: torch.zeros_like(w) for k, w in self.weights.items()},
                 "v": {k: torch.full_like(w, tau2) for k, w in self.weights.items()}}
 
-    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
-        """Return the new second moment from the old ``v`` and ``d2 = Δ²``."""
+    def second_moment(self, v: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        """Return the new second moment from the old ``v`` and ``s2`` (Δ² or m², see ``second_moment_of``)."""
         raise NotImplementedError
 
     def apply(self, mean_delta: NamedTensors) -> None:
         b1, tau = self.cfg.beta1, self.cfg.tau
         for k, d in mean_delta.items():
-            m = self.slots["m"][k].mul_(b1).add_(d, alpha=1 - b1)
-            v = self.slots["v"][k] = self.second_moment(self.slots["v"][k], d * d)
+            m = self.first_moment(self.slots["m"][k], d, b1, 1 - b1)
+            s = m if self.cfg.second_moment_of == "momentum" else d
+            v = self.slots["v"][k] = self.second_moment(self.slots["v"][k], s * s)
             # A tau that underflows float32 would leave 0/0 where m = v = 0: the floor keeps such steps at 0.
             denominator = (v.sqrt() + tau).clamp_min(torch.finfo(torch.float32).tiny)
             self.weights[k].add_(self.lr * m / denominator)
@@ -359,32 +404,32 @@ class AdaptiveServer(ServerStrategy):
 
 @register
 class FedAdagrad(AdaptiveServer):
-    """FedAdagrad: v ← v + Δ²."""
+    """FedAdagrad: v ← v + s² (s = Δ, or m; the FedMLLM code's form is ``beta1: 0``, so m = s = Δ)."""
 
     name = "fedadagrad"
 
-    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
-        return v + d2
+    def second_moment(self, v: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        return v + s2
 
 
 @register
 class FedYogi(AdaptiveServer):
-    """FedYogi: v ← v − (1−β2) Δ² sign(v − Δ²)  (v grows when Δ² > v, shrinks when Δ² < v)."""
+    """FedYogi: v ← v − (1−β2) s² sign(v − s²)  (grows when s² > v, shrinks when s² < v; s = Δ, or m)."""
 
     name = "fedyogi"
 
-    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
-        return v - (1 - self.cfg.beta2) * d2 * torch.sign(v - d2)
+    def second_moment(self, v: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        return v - (1 - self.cfg.beta2) * s2 * torch.sign(v - s2)
 
 
 @register
 class FedAdam(AdaptiveServer):
-    """FedAdam: v ← β2 v + (1−β2) Δ²."""
+    """FedAdam: v ← β2 v + (1−β2) s²  (s = Δ, or m)."""
 
     name = "fedadam"
 
-    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
-        return self.cfg.beta2 * v + (1 - self.cfg.beta2) * d2
+    def second_moment(self, v: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        return self.cfg.beta2 * v + (1 - self.cfg.beta2) * s2
 
 
 @register

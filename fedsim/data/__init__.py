@@ -6,11 +6,12 @@ from typing import Callable
 
 from fedsim.data.real import REAL_DATASETS
 from fedsim.data.schema import FEATURES, DatasetSplits
-from fedsim.data.synthetic import TASK_NUM_CLASSES, load_synthetic
+from fedsim.data.synthetic import TASK_NUM_CLASSES, Cues, load_synthetic
 
 
 def _synthetic(cfg, seed: int) -> DatasetSplits:
-    return load_synthetic(cfg.task, cfg.num_train, cfg.num_test, cfg.image_size, seed)
+    cues = Cues(cfg.image_share, cfg.text_share, cfg.text_in_image)
+    return load_synthetic(cfg.task, cfg.num_train, cfg.num_test, cfg.image_size, seed, cues)
 
 
 DATASETS: dict[str, Callable[..., DatasetSplits]] = {
@@ -44,6 +45,7 @@ def check_data_source(cfg, keys: dict[str, str] | None = None) -> None:
             if getattr(cfg, key) is not None:
                 raise ValueError(f"config key '{keys[key]}' is set, but {keys['dataset']} is 'synthetic', which is "
                                  f"generated from the seed; choose a real dataset ({', '.join(sorted(REAL_DATASETS))})")
+        Cues(cfg.image_share, cfg.text_share, cfg.text_in_image)  # raises naming data.image_share / text_share
         return
     REAL_DATASETS[cfg.dataset].check_source(cfg, keys["path"], keys["hub"])
 

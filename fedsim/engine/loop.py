@@ -338,9 +338,11 @@ class FederationLoop:
 
 def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: Executor,
                    aggregator: AggregatorLike, shard_sizes: list[int], adapter_bytes: int,
-                   personalized: bool, asynchronous: bool, trains: bool, resume: bool = False) -> dict[str, Any]:
+                   personalized: bool, asynchronous: bool, trains: bool, resume: bool = False, *,
+                   headline_metric: str) -> dict[str, Any]:
     """Run every round of ``cfg`` (with ``resume``: those after the run directory's checkpoint) and write
-    the run directory; returns the summary."""
+    the run directory; returns the summary. ``headline_metric`` (the data's ``DatasetSplits.metric``: roc_auc
+    for Hateful-Memes, macro_f1 for CrisisMMD, accuracy otherwise) names the metric the benchmark reports."""
     started = time.perf_counter()
     ckpt = read_checkpoint(run_dir) if resume else None
     writer = RunWriter(run_dir, resume_round=ckpt.round if ckpt else None)
@@ -367,6 +369,7 @@ def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: 
         "rounds": rounds,
         "global_version": version,
         "client_updates": tally.updates,
+        "headline_metric": headline_metric,
         "final_metrics": loop.metrics,
         "zero_shot_metrics": loop.zero_shot or {},
         "wall_seconds": time.perf_counter() - started,

@@ -36,6 +36,7 @@ class SequentialParts:
     strategy: ServerStrategy
     shard_sizes: list[int]
     adapter_bytes: int
+    headline_metric: str  # the metric the data's benchmark reports (DatasetSplits.metric)
 
 
 def build_sequential(cfg: ExperimentConfig, loaded: LoadedModel | None = None) -> SequentialParts:
@@ -51,7 +52,8 @@ def build_sequential(cfg: ExperimentConfig, loaded: LoadedModel | None = None) -
     initial = get_weights(loaded.model)
     aggregator = Aggregator(strategy, UpdateGuard(cfg.runtime.max_update_norm))
     aggregator.init(initial)
-    return SequentialParts(InProcessExecutor(trainer, evaluator), aggregator, strategy, shard_sizes, nbytes(initial))
+    return SequentialParts(InProcessExecutor(trainer, evaluator), aggregator, strategy, shard_sizes, nbytes(initial),
+                           data.splits.metric)
 
 
 def run_sequential(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -60,4 +62,5 @@ def run_sequential(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
     parts = build_sequential(cfg)
     strategy = parts.strategy
     return run_federation(cfg, run_dir, "sequential", parts.executor, parts.aggregator, parts.shard_sizes,
-                          parts.adapter_bytes, strategy.personalized, strategy.asynchronous, strategy.trains, resume)
+                          parts.adapter_bytes, strategy.personalized, strategy.asynchronous, strategy.trains, resume,
+                          headline_metric=parts.headline_metric)

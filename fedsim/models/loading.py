@@ -64,11 +64,11 @@ def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
-    """``tiny`` -> the cached preset folder (built if missing); anything else is passed to from_pretrained."""
+    """``tiny`` -> the shipped preset folder; anything else is passed to from_pretrained."""
     if cfg.name == "tiny":
         from fedsim.models.tiny import tiny_model_path
 
-        return str(tiny_model_path(cfg.cache_dir))
+        return str(tiny_model_path())
     looks_local = cfg.name.startswith((".", "/", "~")) or Path(cfg.name).expanduser().exists()
     if looks_local and not (Path(cfg.name).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"model.name={cfg.name!r} is a local path but has no config.json; "

@@ -1,22 +1,29 @@
-"""The built-in ``tiny`` preset: a small LLaVA-style MLLM built offline and cached on disk.
+"""The built-in ``tiny`` preset: a small LLaVA-style MLLM, shipped with the package, pre-trained.
 
 A CLIP vision tower and a Qwen2 language model, with a byte-level BPE tokenizer trained locally on the
 synthetic benchmark's prompts, a CLIP image processor and a ChatML chat template. Like a real MLLM it is
-pre-trained (briefly, in full precision, all weights) on the synthetic ``pretrain`` split, which is
-disjoint from every client's data: generic questions about colours, shapes, notes and option letters.
-The result is saved as an ordinary Hugging Face folder and then loaded through exactly the same 4-bit +
-LoRA path as a hub model.
+pre-trained (in full precision, all weights, until its held-out loss plateaus) on the synthetic
+``pretrain`` split, which is disjoint from every client's data: generic questions about colours, shapes,
+notes and option letters, asked with both modalities, the image only, the note only, or neither, so that
+a missing modality is something the backbone has seen.
+
+The result ships in ``fedsim/models/tiny_preset/`` as an ordinary Hugging Face folder (weights in
+safetensors, tokenizer, processor, chat template) and is loaded through exactly the same 4-bit + LoRA path
+as a hub model; nothing is built at run time, so the model cannot change with the installed libraries or
+the machine. ``python -m fedsim.models.tiny`` rebuilds it from ``SPEC`` and records every file's SHA-256 in
+``checksums.json``, which a test checks the shipped files against.
 """
 
 from __future__ import annotations
 
-import fcntl
+import argparse
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +53,9 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<image>"]
 
-# Everything that changes the built model belongs here: its hash names the cache folder.
+# Everything that changes the built model belongs here; fedsim_tiny.json in the preset records it.
 SPEC = {
-    "version": 1,
+    "version": 2,
     "image_size": 32,
     "patch_size": 8,
     "vision_hidden": 64,
@@ -63,38 +70,33 @@ SPEC = {
     # The synthetic tasks whose prompts train the tokenizer. Listed here, not taken from the generator
     # registry, so that adding a task to the benchmark does not silently change the built model.
     "tokenizer_tasks": ["classification", "vqa", "pretrain", "textqa"],
-    "pretrain_steps": 400,
+    "pretrain_steps": 1500,
     "pretrain_batch": 32,
     "pretrain_lr": 2e-3,
+    "pretrain_eval_every": 250,  # held-out loss on the pretrain split, recorded to show the plateau
+    "pretrain_eval_batches": 8,
     "seed": 1234,
 }
+PRESET_DIR = Path(__file__).resolve().parent / "tiny_preset"
+CHECKSUMS = "checksums.json"
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FEDSIM_CACHE", Path.home() / ".cache" / "fedsim"))
+def tiny_model_path() -> Path:
+    """The shipped tiny preset's folder."""
+    if not (PRESET_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"the tiny preset is missing from {PRESET_DIR}; it ships with fedsim, and "
+                                "`python -m fedsim.models.tiny` rebuilds it")
+    return PRESET_DIR
 
 
-def tiny_model_path(cache_dir: str | Path | None = None) -> Path:
-    """Path of the built tiny preset, building it first if the cache lacks it (safe across processes)."""
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    digest = hashlib.sha256(json.dumps(SPEC, sort_keys=True).encode()).hexdigest()[:12]
-    path = root / f"tiny-llava-{digest}"
-    if (path / "config.json").exists():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # several workers may ask at once; one builds, the rest wait
-        if not (path / "config.json").exists():
-            staging = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
-            try:
-                build_tiny(staging)
-                os.replace(staging, path)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    return path
+def file_checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file of a preset folder except the checksum list itself, by file name."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.iterdir()) if f.is_file() and f.name != CHECKSUMS}
 
 
 def _samples(task: str, count: int, rng: np.random.Generator) -> list[dict]:
+    """Samples of ``task`` with the benchmark's default cues (they only shape the tokenizer's corpus here)."""
     return [GENERATORS[task](rng, SPEC["image_size"]) for _ in range(count)]
 
 
@@ -135,30 +137,41 @@ def _model(tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(config)
 
 
-def _pretrain(model: LlavaForConditionalGeneration, processor: LlavaProcessor, rng: np.random.Generator) -> float:
+def _pretrain(model: LlavaForConditionalGeneration, processor: LlavaProcessor,
+              rng: np.random.Generator) -> list[tuple[int, float]]:
+    """Pre-train every weight on fresh ``pretrain`` batches (warm-up, then cosine decay); returns the held-out
+    loss curve [(step, loss)], measured on batches drawn once before training."""
     collate = Collator(processor, max_length=256, train=True)
+    held_out = [collate(_samples("pretrain", SPEC["pretrain_batch"], rng)) for _ in range(SPEC["pretrain_eval_batches"])]
     optimizer = torch.optim.AdamW(model.parameters(), lr=SPEC["pretrain_lr"], weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=SPEC["pretrain_lr"],
-                                                   total_steps=SPEC["pretrain_steps"], pct_start=0.1)
-    model.train()
-    losses = []
+                                                   total_steps=SPEC["pretrain_steps"], pct_start=0.05)
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([model(**batch).loss.item() for batch in held_out]))
+
+    model.train()  # dropout is 0 in these configs: train mode changes nothing but keeps one code path
+    curve = []
     for step in range(SPEC["pretrain_steps"]):
-        batch = collate(_samples("pretrain", SPEC["pretrain_batch"], rng))
-        loss = model(**batch).loss
+        if step % SPEC["pretrain_eval_every"] == 0:
+            curve.append((step, held_out_loss()))
+            log.info("tiny preset pre-training step %d/%d held-out loss %.4f", step, SPEC["pretrain_steps"],
+                     curve[-1][1])
+        loss = model(**collate(_samples("pretrain", SPEC["pretrain_batch"], rng))).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 100 == 0:
-            log.info("tiny preset pre-training step %d/%d loss %.3f", step, SPEC["pretrain_steps"], loss.item())
-    return float(np.mean(losses[-20:]))
+    curve.append((SPEC["pretrain_steps"], held_out_loss()))
+    return curve
 
 
 def build_tiny(out_dir: str | Path) -> None:
-    """Build, pre-train and save the tiny preset into ``out_dir`` (deterministic given the SPEC)."""
-    log.info("building the tiny preset in %s (once; cached afterwards)", out_dir)
+    """Build, pre-train and save the tiny preset into ``out_dir`` (deterministic given the SPEC, the
+    library versions and the machine's floating-point kernels), with its checksums."""
+    log.info("building the tiny preset in %s", out_dir)
     rng = np.random.default_rng(SPEC["seed"])
     torch.manual_seed(SPEC["seed"])
     bootstrap = _processor(_train_tokenizer(["bootstrap"]))  # renders prompts for the real tokenizer's corpus
@@ -170,8 +183,34 @@ def build_tiny(out_dir: str | Path) -> None:
     tokenizer = _train_tokenizer(corpus)
     processor = _processor(tokenizer)
     model = _model(tokenizer)
-    final_loss = _pretrain(model, processor, rng)
-    log.info("tiny preset pre-trained: final loss %.3f", final_loss)
+    curve = _pretrain(model, processor, rng)
+    log.info("tiny preset pre-trained: held-out loss %.4f", curve[-1][1])
+    out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    (Path(out_dir) / "fedsim_tiny.json").write_text(json.dumps({"spec": SPEC, "pretrain_loss": final_loss}, indent=1))
+    built_with = {name: version(name) for name in ("torch", "transformers", "tokenizers", "numpy", "pillow")}
+    (out_dir / "fedsim_tiny.json").write_text(json.dumps(
+        {"spec": SPEC, "held_out_loss": curve, "built_with": built_with}, indent=1) + "\n")
+    (out_dir / CHECKSUMS).write_text(json.dumps(file_checksums(out_dir), indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedsim.models.tiny",
+                                     description="Rebuild the tiny preset from SPEC (a few minutes on 2 cores).")
+    parser.add_argument("--out", type=Path, default=PRESET_DIR, help=f"target folder (default {PRESET_DIR})")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=args.out.parent, prefix=".building-"))
+    try:
+        build_tiny(staging)
+        if args.out.exists():
+            shutil.rmtree(args.out)
+        os.replace(staging, args.out)  # the old preset goes only once the new one is complete
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"tiny preset written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

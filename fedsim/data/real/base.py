@@ -9,6 +9,7 @@ Local images are stored as file paths, so they are decoded only when a row is re
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
 import sys
@@ -32,10 +33,13 @@ REAL_DATASETS: dict[str, "RealDataset"] = {}
 
 def register(cls: type["RealDataset"]) -> type["RealDataset"]:
     """Class decorator: add one instance of the adapter to ``REAL_DATASETS`` under its ``name``, with its
-    ``layout`` taken from the "Layout" section of its module's docstring."""
+    ``layout`` taken from the "Layout" section of its class docstring (a variant of an adapter, in the same
+    module), else of its module's docstring."""
     if cls.name in REAL_DATASETS:
         raise ValueError(f"real dataset {cls.name!r} is registered twice")
-    cls.layout = doc_section(sys.modules[cls.__module__].__doc__, "Layout")
+    own = cls.__dict__.get("__doc__")
+    cls.layout = (doc_section(inspect.cleandoc(own), "Layout") if own else "") \
+        or doc_section(sys.modules[cls.__module__].__doc__, "Layout")
     REAL_DATASETS[cls.name] = cls()
     return cls
 

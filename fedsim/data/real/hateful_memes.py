@@ -4,7 +4,8 @@ Layout (data.path, the folder of the official release):
     img/                  the meme images, e.g. img/01235.png
     train.jsonl           one JSON object a line: {"id", "img": "img/01235.png", "label": 0 or 1, "text"}
     dev_seen.jsonl        the same fields; used as the test split (older releases: dev.jsonl)
-    (test*.jsonl and dev_unseen.jsonl are not read: the test files carry no labels)
+    (test*.jsonl and dev_unseen.jsonl are not read: the first release's test files carry no labels;
+    ``hateful_memes_test_seen`` scores the final release's labelled test_seen.jsonl instead, as FedMLLM does)
 
 Hub (data.hub): e.g. biecho/hateful_memes, columns id, image, text, label (0 not hateful, 1 hateful);
     splits train -> train, dev_seen (or validation) -> test. Rows without an image are dropped.
@@ -32,6 +33,7 @@ class HatefulMemes(RealDataset):
     name = "hateful_memes"
     task = "classification"
     metric = "roc_auc"
+    test_files: tuple[str, ...] = TEST_FILES  # the first that exists is the test split
     required = ("img/", "train.jsonl", TEST_FILES)
     hub_example = "biecho/hateful_memes"
     hub_splits = {"train": ("train",), "test": ("dev_seen", "validation")}
@@ -40,7 +42,7 @@ class HatefulMemes(RealDataset):
         files = self.resolve(root)
         return {split: [self._row(image_file(root / item["img"]), item["text"], item["label"])
                         for item in self.fields(read_jsonl(files[entry]), ("img", "label", "text"), files[entry])]
-                for split, entry in (("train", "train.jsonl"), ("test", TEST_FILES))}
+                for split, entry in (("train", "train.jsonl"), ("test", self.test_files))}
 
     def map_hub(self, ds: datasets.Dataset) -> list[dict]:
         require_columns(ds, ("image", "text", "label"), self.name)
@@ -50,3 +52,23 @@ class HatefulMemes(RealDataset):
 
     def _row(self, image, text, label) -> dict:
         return choice_row(self.name, QUESTION, OPTIONS, int(label), image=image, text=text)
+
+
+@register
+class HatefulMemesTestSeen(HatefulMemes):
+    """Hateful Memes scored on test_seen, as FedMLLM's evaluation does (eval_hateful.py there reads
+    test_seen.jsonl); rows, options and metric as ``hateful_memes``.
+
+    Layout (data.path, the folder of the final release, whose test_seen.jsonl carries labels):
+        img/                  the meme images, e.g. img/01235.png
+        train.jsonl           one JSON object a line: {"id", "img": "img/01235.png", "label": 0 or 1, "text"}
+        test_seen.jsonl       the same fields, labels included; used as the test split
+        (dev*.jsonl and test_unseen.jsonl are not read; the first release's test_seen.jsonl has no labels)
+
+    Hub (data.hub): the columns of ``hateful_memes``; splits train -> train, test_seen -> test.
+    """
+
+    name = "hateful_memes_test_seen"
+    test_files = ("test_seen.jsonl",)
+    required = ("img/", "train.jsonl", test_files)
+    hub_splits = {"train": ("train",), "test": ("test_seen",)}
