@@ -90,5 +90,6 @@ def test_rejected_updates_leave_client_state_untouched_on_ray(ray_cluster, tmp_p
                        "federation.rounds=1", "runtime.num_workers=1")
     summary = run_ray(cfg, tmp_path / "run")
     assert summary["rejected_by_reason"] == {"norm": 3} and summary["client_updates"] == 0
-    assert summary["final_metrics"] == summary["zero_shot_metrics"]
+    # the mean over clients of the same metrics, up to the float rounding of that mean
+    assert summary["final_metrics"] == pytest.approx(summary["zero_shot_metrics"])
     assert summary["adapter_sha256"] == adapter_sha256({})
