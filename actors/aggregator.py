@@ -14,7 +14,7 @@ from fedsim.aggregator import Aggregator
 from fedsim.algorithms import build_server_strategy
 from fedsim.config import ExperimentConfig
 from fedsim.guard import UpdateGuard
-from fedsim.messages import ClientUpdate, NamedTensors, Published
+from fedsim.messages import ClientUpdate, NamedTensors
 
 
 @ray.remote
@@ -24,8 +24,11 @@ class AggregatorActor:
         self.aggregator = Aggregator(strategy, UpdateGuard(cfg.runtime.max_update_norm))
         self.aggregator.init(initial)
 
-    def submit(self, update: ClientUpdate, base: Published | None = None) -> str:
-        return self.aggregator.submit(update, base)
+    def submit(self, update: ClientUpdate, base: list[ray.ObjectRef | None]) -> str:
+        """``base`` arrives wrapped in a list, so Ray leaves it unresolved: the version a client trained
+        from is fetched only for the strategies that use it (FedAsync's mix rule), not for every update."""
+        needed = self.aggregator.needs_base and base[0] is not None
+        return self.aggregator.submit(update, ray.get(base[0]) if needed else None)
 
     def close_round(self) -> int:
         return self.aggregator.close_round()

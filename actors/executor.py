@@ -71,7 +71,7 @@ class RemoteAggregator:
                                              ).remote(cfg, initial, client_sizes)
 
     def submit(self, update: ray.ObjectRef, base: ray.ObjectRef | None = None) -> str:
-        return ray.get(self.actor.submit.remote(update, base))
+        return ray.get(self.actor.submit.remote(update, [base]))
 
     def close_round(self) -> int:
         return ray.get(self.actor.close_round.remote())

@@ -29,6 +29,11 @@ class Aggregator:
         self.strategy.init(weights)
 
     @property
+    def needs_base(self) -> bool:
+        """Whether ``submit`` needs ``base`` (else it may be left out, and a remote one is not fetched)."""
+        return self.strategy.needs_base
+
+    @property
     def version(self) -> int:
         return self.strategy.version
 

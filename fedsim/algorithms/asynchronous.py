@@ -234,6 +234,10 @@ class FedAsync(AsyncServerStrategy):
                              "for fedasync: it applies one update at a time, so there is nothing to weight "
                              "by samples; expected auto or uniform")
 
+    @property
+    def needs_base(self) -> bool:
+        return self.cfg.fedasync_rule == "mix"
+
     def mixing_weight(self, staleness: int) -> float:
         """α_s = mixing · w(s)."""
         return self.cfg.mixing * self.staleness_weight(staleness)

@@ -156,6 +156,11 @@ class ServerStrategy:
         """Tensors sent to clients together with the global weights."""
         return {}
 
+    @property
+    def needs_base(self) -> bool:
+        """Whether ``offer`` needs the global weights an update was trained from (only FedAsync's mix rule)."""
+        return False
+
     # ----------------------------------------------------------------- aggregation
     def weight_of(self, update: ClientUpdate) -> float:
         """Aggregation weight: the client's sample count, or 1 under uniform weighting."""

@@ -87,11 +87,13 @@ class InFlight:
         self.tasks[dispatch_id] = task
         self.handles[task.base_version] = handle
 
-    def pop(self, dispatch_id: int) -> ClientTask:
+    def pop(self, dispatch_id: int) -> tuple[ClientTask, Any]:
+        """The task and the handle of the version it trains from (dropped here once no task uses it)."""
         task = self.tasks.pop(dispatch_id)
+        handle = self.handles[task.base_version]
         if all(t.base_version != task.base_version for t in self.tasks.values()):
             del self.handles[task.base_version]
-        return task
+        return task, handle
 
 
 def mean(values: Iterable[float]) -> float:
@@ -306,8 +308,7 @@ class FederationLoop:
             if done.failed:
                 self.tally.failed += 1
             else:
-                base = in_flight.handles[in_flight.tasks[done.id].base_version]
-                task = in_flight.pop(done.id)
+                task, base = in_flight.pop(done.id)
                 update, metrics = self.executor.result(task)
                 self.tally.bytes_up += up
                 outcome = self.aggregator.submit(update, base)
