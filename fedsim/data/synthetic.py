@@ -15,8 +15,9 @@ share of it, as in real data, where modalities are partly redundant:
   synonyms); the answer is that item's colour word. Without text 50%, without image 1/6.
 - ``textqa``: text only, a yes/no question about a note ("Can other parcels be stacked on it?": yes when
   the parcel is sturdy); the text-only QA clients' task in the ``modality_task`` scenario.
-- ``pretrain``: generic questions (colour of the left/right item, its shape, the describing word of a
-  note, option-letter answers) used only to pre-train the tiny preset, never for client data.
+- ``pretrain``: generic questions used only to pre-train the tiny preset, never for client data: the
+  colour, shape or colour temperature of an item (one item, or the left/right one of two), the describing
+  word of a note and what it means, and option-letter answers (``PRETRAIN_KINDS``).
 """
 
 from __future__ import annotations
@@ -180,53 +181,76 @@ def textqa_sample(rng: np.random.Generator, size: int, cues: Cues = Cues()) -> d
     return _sample(None, note, TEXTQA_QUESTION, "yes" if sturdy else "no", int(sturdy), [], "vqa")
 
 
+# The pre-training question kinds, by the start of their question (``pretrain_kind`` tells them apart): the
+# tiny preset's build records its held-out accuracy per kind, and a test checks the shipped preset on each.
+PRETRAIN_KINDS = {
+    "colour": "What colour is the",  # the colour word of one side's item (image)
+    "shape": "What shape is the",  # the shape word of one side's item (image)
+    "note_word": "Which word in the note",  # the note's describing word (text)
+    "colour_option": "Which colour is the",  # option letter over colours (image)
+    "sturdiness": "Is the parcel fragile",  # fragile or sturdy, what the note's word means (text)
+    "temperature": "Is the colour of the",  # warm or cool, the item's colour temperature (image)
+    "cross_modal": "Which fits the",  # option letter: a shape (image) and a note's word (text) together
+    "letter_format": "Which option is",  # option letter naming an option (neither modality)
+}
+
+
+def pretrain_kind(question: str) -> str:
+    """The ``PRETRAIN_KINDS`` name of a pre-training question."""
+    for kind, start in PRETRAIN_KINDS.items():
+        if question.startswith(start):
+            return kind
+    raise ValueError(f"not a pre-training question: {question!r}")
+
+
 def pretrain_sample(rng: np.random.Generator, size: int, cues: Cues = Cues()) -> dict:
     """Generic perception and format questions, disjoint from the downstream tasks, over every mix of
     modalities a client may hold: image and note, image only, note only, and neither. A question is
     always answerable from what is given; the other modality, when present, is a distractor."""
     left, right = (str(c) for c in rng.choice(list(COLOURS), size=2, replace=False))
-    items = [_random_item(left, size, (0.0, 0.5), rng), _random_item(right, size, (0.5, 1.0), rng)]
+    # Half the images hold one item anywhere, as the classification images do; the other half two, left and
+    # right, where the question also asks the model to tell the sides apart.
+    if rng.random() < 0.5:
+        items = [_random_item(left, size, (0.0, 1.0), rng)]
+        side, where = 0, "item"
+    else:
+        items = [_random_item(left, size, (0.0, 0.5), rng), _random_item(right, size, (0.5, 1.0), rng)]
+        side = int(rng.integers(2))
+        where = ("left", "right")[side] + " item"
     image = _render(items, size, rng)
+    colour, shape = items[side][0], items[side][1]
     qualifier = str(rng.choice(FRAGILE + STURDY))
     note = _note(qualifier, rng)
     with_other = bool(rng.random() < 0.5)  # whether the modality the question does not need is there too
-    side = int(rng.integers(2))
     kind = rng.integers(8)
-    if kind == 0:  # colour of one side, from the image
-        return _sample(image, note if with_other else None, f"What colour is the {('left', 'right')[side]} item?",
-                       (left, right)[side], 0, [], "vqa")
-    if kind == 1:  # shape of one side, from the image
-        return _sample(image, note if with_other else None, f"What shape is the {('left', 'right')[side]} item?",
-                       items[side][1], 0, [], "vqa")
+    if kind == 0:  # colour of one item, from the image
+        return _sample(image, note if with_other else None, f"What colour is the {where}?", colour, 0, [], "vqa")
+    if kind == 1:  # shape of one item, from the image
+        return _sample(image, note if with_other else None, f"What shape is the {where}?", shape, 0, [], "vqa")
     if kind == 2:  # the describing word of a note, from the text
         return _sample(image if with_other else None, note, "Which word in the note describes the parcel?",
                        qualifier, 0, [], "vqa")
     if kind == 3:  # option-letter format over colours, from the image
         options = [str(c) for c in rng.choice(list(COLOURS), size=4, replace=False)]
-        if (left, right)[side] not in options:
-            options[int(rng.integers(4))] = (left, right)[side]
-        answer = options.index((left, right)[side])
-        return _sample(image, note if with_other else None, f"Which colour is the {('left', 'right')[side]} item?",
+        if colour not in options:
+            options[int(rng.integers(4))] = colour
+        answer = options.index(colour)
+        return _sample(image, note if with_other else None, f"Which colour is the {where}?",
                        OPTION_LETTERS[answer], answer, options, "classification")
-    if kind == 4:  # option-letter format over a note's meaning, from the text
-        options = ["fragile", "sturdy"] if rng.random() < 0.5 else ["sturdy", "fragile"]
-        answer = options.index("sturdy" if qualifier in STURDY else "fragile")
+    if kind == 4:  # what a note's word means, from the text
         return _sample(image if with_other else None, note, "Is the parcel fragile or sturdy?",
-                       OPTION_LETTERS[answer], answer, options, "classification")
+                       "sturdy" if qualifier in STURDY else "fragile", 0, [], "vqa")
     if kind == 5:  # colour temperature, general knowledge a real MLLM brings, from the image
-        options = ["warm", "cool"] if rng.random() < 0.5 else ["cool", "warm"]
-        answer = options.index("warm" if (left, right)[side] in WARM else "cool")
-        return _sample(image, note if with_other else None,
-                       f"Is the colour of the {('left', 'right')[side]} item warm or cool?",
-                       OPTION_LETTERS[answer], answer, options, "classification")
+        return _sample(image, note if with_other else None, f"Is the colour of the {where} warm or cool?",
+                       "warm" if colour in WARM else "cool", 0, [], "vqa")
     if kind == 6:  # one fact from each modality in one option: the shape and the note's literal word
-        truth = f"{items[side][1]} {qualifier}"
+        truth = f"{shape} {qualifier}"
         options = list(dict.fromkeys([truth] + [f"{rng.choice(SHAPES)} {rng.choice(FRAGILE + STURDY)}"
                                                 for _ in range(8)]))[:4]
         order = rng.permutation(len(options))
         options = [options[i] for i in order]
         answer = options.index(truth)
-        return _sample(image, note, f"Which fits the {('left', 'right')[side]} item's shape and the note's word?",
+        return _sample(image, note, f"Which fits the {where}'s shape and the note's word?",
                        OPTION_LETTERS[answer], answer, options, "classification")
     # neither modality: the option-letter format itself (which letter holds the named option)
     options = [str(c) for c in rng.choice(list(COLOURS), size=4, replace=False)]

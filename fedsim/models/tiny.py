@@ -2,10 +2,13 @@
 
 A CLIP vision tower and a Qwen2 language model, with a byte-level BPE tokenizer trained locally on the
 synthetic benchmark's prompts, a CLIP image processor and a ChatML chat template. Like a real MLLM it is
-pre-trained (in full precision, all weights, until its held-out loss plateaus) on the synthetic
-``pretrain`` split, which is disjoint from every client's data: generic questions about colours, shapes,
-notes and option letters, asked with both modalities, the image only, the note only, or neither, so that
-a missing modality is something the backbone has seen.
+pre-trained (in full precision, until its held-out loss plateaus) on the synthetic ``pretrain`` split,
+which is disjoint from every client's data: generic questions about colours, shapes, notes and option
+letters, asked with both modalities, the image only, the note only, or neither, so that a missing modality
+is something the backbone has seen. The projector and the language model learn; the vision tower stays a
+fixed random-feature encoder (``SPEC["train_vision_tower"]``). The build records the held-out loss and,
+per question kind, the accuracy of the answer's first token: a loss can look converged while the model
+answers only the easy kinds.
 
 The result ships in ``fedsim/models/tiny_preset/`` as an ordinary Hugging Face folder (weights in
 safetensors, tokenizer, processor, chat template) and is loaded through exactly the same 4-bit + LoRA path
@@ -39,8 +42,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from fedsim.data.collator import Collator, prompt_and_answer
-from fedsim.data.synthetic import GENERATORS
+from fedsim.data.collator import IGNORE_INDEX, Collator, prompt_and_answer
+from fedsim.data.synthetic import GENERATORS, PRETRAIN_KINDS, pretrain_kind
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<image>"]
 
 # Everything that changes the built model belongs here; fedsim_tiny.json in the preset records it.
 SPEC = {
-    "version": 2,
+    "version": 3,
     "image_size": 32,
     "patch_size": 8,
     "vision_hidden": 64,
@@ -70,10 +73,14 @@ SPEC = {
     # The synthetic tasks whose prompts train the tokenizer. Listed here, not taken from the generator
     # registry, so that adding a task to the benchmark does not silently change the built model.
     "tokenizer_tasks": ["classification", "vqa", "pretrain", "textqa"],
-    "pretrain_steps": 1500,
+    "pretrain_steps": 3000,
     "pretrain_batch": 32,
-    "pretrain_lr": 2e-3,
-    "pretrain_eval_every": 250,  # held-out loss on the pretrain split, recorded to show the plateau
+    "pretrain_lr": 1e-3,
+    # The vision tower stays at its random initialization, a fixed random-feature encoder (as a real MLLM's
+    # pre-trained encoder stays frozen while its projector and language model learn): trained jointly from
+    # scratch it learned far slower (one item's colour: 54% after 200 steps, against 98% frozen).
+    "train_vision_tower": False,
+    "pretrain_eval_every": 500,  # held-out loss and accuracy per kind, recorded to show the plateau
     "pretrain_eval_batches": 8,
     "seed": 1234,
 }
@@ -137,34 +144,54 @@ def _model(tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(config)
 
 
+def pretrain_scores(model: torch.nn.Module, collate: Collator, batches: list[list[dict]]) -> tuple[float, dict[str, float]]:
+    """Held-out loss on pre-training batches, and per question kind (``PRETRAIN_KINDS``) the accuracy of the
+    answer's first token under greedy decoding. The loss alone hides a backbone that learned only the easy
+    kinds (copying the note's word, the end-of-turn marker): the per-kind accuracies show it."""
+    losses, hits = [], {kind: [] for kind in PRETRAIN_KINDS}
+    with torch.no_grad():
+        for samples in batches:
+            batch = collate(samples)
+            batch = {key: value.to(model.device) for key, value in batch.items()}
+            out = model(**batch)
+            losses.append(out.loss.item())
+            for row, sample in enumerate(samples):
+                first = int((batch["labels"][row] != IGNORE_INDEX).nonzero()[0])
+                predicted = out.logits[row, first - 1].argmax().item()
+                hits[pretrain_kind(sample["question"])].append(predicted == batch["labels"][row, first].item())
+    return float(np.mean(losses)), {kind: float(np.mean(h)) for kind, h in hits.items() if h}
+
+
 def _pretrain(model: LlavaForConditionalGeneration, processor: LlavaProcessor,
-              rng: np.random.Generator) -> list[tuple[int, float]]:
-    """Pre-train every weight on fresh ``pretrain`` batches (warm-up, then cosine decay); returns the held-out
-    loss curve [(step, loss)], measured on batches drawn once before training."""
+              rng: np.random.Generator) -> list[dict]:
+    """Pre-train the projector and the language model on fresh ``pretrain`` batches (warm-up, then cosine decay); returns the held-out
+    curve [{step, loss, accuracy per kind}], measured on batches drawn once before training."""
     collate = Collator(processor, max_length=256, train=True)
-    held_out = [collate(_samples("pretrain", SPEC["pretrain_batch"], rng)) for _ in range(SPEC["pretrain_eval_batches"])]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=SPEC["pretrain_lr"], weight_decay=0.01)
+    held_out = [_samples("pretrain", SPEC["pretrain_batch"], rng) for _ in range(SPEC["pretrain_eval_batches"])]
+    model.model.vision_tower.requires_grad_(SPEC["train_vision_tower"])
+    trained = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=SPEC["pretrain_lr"], weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=SPEC["pretrain_lr"],
                                                    total_steps=SPEC["pretrain_steps"], pct_start=0.05)
 
-    def held_out_loss() -> float:
-        with torch.no_grad():
-            return float(np.mean([model(**batch).loss.item() for batch in held_out]))
+    def record(step: int) -> None:
+        loss, accuracy = pretrain_scores(model, collate, held_out)
+        curve.append({"step": step, "loss": loss, "accuracy": accuracy})
+        log.info("tiny preset pre-training step %d/%d held-out loss %.4f accuracy %s", step,
+                 SPEC["pretrain_steps"], loss, {kind: round(a, 2) for kind, a in accuracy.items()})
 
     model.train()  # dropout is 0 in these configs: train mode changes nothing but keeps one code path
-    curve = []
+    curve: list[dict] = []
     for step in range(SPEC["pretrain_steps"]):
         if step % SPEC["pretrain_eval_every"] == 0:
-            curve.append((step, held_out_loss()))
-            log.info("tiny preset pre-training step %d/%d held-out loss %.4f", step, SPEC["pretrain_steps"],
-                     curve[-1][1])
+            record(step)
         loss = model(**collate(_samples("pretrain", SPEC["pretrain_batch"], rng))).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-    curve.append((SPEC["pretrain_steps"], held_out_loss()))
+    record(SPEC["pretrain_steps"])
     return curve
 
 
@@ -184,13 +211,12 @@ def build_tiny(out_dir: str | Path) -> None:
     processor = _processor(tokenizer)
     model = _model(tokenizer)
     curve = _pretrain(model, processor, rng)
-    log.info("tiny preset pre-trained: held-out loss %.4f", curve[-1][1])
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     built_with = {name: version(name) for name in ("torch", "transformers", "tokenizers", "numpy", "pillow")}
     (out_dir / "fedsim_tiny.json").write_text(json.dumps(
-        {"spec": SPEC, "held_out_loss": curve, "built_with": built_with}, indent=1) + "\n")
+        {"spec": SPEC, "held_out": curve, "built_with": built_with}, indent=1) + "\n")
     (out_dir / CHECKSUMS).write_text(json.dumps(file_checksums(out_dir), indent=1) + "\n")
 
 
