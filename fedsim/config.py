@@ -48,6 +48,9 @@ class ModelConfig:
     prepare_kbit_training: bool = False
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # A hub model's branch, tag or commit; pin a commit so that every node and every rerun loads the same
+    # weights (None: the default branch as it is today).
+    revision: Optional[str] = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -58,6 +61,7 @@ class DataConfig:
     dataset: str = "synthetic"
     path: Optional[str] = None
     hub: Optional[str] = None
+    revision: Optional[str] = None  # the hub dataset's branch, tag or commit (None: the default branch)
     task: str = "classification"  # synthetic: classification (multiple choice) | vqa (short answer) | textqa
     # Synthetic: rows generated. Real datasets: at most this many rows, a seeded subsample (0: all rows).
     num_train: int = 2000
@@ -217,6 +221,9 @@ class RuntimeConfig:
     # or spread (across nodes). A replacement for a lost worker takes the same bundle, which Ray moves to a
     # live node.
     placement: str = "pack"
+    # A run that asks for more CPUs/GPUs than the cluster has requests them from the autoscaler and waits up
+    # to this long for nodes to join (a GPU node boots in minutes); 0: fail at once, naming what is missing.
+    resource_timeout_s: float = 1800.0
     max_update_norm: float = 0.0  # reject updates whose L2 norm exceeds this (0: no bound)
     address: Optional[str] = None  # Ray cluster; default RAY_ADDRESS, else a local instance
 
@@ -299,7 +306,7 @@ NON_NEGATIVE = (
     "algorithm.client.weight", "algorithm.server.tau", "eval.max_samples",
     "runtime.num_threads", "partition.min_samples", "runtime.cpus_per_worker", "runtime.gpus_per_worker",
     "runtime.queue_per_worker", "runtime.max_update_norm", "algorithm.server.staleness_exponent",
-    "algorithm.server.max_staleness", "checkpoint.every",
+    "algorithm.server.max_staleness", "checkpoint.every", "runtime.resource_timeout_s",
 )
 UNIT_INTERVAL = ("model.lora.dropout", "federation.fraction", "training.beta1", "training.beta2",
                  "algorithm.server.beta1", "algorithm.server.beta2", "algorithm.server.mixing",
