@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.autoscaler.sdk import request_resources
 
 from actors.executor import RayExecutor, RemoteAggregator
 from fedsim.algorithms import SERVER_STRATEGIES
@@ -36,24 +38,62 @@ def connect(cfg: ExperimentConfig) -> bool:
     return True
 
 
-def check_resources(cfg: ExperimentConfig) -> None:
-    """Fail before starting actors that the cluster could never place (Ray would wait forever)."""
+def missing_resources(cfg: ExperimentConfig) -> dict[str, tuple[float, float]]:
+    """{resource: (needed, in the cluster)} for each resource the workers need more of than the cluster has."""
     total = ray.cluster_resources()
     runtime = cfg.runtime
-    for resource, per_worker, key in (("CPU", runtime.cpus_per_worker, "runtime.cpus_per_worker"),
-                                      ("GPU", runtime.gpus_per_worker, "runtime.gpus_per_worker")):
-        need = per_worker * runtime.num_workers
-        if need > total.get(resource, 0) + 1e-9:
-            raise RuntimeError(
-                f"runtime.num_workers={runtime.num_workers} x {key}={per_worker} needs {need:g} {resource}, "
-                f"but the Ray cluster has {total.get(resource, 0):g}; lower one of them or grow the cluster")
+    need = {"CPU": runtime.cpus_per_worker * runtime.num_workers, "GPU": runtime.gpus_per_worker * runtime.num_workers}
+    return {r: (n, total.get(r, 0.0)) for r, n in need.items() if n > total.get(r, 0.0) + 1e-9}
+
+
+def _describe(missing: dict[str, tuple[float, float]]) -> str:
+    return ", ".join(f"{need:g} {r} (the cluster has {have:g})" for r, (need, have) in missing.items())
+
+
+def wait_for_resources(cfg: ExperimentConfig, poll_s: float = 2.0) -> bool:
+    """Make sure the cluster can ever hold the workers; True if the autoscaler was asked to grow it.
+
+    A cluster that lacks them is asked for them (an autoscaling cluster may start with no GPU node at all) and
+    waited for up to ``runtime.resource_timeout_s``, since a GPU node takes minutes to boot; after that, or at
+    once with a timeout of 0, the run fails naming what is missing, before any actor starts (Ray would
+    otherwise wait forever for a placement that cannot happen).
+    """
+    runtime = cfg.runtime
+    missing = missing_resources(cfg)
+    if not missing:
+        return False
+    hint = (f"runtime.num_workers={runtime.num_workers} x runtime.cpus_per_worker={runtime.cpus_per_worker:g} / "
+            f"runtime.gpus_per_worker={runtime.gpus_per_worker:g}")
+    if runtime.resource_timeout_s <= 0:
+        raise RuntimeError(f"{hint} needs {_describe(missing)}; lower them or grow the cluster "
+                           "(runtime.resource_timeout_s > 0 waits for an autoscaler to add nodes)")
+    bundle = {k: v for k, v in (("CPU", runtime.cpus_per_worker), ("GPU", runtime.gpus_per_worker)) if v}
+    request_resources(bundles=[dict(bundle) for _ in range(runtime.num_workers)])
+    start = time.monotonic()
+    deadline = start + runtime.resource_timeout_s
+    next_report = start
+    while missing:
+        now = time.monotonic()
+        if now >= deadline:
+            request_resources(bundles=[])  # withdraw the demand: nothing will use those nodes
+            raise RuntimeError(f"{hint} needs {_describe(missing)}; no node with them joined within "
+                               f"runtime.resource_timeout_s={runtime.resource_timeout_s:g} s")
+        if now >= next_report:
+            log.warning("waiting for the cluster to grow: %s (asked the autoscaler; %.0f s left)",
+                        _describe(missing), deadline - now)
+            next_report = now + 30.0
+        time.sleep(min(poll_s, max(deadline - now, 0.0)))
+        missing = missing_resources(cfg)
+    log.warning("the cluster now holds what the run needs, after %.0f s", time.monotonic() - start)
+    return True
 
 
 def run_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     started_here = connect(cfg)
     executor = None
+    requested = False
     try:
-        check_resources(cfg)
+        requested = wait_for_resources(cfg)
         data = load_client_data(cfg)  # the driver needs shard sizes for the clock; workers load data themselves
         strategy_cls = SERVER_STRATEGIES[cfg.algorithm.server.name]
         executor = RayExecutor(cfg, strategy_cls.personalized)
@@ -66,6 +106,8 @@ def run_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[
                               nbytes(initial), strategy_cls.personalized, strategy_cls.asynchronous,
                               strategy_cls.trains, resume, headline_metric=data.splits.metric)
     finally:
+        if requested:  # a standing request would keep the autoscaler's nodes up after the run
+            request_resources(bundles=[])
         if executor is not None:
             executor.shutdown()
         if started_here:

@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 
 from fedsim.checkpoint import check_checkpoint
-from fedsim.config import ConfigError
+from fedsim.config import ConfigError, ExperimentConfig
 from fedsim.output import default_run_dir
 from fedsim.validation import load_config
 
@@ -34,15 +34,39 @@ def _load(args: argparse.Namespace):
     return load_config(*_split_config_args(args.config))  # every config error surfaces here, before any work
 
 
+TRUST_KEY = "model.trust_remote_code"
+
+
+def _resume_config(run_dir: Path, items: list[str]) -> ExperimentConfig:
+    """The config a run saved, refused when it turns on remote code that ``items`` (the command line after
+    ``--resume RUN_DIR``) does not confirm with ``model.trust_remote_code=true``.
+
+    A run directory may come from someone else, and with remote code on, loading the model runs the Python
+    files that come with it.
+    """
+    if any(not item.startswith(f"{TRUST_KEY}=") for item in items):
+        raise ConfigError(f"fedsim run --resume RUN_DIR takes no config files or overrides (got {' '.join(items)}): "
+                          f"the run continues with the config.yaml it saved; only {TRUST_KEY}=true may follow, "
+                          "to confirm a saved config that runs the model's own code")
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(saved)
+    confirmed = bool(items) and load_config(saved, items).model.trust_remote_code
+    if cfg.model.trust_remote_code and not confirmed:
+        raise ConfigError(
+            f"{saved} sets {TRUST_KEY}=true: resuming would run the Python code that comes with model "
+            f"{cfg.model.name!r} on this machine and on every worker. A run directory may come from someone "
+            f"else; if you trust this config and that model, say so: fedsim run --resume {run_dir} {TRUST_KEY}=true")
+    if confirmed and not cfg.model.trust_remote_code:
+        log.warning("%s=true on the command line changes nothing: %s does not run remote code", TRUST_KEY, saved)
+    return cfg
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.resume:
-        if args.config:
-            raise ConfigError("fedsim run --resume RUN_DIR takes no config files or overrides: the run "
-                              "continues with the config.yaml it saved")
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = _resume_config(run_dir, args.config)
         check_checkpoint(run_dir)  # before any work
     else:
         cfg = _load(args)
@@ -103,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one experiment")
     run.add_argument("config", nargs="*", metavar="CONFIG", help=CONFIG_HELP)
     run.add_argument("--resume", metavar="RUN_DIR",
-                     help="continue an interrupted run from its last checkpoint (RUN_DIR/checkpoint/)")
+                     help="continue an interrupted run from its last checkpoint (RUN_DIR/checkpoint/) with the "
+                          f"config it saved; a config with {TRUST_KEY}=true resumes only with that override "
+                          "repeated after RUN_DIR")
     run.set_defaults(func=_run)
     part = sub.add_parser("partition", help="show what each client holds (samples, labels, modalities) and plot it")
     part.add_argument("config", nargs="+", metavar="CONFIG", help=CONFIG_HELP)

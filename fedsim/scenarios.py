@@ -262,7 +262,7 @@ class Domain(Step):
 class ModalityTask(Step):
     """Clients hold the configured dataset (image + question), a text-only QA source with its own task
     (``text_dataset``: ``synthetic`` with ``text_task``, or a real adapter read from ``text_path`` /
-    ``text_hub``), or both. Who holds what is set by exactly one of:
+    ``text_hub`` at ``text_revision``), or both. Who holds what is set by exactly one of:
 
     - ``image_clients`` (the paper's cross form): clients 0..image_clients-1 hold the dataset, the others
       the text source;
@@ -282,6 +282,7 @@ class ModalityTask(Step):
     text_task: str = "textqa"
     text_path: Any = None
     text_hub: Any = None
+    text_revision: Any = None  # the text hub dataset's branch, tag or commit (data.revision pins the other)
 
     def check(self, key: str, num_clients: int) -> None:
         if key != "data.scenarios":
@@ -315,9 +316,9 @@ class ModalityTask(Step):
         return table
 
     def text_data(self, data: Any) -> Any:
-        """The DataConfig of the text-only source: ``data`` with the step's dataset, task, path and hub."""
+        """The DataConfig of the text-only source: ``data`` with the step's dataset, task, path, hub and revision."""
         return dataclasses.replace(data, dataset=self.text_dataset, task=self.text_task, path=self.text_path,
-                                   hub=self.text_hub)
+                                   hub=self.text_hub, revision=self.text_revision)
 
     def check_data(self, key: str, data: Any) -> None:
         """The text source must be text-only (synthetic ``textqa`` or a text-only real adapter) and readable."""
@@ -337,7 +338,7 @@ class ModalityTask(Step):
                                  f"number of rows > 0: {key}'s synthetic text source generates data.{rows} rows "
                                  "(0 means all rows only for a real dataset)")
         check_data_source(self.text_data(data), {field: f"{key}.text_{field}" for field in
-                                                 ("dataset", "task", "path", "hub")})
+                                                 ("dataset", "task", "path", "hub", "revision")})
 
 
 def build_steps(spec: dict, key: str) -> list[Step]:

@@ -135,7 +135,10 @@ class Sweep:
         cli = [sys.executable, "-m", "fedsim.cli", "run"]
         try:
             check_checkpoint(run_dir)
-            return cli + ["--resume", str(run_dir)]
+            point_cfg = load_config(self.configs, self.overrides + point.overrides())
+            # --resume refuses a saved config that runs remote code unless told again: this sweep's own asked for it
+            trusted = ["model.trust_remote_code=true"] if point_cfg.model.trust_remote_code else []
+            return cli + ["--resume", str(run_dir), *trusted]
         except FileNotFoundError:
             if run_dir.exists():  # interrupted before its first checkpoint: start it again
                 shutil.rmtree(run_dir)

@@ -5,6 +5,8 @@ import json
 import pytest
 
 from fedsim.cli import main
+from fedsim.config import to_yaml
+from fedsim.validation import load_config
 
 from conftest import REPO
 
@@ -55,3 +57,47 @@ def test_partition_of_a_missing_dataset_path_names_the_path(tmp_path, capsys):
     assert main(["partition", QUICKSTART, "data.dataset=hateful_memes", f"data.path={missing}"]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "train.jsonl" in err  # the path and the expected layout
+
+
+def _saved_run(tmp_path, *overrides: str):
+    """A run directory as an interrupted run leaves it: its config.yaml (no checkpoint: nothing gets that far)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(QUICKSTART, [f"output.dir={run}", *overrides])
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    return run
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if anything gets as far as loading a model or starting an engine."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded or an engine started")
+
+    monkeypatch.setattr("fedsim.models.loading.load_backbone", refuse)
+    monkeypatch.setattr("fedsim.engine.ENGINES", {"ray": refuse, "sequential": refuse})
+
+
+def test_resume_refuses_a_saved_config_with_remote_code_unless_the_command_line_confirms(tmp_path, capsys,
+                                                                                       no_model_loading):
+    run = _saved_run(tmp_path, "model.trust_remote_code=true")
+    assert main(["run", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "model.trust_remote_code=true" in err and "someone else" in err and "code" in err
+    assert f"fedsim run --resume {run} model.trust_remote_code=true" in err  # how to confirm
+    assert main(["run", "--resume", str(run), "model.trust_remote_code=false"]) == 2
+    assert "someone else" in capsys.readouterr().err
+    # Confirmed: it goes on to the next check (no checkpoint here), still before any model loading.
+    assert main(["run", "--resume", str(run), "model.trust_remote_code=true"]) == 2
+    err = capsys.readouterr().err
+    assert "no complete checkpoint" in err and "someone else" not in err
+
+
+def test_resume_takes_no_other_override(tmp_path, capsys, no_model_loading):
+    run = _saved_run(tmp_path)
+    for extra in (["federation.rounds=3"], [QUICKSTART], ["model.trust_remote_code=true", "seed=1"]):
+        assert main(["run", "--resume", str(run), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "takes no config files or overrides" in err and "model.trust_remote_code=true" in err
+    assert main(["run", "--resume", str(run)]) == 2  # without remote code: straight to the checkpoint check
+    assert "no complete checkpoint" in capsys.readouterr().err

@@ -308,6 +308,7 @@ def test_composed_scenarios_load_in_order():
 
 def test_data_source_errors_name_the_key():
     assert "data.path" in _error(["data.path=/somewhere"])  # synthetic data has no path
+    assert "data.revision" in _error(["data.revision=v1"])  # nor a hub revision
     assert "data.num_train" in _error(["data.num_train=0"])
     assert "data.prompt" in _error(["data.prompt=augmented"])
     assert "algorithm.client.window" in _error(["algorithm.client.window=0.5"])

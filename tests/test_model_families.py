@@ -7,6 +7,9 @@ mixed-modality batches, training and evaluation. Every family, the LLaVA preset 
 trainable parameters FedMLLM's regularization pulls to the global model.
 """
 
+import logging
+import shutil
+
 import bitsandbytes as bnb
 import numpy as np
 import pytest
@@ -40,7 +43,8 @@ from fedsim.config import ClientAlgoConfig, EvalConfig, LoraConfig, ModelConfig
 from fedsim.data.collator import Collator, user_text
 from fedsim.data.synthetic import generate
 from fedsim.evaluation import Evaluator
-from fedsim.models.loading import LAYER_PATTERN, LoadedModel, check_layer_window, load_model, without_video_processor
+from fedsim.models.loading import (LAYER_PATTERN, LoadedModel, check_layer_window, load_model, pretrained_kwargs,
+                                   without_video_processor)
 
 from conftest import adamw_steps
 
@@ -310,3 +314,42 @@ def test_fedmllm_reg_pulls_exactly_the_window_layers(family, model_folder):
         assert any(".cross_attn." in n for n in expected)
     assert {n for n in trainable if strategy.regularized(n)} == expected
     check_layer_window(loaded, cfg)
+
+
+# -- hub revisions ------------------------------------------------------------------------------------------
+
+
+def test_pretrained_kwargs_pin_hub_names_only(tmp_path, caplog):
+    hub = ModelConfig(name="Qwen/Qwen2-VL-2B-Instruct", revision="0123abcd", trust_remote_code=True)
+    assert pretrained_kwargs(hub) == {"revision": "0123abcd", "trust_remote_code": True}
+    assert pretrained_kwargs(ModelConfig(name="Qwen/Qwen2-VL-2B-Instruct")) == {"trust_remote_code": False}
+    for local in (str(tmp_path), "tiny"):
+        with caplog.at_level(logging.WARNING, logger="fedsim.models.loading"):
+            assert pretrained_kwargs(ModelConfig(name=local, revision="v2")) == {"trust_remote_code": False}
+        assert f"model.revision='v2' is ignored: model.name={local!r} is a local folder" in caplog.text
+        caplog.clear()
+
+
+def _hub_cache(cache, repo: str, folder, refs: tuple[str, ...]) -> None:
+    """A Hugging Face hub cache holding ``folder`` as one commit of model ``repo``, each of ``refs`` naming it."""
+    commit = "c0ffee" + "0" * 34
+    shutil.copytree(folder, cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit)
+    (cache / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
+    for ref in refs:
+        (cache / f"models--{repo.replace('/', '--')}" / "refs" / ref).write_text(commit)
+
+
+def test_model_revision_pins_weights_processor_and_tokenizer_to_one_commit(tmp_path, monkeypatch, model_folder):
+    """Offline, from a local hub cache whose only ref is the tag v2 (no main): every file the model, its
+    processor and its tokenizer need is found only when the revision reaches each from_pretrained."""
+    import huggingface_hub.constants
+
+    _hub_cache(tmp_path, "fedsim-test/tiny-qwen2-vl", model_folder("qwen2_vl"), refs=("v2",))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = load_model(ModelConfig(name="fedsim-test/tiny-qwen2-vl", revision="v2"), seed=0)
+    assert loaded.commit == "c0ffee" + "0" * 34 and loaded.num_layers == TEXT_LAYERS
+    assert loaded.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") is not None
+    with pytest.raises(OSError):  # the default branch is not in the cache: nothing falls back to it
+        load_model(ModelConfig(name="fedsim-test/tiny-qwen2-vl"), seed=0)

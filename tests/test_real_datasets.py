@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
+import stat
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
+import huggingface_hub
 import pytest
 from PIL import Image
 
@@ -388,13 +392,14 @@ def test_vqa_rad_hub_mapping_and_load_through_the_hub_path(monkeypatch):
            "test": _with_images({"question": ["is it a ct?"], "answer": ["yes"]}, [_pil(2)])}
     requested = []
 
-    def fake_split(name, config, candidates):
-        requested.append((name, config, candidates))
+    def fake_split(name, config, candidates, revision=None):
+        requested.append((name, config, candidates, revision))
         return hub[candidates[0]]
 
     monkeypatch.setattr(real_base, "load_hub_split", fake_split)
     splits = REAL_DATASETS["vqa_rad"].load(_cfg("vqa_rad", hub="flaviagiammarino/vqa-rad"), seed=0)
-    assert requested == [("flaviagiammarino/vqa-rad", None, ("train",)), ("flaviagiammarino/vqa-rad", None, ("test",))]
+    assert requested == [("flaviagiammarino/vqa-rad", None, ("train",), None),
+                         ("flaviagiammarino/vqa-rad", None, ("test",), None)]
     assert splits.train.features == FEATURES and splits.train["answer"] == ["no", "liver"]
     assert splits.num_classes == 2 and splits.test["label"] == [-1]
     assert _colour(splits.test[0]["image"]) == 2
@@ -421,9 +426,13 @@ def test_medalpaca_hub_mapping_and_holdout(monkeypatch):
                                      "output": [f"a{i}" for i in range(11)]})
     rows = REAL_DATASETS["medalpaca"].map_hub(ds)
     assert len(rows) == 10 and rows[0]["text"] == "q0" and rows[0]["answer"] == "a0" and rows[0]["image"] is None
-    monkeypatch.setattr("fedsim.data.real.medalpaca.load_hub_split", lambda name, config, candidates: ds)
-    splits = REAL_DATASETS["medalpaca"].load(_cfg("medalpaca", hub="medalpaca/medical_meadow_medical_flashcards"),
-                                             seed=1)
+    revisions = []
+    monkeypatch.setattr("fedsim.data.real.medalpaca.load_hub_split",
+                        lambda name, config, candidates, revision=None: revisions.append(revision) or ds)
+    cfg = _cfg("medalpaca", hub="medalpaca/medical_meadow_medical_flashcards")
+    cfg.revision = "v1.0"
+    splits = REAL_DATASETS["medalpaca"].load(cfg, seed=1)
+    assert revisions == ["v1.0"]
     assert (len(splits.train), len(splits.test)) == (9, 1)
     assert not any(splits.train["has_image"]) and all(splits.train["has_text"])
 
@@ -437,3 +446,145 @@ def test_scienceqa_hub_mapping_keeps_image_problems():
     rows = REAL_DATASETS["scienceqa"].map_hub(ds)
     assert [(r["question"], r["answer"], r["text"], len(r["options"])) for r in rows] == [
         ("Which is hot?", "A", None, 2), ("Which is cold?", "B", "Think.", 4)]
+
+
+# -- hub revisions ----------------------------------------------------------------------------------------
+
+
+def test_data_revision_reaches_every_hub_call(monkeypatch):
+    calls = []
+
+    def split_names(hub, config=None, **kwargs):
+        calls.append(("split_names", hub, kwargs.get("revision")))
+        return ["train", "test"]
+
+    def load_dataset(hub, config=None, **kwargs):
+        calls.append(("load_dataset", hub, kwargs.get("revision")))
+        image = _pil(2 if kwargs["split"] == "test" else 1)
+        return _with_images({"question": ["is it a ct?"], "answer": ["yes"]}, [image])
+
+    monkeypatch.setattr(datasets, "get_dataset_split_names", split_names)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = _cfg("vqa_rad", hub="flaviagiammarino/vqa-rad")
+    cfg.revision = "0123abcd"
+    REAL_DATASETS["vqa_rad"].load(cfg, seed=0)
+    assert calls == [(kind, "flaviagiammarino/vqa-rad", "0123abcd") for kind in ("split_names", "load_dataset")] * 2
+
+
+def test_data_revision_with_a_local_folder_is_ignored_with_a_warning(tmp_path, caplog):
+    root = tmp_path / "vqa_rad"
+    root.mkdir()
+    make_vqa_rad(root)
+    cfg = _cfg("vqa_rad", path=root)
+    cfg.revision = "v2"
+    with caplog.at_level(logging.WARNING, logger="fedsim.data"):
+        splits = REAL_DATASETS["vqa_rad"].load(cfg, seed=0)
+    assert len(splits.train) == CASES["vqa_rad"][1]
+    assert "data.revision='v2' is ignored" in caplog.text and str(root) in caplog.text
+
+
+def test_slake_hub_images_come_from_the_pinned_revision_unpacked_once(tmp_path, monkeypatch):
+    archive = tmp_path / "imgs.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        buffer = io.BytesIO()
+        _pil(4).save(buffer, format="JPEG")
+        zf.writestr("imgs/xmlab0/source.jpg", buffer.getvalue())
+    downloads = []
+
+    def download(repo, filename, repo_type=None, revision=None):
+        downloads.append((repo, filename, repo_type, revision))
+        return str(archive)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    split = datasets.Dataset.from_dict({"img_name": ["xmlab0/source.jpg"], "question": ["Which organ?"],
+                                        "answer": ["Liver"], "q_lang": ["en"]})
+    monkeypatch.setattr("fedsim.data.real.slake.load_hub_split", lambda hub, config, candidates, revision: split)
+    for _ in range(2):
+        rows = Slake().hub_rows("BoKelvin/SLAKE", seed=0, revision="refs/pr/1")
+    assert downloads == [("BoKelvin/SLAKE", "imgs.zip", "dataset", "refs/pr/1")] * 2
+    unpacked = tmp_path / "cache" / "fedsim" / "BoKelvin__SLAKE" / "imgs@refs__pr__1"
+    assert rows["train"][0]["image"] == str((unpacked / "imgs" / "xmlab0" / "source.jpg").resolve())
+    assert (unpacked / real_base.UNPACKED_MARK).exists()
+
+
+# -- archives ---------------------------------------------------------------------------------------------
+
+
+def _zip(path: Path, members: dict, compression: int = zipfile.ZIP_DEFLATED) -> Path:
+    """A zip of ``members``: name -> bytes, or a ZipInfo -> bytes for crafted headers."""
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _symlink(name: str, points_to: str) -> tuple[zipfile.ZipInfo, bytes]:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3  # unix: the high 16 bits of external_attr are the file mode
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info, points_to.encode()
+
+
+def test_unpack_archive_writes_every_member_and_marks_the_folder(tmp_path):
+    archive = _zip(tmp_path / "ok.zip", {"imgs/a/source.jpg": b"jpg", "imgs/b/": b"", "train.json": b"[]"})
+    target = tmp_path / "out" / "imgs"
+    real_base.unpack_archive(archive, target)
+    assert (target / "imgs" / "a" / "source.jpg").read_bytes() == b"jpg" and (target / "imgs" / "b").is_dir()
+    assert (target / "train.json").read_bytes() == b"[]" and (target / real_base.UNPACKED_MARK).exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["imgs"]  # no staging folder left behind
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "imgs/../../evil.txt", "/tmp/evil.txt", "..\\evil.txt",
+                                    "C:/evil.txt", "link"])
+def test_unpack_archive_refuses_a_member_that_leaves_the_folder_before_writing(tmp_path, member):
+    first = {"imgs/fine.jpg": b"fine"}  # a harmless member first: nothing may be written even so
+    if member == "link":
+        info, data = _symlink("imgs/link", "/etc/passwd")
+        archive = tmp_path / "bad.zip"
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr("imgs/fine.jpg", b"fine")
+            zf.writestr(info, data)
+        member = "imgs/link"
+    else:
+        archive = _zip(tmp_path / "bad.zip", {**first, member: b"evil"})
+    target = tmp_path / "deep" / "out"
+    with pytest.raises(ValueError, match="refusing to unpack") as err:
+        real_base.unpack_archive(archive, target)
+    assert repr(member) in str(err.value) and "nothing was written" in str(err.value)
+    assert not (tmp_path / "deep").exists()
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "deep" / "evil.txt").exists()
+
+
+def test_unpack_archive_bounds_total_size_and_member_count(tmp_path):
+    archive = _zip(tmp_path / "big.zip", {f"imgs/{i}.jpg": bytes(600) for i in range(3)}, zipfile.ZIP_STORED)
+    target = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"more than 1000 bytes uncompressed .*'imgs/1.jpg'.*data.path"):
+        real_base.unpack_archive(archive, target, max_bytes=1000)
+    with pytest.raises(ValueError, match="3 members, more than the 2 allowed"):
+        real_base.unpack_archive(archive, target, max_members=2)
+    assert not target.exists()
+    real_base.unpack_archive(archive, target, max_bytes=1800, max_members=3)  # exactly at both limits
+    assert len(list((target / "imgs").iterdir())) == 3
+
+
+def test_unpack_archive_refuses_a_zip_bomb_ratio(tmp_path):
+    size = real_base.RATIO_FLOOR + 1
+    archive = _zip(tmp_path / "bomb.zip", {"imgs/zeros.bin": bytes(size)})
+    info = zipfile.ZipFile(archive).getinfo("imgs/zeros.bin")
+    assert info.file_size > real_base.MAX_RATIO * info.compress_size  # what a bomb looks like: 1 MiB of zeros
+    with pytest.raises(ValueError, match=r"'imgs/zeros.bin' declares \d+ bytes from \d+ compressed"):
+        real_base.unpack_archive(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_slake_from_the_hub_refuses_a_malicious_image_archive(tmp_path, monkeypatch):
+    archive = _zip(tmp_path / "imgs.zip", {"imgs/xmlab0/source.jpg": b"x", "../../escape.py": b"import os"})
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *args, **kwargs: str(archive))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    split = datasets.Dataset.from_dict({"img_name": ["xmlab0/source.jpg"], "question": ["Which organ?"],
+                                        "answer": ["Liver"], "q_lang": ["en"]})
+    monkeypatch.setattr("fedsim.data.real.slake.load_hub_split", lambda hub, config, candidates, revision: split)
+    with pytest.raises(ValueError, match="'../../escape.py' would be written outside"):
+        REAL_DATASETS["slake"].load(_cfg("slake", hub="BoKelvin/SLAKE"), seed=0)
+    assert not list(tmp_path.rglob("escape.py"))

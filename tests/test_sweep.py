@@ -72,6 +72,22 @@ def test_a_sweep_dir_continues_only_its_own_sweep(tmp_path):
     Sweep.plan([QUICKSTART], TINY, ["seed=1,2,3"], str(tmp_path)).check_manifest()  # a grown grid is fine
 
 
+def test_a_sweep_resumes_its_remote_code_runs_with_the_consent_resume_asks_for(tmp_path):
+    """``fedsim run --resume`` refuses a saved config with model.trust_remote_code unless the command line repeats
+    it; a sweep whose own config set it must repeat it when it resumes an interrupted point."""
+    from fedsim.checkpoint import CHECKPOINT, FILES
+
+    for trust, expected in ((["model.trust_remote_code=true"], ["model.trust_remote_code=true"]), ([], [])):
+        sweep = Sweep.plan([QUICKSTART], TINY + trust, ["seed=1"], str(tmp_path / str(bool(trust))))
+        point = sweep.points()[0]
+        folder = sweep.dir / point.label / CHECKPOINT
+        folder.mkdir(parents=True)
+        for name in FILES:
+            (folder / name).touch()
+        command = sweep.command(point)
+        assert command[command.index("--resume"):] == ["--resume", str(sweep.dir / point.label), *expected]
+
+
 def test_interrupted_sweep_restarts_without_repeating_and_reports(tmp_path):
     """A 2x2 sweep is killed (with its run in flight) once its first run has finished; the same command
     finishes it without running the first again; ``fedsim report`` then draws it."""

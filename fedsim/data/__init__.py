@@ -20,7 +20,7 @@ DATASETS: dict[str, Callable[..., DatasetSplits]] = {
 
 SYNTHETIC_TASKS = tuple(TASK_NUM_CLASSES)  # the tasks a client can hold ("pretrain" is not one)
 DATA_KEYS = {"dataset": "data.dataset", "task": "data.task", "path": "data.path", "hub": "data.hub",
-             "num_train": "data.num_train", "num_test": "data.num_test"}
+             "revision": "data.revision", "num_train": "data.num_train", "num_test": "data.num_test"}
 
 
 def check_data_source(cfg, keys: dict[str, str] | None = None) -> None:
@@ -41,7 +41,7 @@ def check_data_source(cfg, keys: dict[str, str] | None = None) -> None:
                 raise ValueError(f"config key '{keys[key]}' has invalid value {getattr(cfg, key)}: expected a "
                                  "number of rows > 0 for the synthetic benchmark (0 means all rows only for a "
                                  "real dataset)")
-        for key in ("path", "hub"):
+        for key in ("path", "hub", "revision"):
             if getattr(cfg, key) is not None:
                 raise ValueError(f"config key '{keys[key]}' is set, but {keys['dataset']} is 'synthetic', which is "
                                  f"generated from the seed; choose a real dataset ({', '.join(sorted(REAL_DATASETS))})")

@@ -45,6 +45,7 @@ class LoadedModel:
     device: torch.device
     num_layers: int  # decoder layers of the language model
     layer_of: dict[str, int | None]  # trainable parameter name -> decoder layer index
+    commit: str | None = None  # the hub commit the weights came from (None: a local folder)
 
 
 def resolve_device(cfg: ModelConfig) -> torch.device:
@@ -63,17 +64,51 @@ def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.compute_dtype)
 
 
+def is_local_model(cfg: ModelConfig) -> bool:
+    """True for ``tiny`` and for a name that is a local path (starts with ., / or ~, or exists here)."""
+    return cfg.name == "tiny" or cfg.name.startswith((".", "/", "~")) or Path(cfg.name).expanduser().exists()
+
+
 def resolve_model_path(cfg: ModelConfig) -> str:
     """``tiny`` -> the shipped preset folder; anything else is passed to from_pretrained."""
     if cfg.name == "tiny":
         from fedsim.models.tiny import tiny_model_path
 
         return str(tiny_model_path())
-    looks_local = cfg.name.startswith((".", "/", "~")) or Path(cfg.name).expanduser().exists()
+    looks_local = is_local_model(cfg)
     if looks_local and not (Path(cfg.name).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"model.name={cfg.name!r} is a local path but has no config.json; "
                                 "expected a Hugging Face model folder (config.json, weights, processor files)")
     return str(Path(cfg.name).expanduser()) if looks_local else cfg.name
+
+
+def pretrained_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """What every ``from_pretrained`` of the model takes (weights, processor, tokenizer): ``revision`` for a hub
+    name, so that all of them come from one commit, and ``trust_remote_code``.
+
+    A local folder (or ``tiny``) has no revisions: a ``model.revision`` set with one is ignored, with a warning.
+    """
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision:
+        if is_local_model(cfg):
+            log.warning("model.revision=%r is ignored: model.name=%r is a local folder, which has no revisions",
+                        cfg.revision, cfg.name)
+        else:
+            kwargs["revision"] = cfg.revision
+    return kwargs
+
+
+def resolved_commit(cfg: ModelConfig) -> str | None:
+    """The hub commit whose files a hub model was loaded from, read from the local hub cache (no network);
+    None for a local folder or when the cache does not say."""
+    if is_local_model(cfg):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(cfg.name, "config.json", revision=cfg.revision or None)
+    if not isinstance(cached, str) or Path(cached).parent.parent.name != "snapshots":
+        return None
+    return Path(cached).parent.name
 
 
 @functools.cache
@@ -100,14 +135,16 @@ def without_video_processor(processor_class: type[ProcessorMixin]) -> type[Proce
     return ImageOnlyProcessor
 
 
-def load_processor(path: str, model_config: Any, trust_remote_code: bool) -> Any:
-    """AutoProcessor, or the image-only variant of the model's processor when torchvision is missing."""
+def load_processor(path: str, model_config: Any, **kwargs: Any) -> Any:
+    """AutoProcessor, or the image-only variant of the model's processor when torchvision is missing;
+    ``kwargs`` (``pretrained_kwargs``) go to its from_pretrained."""
     processor_class = PROCESSOR_MAPPING[type(model_config)] if type(model_config) in PROCESSOR_MAPPING else None
     if (processor_class is not None and not is_torchvision_available()
             and "video_processor" in processor_class.get_attributes()):
         log.info("torchvision is not installed: loading %s without its video processor", processor_class.__name__)
-        return without_video_processor(processor_class).from_pretrained(path)
-    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        builtin = {key: value for key, value in kwargs.items() if key != "trust_remote_code"}  # a built-in class
+        return without_video_processor(processor_class).from_pretrained(path, **builtin)
+    return AutoProcessor.from_pretrained(path, **kwargs)
 
 
 def load_backbone(cfg: ModelConfig) -> tuple[torch.nn.Module, Any, torch.device]:
@@ -120,10 +157,10 @@ def load_backbone(cfg: ModelConfig) -> tuple[torch.nn.Module, Any, torch.device]
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
                                           bnb_4bit_use_double_quant=cfg.double_quant,
                                           bnb_4bit_compute_dtype=dtype)
+    kwargs = pretrained_kwargs(cfg)
     model = AutoModelForImageTextToText.from_pretrained(
-        path, quantization_config=quantization, dtype=dtype, device_map={"": device},
-        trust_remote_code=cfg.trust_remote_code)
-    processor = load_processor(path, model.config, cfg.trust_remote_code)
+        path, quantization_config=quantization, dtype=dtype, device_map={"": device}, **kwargs)
+    processor = load_processor(path, model.config, **kwargs)
     model.requires_grad_(False)
     # Stay in train mode: on CPUs with AVX512-BF16 an eval-mode no-grad forward repacks bitsandbytes 4-bit
     # weights for inference for good, and training afterwards fails. Evaluation turns dropout off instead.
@@ -162,9 +199,10 @@ def load_model(cfg: ModelConfig, seed: int) -> LoadedModel:
             layer_of[name] = int(match.group(1)) if match else None
     num_layers = model.base_model.model.config.get_text_config().num_hidden_layers
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("loaded %s on %s: %d trainable parameters in %d tensors, %d decoder layers",
-             cfg.name, device, n_trainable, len(layer_of), num_layers)
-    return LoadedModel(model, processor, device, num_layers, layer_of)
+    commit = resolved_commit(cfg)
+    log.info("loaded %s%s on %s: %d trainable parameters in %d tensors, %d decoder layers",
+             cfg.name, f" (commit {commit})" if commit else "", device, n_trainable, len(layer_of), num_layers)
+    return LoadedModel(model, processor, device, num_layers, layer_of, commit)
 
 
 def check_layer_window(loaded: LoadedModel, client_cfg: ClientAlgoConfig) -> None:

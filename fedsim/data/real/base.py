@@ -1,9 +1,11 @@
 """What every real dataset adapter shares: source checks, file readers, row builders, subsampling, the registry.
 
 An adapter turns one published dataset into fedsim's common schema (``fedsim.data.schema.FEATURES``). It reads
-either a local folder in the source's own format (``data.path``) or a Hugging Face hub dataset (``data.hub``)
-and returns rows; this module subsamples them, gives VQA answers their labels and builds the ``datasets``.
-Local images are stored as file paths, so they are decoded only when a row is read.
+either a local folder in the source's own format (``data.path``) or a Hugging Face hub dataset (``data.hub``,
+pinned to ``data.revision`` when set; a local folder ignores it, with a warning) and returns rows; this module
+subsamples them, gives VQA answers their labels and builds the ``datasets``. Local images are stored as file
+paths, so they are decoded only when a row is read. Image archives a hub dataset ships are unpacked through
+``unpack_archive``, which refuses members that leave the target folder and bounds the unpacked size.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ import csv
 import inspect
 import json
 import logging
+import shutil
+import stat
 import sys
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Optional, Union
 
 import datasets
 import numpy as np
 
 from fedsim.data.schema import FEATURES, OPTION_LETTERS, DatasetSplits
+from fedsim.output import atomic_dir
 
 log = logging.getLogger("fedsim.data")
 
@@ -126,7 +131,11 @@ class RealDataset:
         """Train and test splits in fedsim's schema, each a seeded subsample of at most num_train / num_test rows."""
         self.check_source(cfg)
         path, hub = self.source(cfg)
-        splits = self.local_rows(path, seed) if path is not None else self.hub_rows(hub, seed)
+        revision = getattr(cfg, "revision", None) or None
+        if path is not None and revision is not None:
+            log.warning("data.revision=%r is ignored: %s is read from the local folder %s, which has no revisions",
+                        revision, self.name, path)
+        splits = self.local_rows(path, seed) if path is not None else self.hub_rows(hub, seed, revision)
         rows = {}
         for split, limit in (("train", cfg.num_train), ("test", cfg.num_test)):
             present = drop_missing_images(splits[split], f"{self.name} {split}")
@@ -145,9 +154,10 @@ class RealDataset:
         """Rows of the ``train`` and ``test`` splits read from a local folder in the source's format."""
         raise NotImplementedError
 
-    def hub_rows(self, hub: str, seed: int) -> dict[str, list[dict]]:
-        """Rows of the ``train`` and ``test`` splits of a hub dataset, through ``map_hub``."""
-        return {split: self.map_hub(load_hub_split(hub, self.hub_config, names))
+    def hub_rows(self, hub: str, seed: int, revision: Optional[str] = None) -> dict[str, list[dict]]:
+        """Rows of the ``train`` and ``test`` splits of a hub dataset at ``revision`` (None: its default
+        branch), through ``map_hub``."""
+        return {split: self.map_hub(load_hub_split(hub, self.hub_config, names, revision))
                 for split, names in self.hub_splits.items()}
 
     def map_hub(self, ds: datasets.Dataset) -> list[dict]:
@@ -274,28 +284,116 @@ def read_tsv(path: Path) -> list[dict]:
         return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
-# -- hub --------------------------------------------------------------------------------------------------
+# -- hub ---------------------------------------------------------------------------------------------------
 
 
-def load_hub_split(hub: str, config: Optional[str], candidates: tuple[str, ...]) -> datasets.Dataset:
-    """The first of ``candidates`` that the hub dataset has, as a ``datasets.Dataset``."""
-    available = datasets.get_dataset_split_names(hub, config)
+def load_hub_split(hub: str, config: Optional[str], candidates: tuple[str, ...],
+                   revision: Optional[str] = None) -> datasets.Dataset:
+    """The first of ``candidates`` that the hub dataset has at ``revision`` (None: the default branch)."""
+    available = datasets.get_dataset_split_names(hub, config, revision=revision)
     split = next((name for name in candidates if name in available), None)
     if split is None:
-        raise ValueError(f"hub dataset {hub!r} has splits {available}; expected one of {list(candidates)}")
-    return datasets.load_dataset(hub, config, split=split)
+        at = f" at revision {revision!r}" if revision else ""
+        raise ValueError(f"hub dataset {hub!r}{at} has splits {available}; expected one of {list(candidates)}")
+    return datasets.load_dataset(hub, config, split=split, revision=revision)
 
 
-def unpack_hub_archive(hub: str, filename: str) -> Path:
-    """Download a zip that a hub dataset ships beside its tables and unpack it once into the datasets cache."""
+def unpack_hub_archive(hub: str, filename: str, revision: Optional[str] = None) -> Path:
+    """Download a zip that a hub dataset ships beside its tables and unpack it once into the datasets cache
+    (through ``unpack_archive``'s checks: a hub repository is someone else's files)."""
     from huggingface_hub import hf_hub_download
 
-    archive = Path(hf_hub_download(hub, filename, repo_type="dataset"))
-    target = Path(datasets.config.HF_DATASETS_CACHE) / "fedsim" / hub.replace("/", "__") / Path(filename).stem
-    done = target / ".unpacked"
-    if not done.exists():
+    archive = Path(hf_hub_download(hub, filename, repo_type="dataset", revision=revision))
+    folder = Path(filename).stem + (f"@{revision.replace('/', '__')}" if revision else "")
+    target = Path(datasets.config.HF_DATASETS_CACHE) / "fedsim" / hub.replace("/", "__") / folder
+    if not (target / UNPACKED_MARK).exists():
         log.info("unpacking %s of hub dataset %s into %s", filename, hub, target)
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(target)
-        done.touch()
+        unpack_archive(archive, target)
     return target
+
+
+# -- archives ---------------------------------------------------------------------------------------------
+
+# Bounds on one unpacked archive, checked on the sizes its members declare before anything is written (the
+# zip reader stops each member at its declared size, so they bound what is written). SLAKE's imgs.zip holds
+# about 2,000 files and 0.2 GB; the largest image archive of the datasets here (Hateful Memes) about 4 GB.
+MAX_UNPACKED_BYTES = 16 * 2**30
+MAX_MEMBERS = 200_000
+# A member larger than RATIO_FLOOR bytes that is over MAX_RATIO times its compressed size is a zip bomb, not
+# data (images and JSON compress far less).
+MAX_RATIO = 100
+RATIO_FLOOR = 2**20
+UNPACKED_MARK = ".unpacked"  # written last: a folder without it was never finished
+
+
+def _member_path(info: zipfile.ZipInfo) -> Optional[PurePosixPath]:
+    """The member's path relative to the target folder, or None when it would leave it or is not a plain file
+    or folder: absolute, with a drive, with '..', empty, a symlink or a device."""
+    name = info.filename.replace("\\", "/")
+    path = PurePosixPath(name)
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    if (path.is_absolute() or PureWindowsPath(info.filename).drive or ".." in path.parts or not path.parts
+            or kind not in (0, stat.S_IFREG, stat.S_IFDIR)):
+        return None
+    return path
+
+
+def check_archive(zf: zipfile.ZipFile, what: str, max_bytes: int = MAX_UNPACKED_BYTES,
+                  max_members: int = MAX_MEMBERS) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    """Each member with its relative path, after refusing (ValueError naming ``what`` and the member) an archive
+    with more than ``max_members`` members or ``max_bytes`` uncompressed bytes, a member with a zip-bomb
+    ratio, or a member whose path leaves the target folder."""
+    members = zf.infolist()
+    fix = "; if you trust it, unpack it yourself and point data.path at the folder"
+    if len(members) > max_members:
+        raise ValueError(f"refusing to unpack {what}: {len(members)} members, more than the {max_members} "
+                         f"allowed{fix}")
+    checked, total = [], 0
+    for info in members:
+        path = _member_path(info)
+        if path is None:
+            raise ValueError(f"refusing to unpack {what}: member {info.filename!r} would be written outside the "
+                             "target folder or is not a plain file (absolute paths, '..' and links are refused); "
+                             "nothing was written")
+        if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+            raise ValueError(f"refusing to unpack {what}: member {info.filename!r} declares {info.file_size} bytes "
+                             f"from {info.compress_size} compressed (over {MAX_RATIO}:1, a zip bomb); nothing was "
+                             "written")
+        total += info.file_size
+        if total > max_bytes:
+            raise ValueError(f"refusing to unpack {what}: its members declare more than {max_bytes} bytes "
+                             f"uncompressed (the limit; reached at member {info.filename!r}){fix}")
+        checked.append((info, path))
+    return checked
+
+
+def unpack_archive(archive: Path, target: Path, max_bytes: int = MAX_UNPACKED_BYTES,
+                   max_members: int = MAX_MEMBERS) -> None:
+    """Unpack a zip into ``target`` (replacing it) after ``check_archive`` passed on every member.
+
+    The files go to a staging folder beside ``target`` that becomes ``target`` in one rename, so a failure
+    leaves no half-unpacked folder; ``target / UNPACKED_MARK`` marks a finished one.
+    """
+    with zipfile.ZipFile(archive) as zf:
+        members = check_archive(zf, str(archive), max_bytes, max_members)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        need = sum(info.file_size for info, _ in members)
+        free = shutil.disk_usage(target.parent).free
+        if need > free:
+            raise ValueError(f"cannot unpack {archive}: it needs {need} bytes, {target.parent} has {free} free")
+        with atomic_dir(target) as staging:
+            for info, path in members:
+                dest = staging / path
+                if info.is_dir():
+                    dest.mkdir(parents=True, exist_ok=True)
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(dest, "wb") as out:
+                    written = 0
+                    while chunk := src.read(2**20):
+                        written += len(chunk)
+                        if written > info.file_size:  # the reader stops at the declared size; never trust it
+                            raise ValueError(f"refusing to unpack {archive}: member {info.filename!r} holds more "
+                                             f"than the {info.file_size} bytes it declares")
+                        out.write(chunk)
+            (staging / UNPACKED_MARK).touch()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import datasets
 
@@ -43,8 +44,8 @@ class MedAlpaca(RealDataset):
         path = root / FLASHCARDS_FILE
         return self._split(self._rows(self.fields(read_json(path), ("instruction", "input", "output"), path)), seed)
 
-    def hub_rows(self, hub: str, seed: int) -> dict[str, list[dict]]:
-        return self._split(self.map_hub(load_hub_split(hub, self.hub_config, ("train",))), seed)
+    def hub_rows(self, hub: str, seed: int, revision: Optional[str] = None) -> dict[str, list[dict]]:
+        return self._split(self.map_hub(load_hub_split(hub, self.hub_config, ("train",), revision)), seed)
 
     def map_hub(self, ds: datasets.Dataset) -> list[dict]:
         require_columns(ds, ("instruction", "input", "output"), self.name)

@@ -10,7 +10,8 @@ Layout (data.path, the Slake1.0 folder):
 
 Hub (data.hub): e.g. BoKelvin/SLAKE, the JSON files above as splits train, test (columns img_name, question,
     answer, q_lang, ...) with the images in the repository's imgs.zip, which is downloaded and unpacked once
-    into the datasets cache. A hub copy with an image column (image) is used as is.
+    into the datasets cache (refused if a member's path leaves the folder or the archive is over the size
+    bounds of fedsim.data.real.base.unpack_archive). A hub copy with an image column (image) is used as is.
 
 Each row: image, text None, question and answer as in the source.
 """
@@ -45,11 +46,12 @@ class Slake(RealDataset):
                         if item["q_lang"] == "en"]
                 for split in ("train", "test")}
 
-    def hub_rows(self, hub: str, seed: int) -> dict[str, list[dict]]:
-        splits = {split: load_hub_split(hub, self.hub_config, names) for split, names in self.hub_splits.items()}
+    def hub_rows(self, hub: str, seed: int, revision: Optional[str] = None) -> dict[str, list[dict]]:
+        splits = {split: load_hub_split(hub, self.hub_config, names, revision)
+                  for split, names in self.hub_splits.items()}
         image_root = None
         if "image" not in splits["train"].column_names:
-            unpacked = unpack_hub_archive(hub, HUB_IMAGE_ARCHIVE)
+            unpacked = unpack_hub_archive(hub, HUB_IMAGE_ARCHIVE, revision)
             image_root = unpacked / IMAGE_DIR if (unpacked / IMAGE_DIR).is_dir() else unpacked
         return {split: self.map_hub(ds, image_root) for split, ds in splits.items()}
 
