@@ -3,13 +3,22 @@ up to ``runtime.resource_timeout_s``, then fails naming what is missing, before 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
 from actors.runtime import run_ray
 
-from conftest import small_config
+from conftest import REPO, small_config
+
+# One GPU worker, one round of a small federation: what the join test runs once the GPU node is there.
+SMALL = ["data.num_train=80", "data.num_test=16", "partition.num_clients=2", "federation.clients_per_round=2",
+         "federation.rounds=1", "training.local_epochs=1", "eval.every=1", "eval.zero_shot=false",
+         "output.progress=never", "runtime.num_workers=1", "runtime.cpus_per_worker=1",
+         "runtime.gpus_per_worker=1", "runtime.resource_timeout_s=300", "output.save_adapter=false"]
 
 
 def gpu_hungry(tmp_path, timeout_s: float):
@@ -31,3 +40,34 @@ def test_a_run_waits_for_missing_gpus_then_fails_naming_them(ray_cluster, tmp_pa
         assert "resource_timeout_s > 0 waits" in str(failure.value)
         assert waited < 2, waited
     assert not ray_cluster.util.list_named_actors(), "no actor may start for a run that cannot be placed"
+
+
+@pytest.mark.slow
+def test_a_waiting_run_starts_when_a_node_with_the_resources_joins(tmp_path):
+    """On a cluster with no GPU, a GPU run waits (asking the autoscaler); a GPU node joins
+    (``cluster/local.py add-node``, the autoscaler's stand-in) and the run goes on to finish."""
+    port = 6431
+    env = {**os.environ, "FEDSIM_LOCAL_CLUSTER": str(tmp_path / "cluster" / "state.json"), "RAY_AUTH_MODE": "token",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": f"127.0.0.1:{port}", "PYTHONPATH": str(REPO)}
+    log = tmp_path / "run.log"
+    try:
+        local = [sys.executable, str(REPO / "cluster" / "local.py")]
+        subprocess.run([*local, "start", "--workers=0", "--head-cpus=0", f"--port={port}",
+                        f"--dashboard-port={port + 2}"], env=env, check=True, capture_output=True, timeout=300)
+        with open(log, "w") as out:
+            run = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", str(REPO / "experiments" / "quickstart.yaml"),
+                                    *SMALL, f"output.dir={tmp_path / 'run'}"], env=env, cwd=REPO, stdout=out,
+                                   stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while "waiting for the cluster to grow" not in log.read_text():
+            assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        assert "1 GPU (the cluster has 0)" in log.read_text()
+        subprocess.run([*local, "add-node", "--cpus=1", "--gpus=1"], env=env, check=True, capture_output=True,
+                       timeout=300)
+        assert run.wait(timeout=400) == 0, log.read_text()[-3000:]
+        assert (tmp_path / "run" / "summary.json").exists()
+        assert "the cluster now holds what the run needs" in log.read_text()
+    finally:
+        subprocess.run([sys.executable, str(REPO / "cluster" / "local.py"), "stop", "--grace", "3"], env=env,
+                       capture_output=True, timeout=120)
