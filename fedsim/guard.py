@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from fedsim.messages import ClientUpdate
+from fedsim.messages import ClientUpdate, NamedTensors
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +52,29 @@ class UpdateGuard:
 
     def _inspect(self, update: ClientUpdate) -> tuple[str, str] | None:
         """(kind, reason) of the first problem found, or None."""
-        for group in (update.delta, update.extras):
-            for name, t in group.items():
-                if not torch.isfinite(t).all():
-                    return NON_FINITE, f"non-finite values in {name}"
-        if self.max_norm > 0:
-            norm = math.sqrt(sum(t.detach().to(torch.float64).square().sum().item() for t in update.delta.values()))
-            if norm > self.max_norm:
-                return NORM, f"L2 norm {norm:.4g} exceeds runtime.max_update_norm={self.max_norm:g}"
+        # Under a bound the delta's Σ_t ‖Δ_t‖² is needed anyway, and a finite one shows that the delta is finite.
+        squares = _squared_norm(update.delta) if self.max_norm > 0 else math.nan
+        for group in (update.extras,) if math.isfinite(squares) else (update.delta, update.extras):
+            name = first_non_finite(group)
+            if name is not None:
+                return NON_FINITE, f"non-finite values in {name}"
+        if self.max_norm > 0 and (norm := math.sqrt(squares)) > self.max_norm:
+            return NORM, f"L2 norm {norm:.4g} exceeds runtime.max_update_norm={self.max_norm:g}"
         return None
+
+
+def _squared_norm(tensors: NamedTensors) -> float:
+    """Σ_t ‖t‖², each tensor's in float64."""
+    return sum(t.detach().to(torch.float64).square().sum().item() for t in tensors.values())
+
+
+def first_non_finite(tensors: NamedTensors) -> str | None:
+    """The name of the first tensor that holds a NaN or an Inf, or None if all are finite.
+
+    A sum is finite only if all its terms are, so one cheap sum per tensor clears it; only a tensor whose sum
+    is not finite (a NaN or Inf, or finite values whose sum overflows) is checked element by element.
+    """
+    for name, t in tensors.items():
+        if not math.isfinite(t.detach().sum().item()) and not torch.isfinite(t).all():
+            return name
+    return None

@@ -2,6 +2,7 @@
 
 Tensors travel as named tensors (``dict[str, Tensor]``) keyed by the trainable parameter names of the
 adapter, never as pickled modules, so the same messages serve the in-process engine and Ray actors.
+``FlatLayout`` maps an adapter's named tensors onto one contiguous vector, for arithmetic over all of them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,39 @@ class ClientUpdate:
 def nbytes(tensors: NamedTensors) -> int:
     """Bytes the tensors occupy on the wire (payload only)."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class FlatLayout:
+    """Where each named tensor of an adapter lives in one contiguous vector: name -> slice, built once.
+
+    Whole-adapter arithmetic then runs as a few passes over one vector instead of a few per tensor.
+    """
+
+    def __init__(self, like: NamedTensors) -> None:
+        self.shapes = {name: t.shape for name, t in like.items()}
+        self.slices: dict[str, slice] = {}
+        offset = 0
+        for name, shape in self.shapes.items():
+            self.slices[name] = slice(offset, offset + shape.numel())
+            offset += shape.numel()
+        self.numel = offset
+
+    def flatten(self, tensors: NamedTensors, out: torch.Tensor) -> torch.Tensor:
+        """Copy ``tensors[name]`` for every name of the layout, in its order, into ``out`` and return it.
+
+        ``out`` is a CPU vector of ``numel`` elements, of any dtype: values are converted as they are copied.
+        The tensors must have the layout's shapes (a caller checks them first).
+        """
+        parts = [tensors[name].detach().to("cpu").reshape(-1) for name in self.shapes]
+        return torch.cat(parts, out=out)
+
+    def view(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        """The part of ``flat`` that holds ``name``, in its shape (a view: no copy)."""
+        return flat[self.slices[name]].view(self.shapes[name])
+
+    def unflatten(self, flat: torch.Tensor) -> NamedTensors:
+        """Every named tensor of ``flat``, as views."""
+        return {name: self.view(flat, name) for name in self.shapes}
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,18 @@
 """The server side of a run: guard in front of a sync or async strategy, with counted outcomes."""
 
+import logging
 import math
+import random
 
+import pytest
 import torch
 
 from fedsim.aggregator import Aggregator
 from fedsim.algorithms import build_server_strategy
+from fedsim.algorithms.server import FIXED_POINT_BITS
 from fedsim.config import ServerAlgoConfig
 from fedsim.guard import UpdateGuard
-from fedsim.messages import ClientUpdate
+from fedsim.messages import ClientUpdate, NamedTensors, Published
 
 
 def update(client: int, value: float, base_version: int = 0) -> ClientUpdate:
@@ -94,3 +98,98 @@ def test_an_async_update_ahead_of_the_server_or_without_its_base_is_rejected():
     assert agg.submit(update(2, 1.0), base) == "accepted"
     assert agg.version == 1
     assert agg.stats()["rejected_by_reason"] == {"ahead_of_server": 1, "missing_base": 1}
+
+
+# The flat, vectorized fixed-point path against the per-tensor arithmetic it replaced, on an adapter-like layout.
+SHAPES = {"q.lora_A": (4, 16), "q.lora_B": (16, 4), "v.lora_B": (8, 4), "scale": (), "empty": (0, 3), "bias": (5,)}
+
+
+def random_updates(seed: int, count: int = 12) -> list[ClientUpdate]:
+    """Deltas of LoRA size (1e-6 to 1e-3), some in bfloat16, each listing its tensors in its own order, from
+    clients of 1 to 8 samples: small means, whose float32 bits show each term's fixed-point rounding."""
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    updates = []
+    for client in range(count):
+        scale = 10.0 ** float(torch.randint(-6, -2, (1,), generator=g))
+        delta = {k: torch.randn(shape, generator=g) * scale for k, shape in SHAPES.items()}
+        if rng.random() < 0.3:
+            delta["q.lora_B"] = delta["q.lora_B"].to(torch.bfloat16)
+        names = rng.sample(list(delta), len(delta))
+        extras = {f"control/{k}": torch.randn(SHAPES[k], generator=g) for k in names}
+        updates.append(ClientUpdate(client, {k: delta[k] for k in names}, rng.randint(1, 8), extras=extras))
+    return updates
+
+
+def per_tensor_mean(groups: list[NamedTensors], weights: list[float], divisor: float) -> NamedTensors:
+    """The fixed-point weighted mean written plainly, tensor by tensor: Σ round(w·x·2**32) / 2**32 / divisor."""
+    mean = {}
+    for k, shape in SHAPES.items():
+        total = torch.zeros(shape, dtype=torch.int64)
+        for tensors, w in zip(groups, weights):
+            total += tensors[k].to(torch.float64).mul(w).mul_(2.0 ** FIXED_POINT_BITS).round_().to(torch.int64)
+        mean[k] = (total.to(torch.float64) / 2.0 ** FIXED_POINT_BITS / divisor).to(torch.float32)
+    return mean
+
+
+def run_round(name: str, initial: NamedTensors, updates: list[ClientUpdate]) -> Published:
+    agg = Aggregator(build_server_strategy(ServerAlgoConfig(name=name, weighting="samples"), num_clients=50,
+                                           client_sizes=list(range(1, 51))), UpdateGuard(max_norm=1e9))
+    agg.init(initial)
+    assert all(agg.submit(u) == "accepted" for u in updates)
+    agg.close_round()
+    return agg.snapshot()[1]
+
+
+def same_bits(a: NamedTensors, b: NamedTensors) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].view(torch.int32), b[k].view(torch.int32)) for k in a)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_flat_sums_equal_the_per_tensor_reference_bit_for_bit_in_any_arrival_order(seed: int):
+    updates = random_updates(seed)
+    initial = {k: torch.randn(shape, generator=torch.Generator().manual_seed(99)) * 1e-4 for k, shape in SHAPES.items()}
+    arrival = random.Random(seed).sample(updates, len(updates))
+    weights = [float(u.num_samples) for u in arrival]
+    mean = per_tensor_mean([u.delta for u in arrival], weights, sum(weights))
+    expected = {k: initial[k].clone().add_(mean[k], alpha=1.0) for k in SHAPES}  # FedAvg, server lr 1
+    weights_after, _ = run_round("fedavg", initial, arrival)
+    assert same_bits(weights_after, expected)
+
+    # SCAFFOLD: two flat sums side by side; its control variate divides by the population's samples.
+    controls = per_tensor_mean([{k[len("control/"):]: t for k, t in u.extras.items()} for u in arrival], weights,
+                               sum(range(1, 51)))
+    weights_after, extras = run_round("scaffold", initial, arrival)
+    assert same_bits(weights_after, expected)
+    assert same_bits({k[len("control/"):]: t for k, t in extras.items()}, controls)
+
+
+def test_the_result_does_not_depend_on_the_arrival_order_where_float_sums_would():
+    updates = random_updates(seed=3, count=20)
+    initial = {k: torch.zeros(shape) for k, shape in SHAPES.items()}
+    orders = [random.Random(i).sample(updates, len(updates)) for i in range(6)]
+    results = [run_round("fedavg", initial, order)[0] for order in orders]
+    assert all(same_bits(r, results[0]) for r in results[1:])
+    # The inputs have teeth: a float32 running sum of the same weighted deltas does depend on the order.
+    float_sums = [sum(u.num_samples * u.delta["q.lora_A"].float() for u in order) for order in orders]
+    assert any(not torch.equal(s, float_sums[0]) for s in float_sums[1:])
+
+
+def test_the_cheap_range_bound_falls_back_to_the_exact_check():
+    agg = aggregator()
+    # The terms' peaks add up beyond 2**62 after the second update, but the sum itself stays in range.
+    assert [agg.submit(update(i, v)) for i, v in enumerate([6e8, -6e8, 6e8])] == ["accepted"] * 3
+    assert agg.submit(update(3, 6e8)) == "rejected"  # now the sum would be 1.2e9 > 2**30
+    agg.close_round()
+    assert torch.equal(agg.snapshot()[1][0]["w"], torch.full((2,), 2e8))
+
+
+def test_a_fault_is_named_by_its_tensor_and_finite_values_with_an_infinite_sum_are_not_non_finite(caplog):
+    agg = Aggregator(build_server_strategy(ServerAlgoConfig(), num_clients=4), UpdateGuard())
+    agg.init({"a": torch.zeros(3), "b": torch.zeros(2), "c": torch.zeros(1)})
+    # float32 3e38 + 3e38 overflows to inf, yet every value is finite: beyond the fixed-point range, not NaN/Inf
+    huge = ClientUpdate(0, {"a": torch.zeros(3), "b": torch.full((2,), 3e38), "c": torch.ones(1)}, 1)
+    with caplog.at_level(logging.WARNING):
+        assert agg.submit(huge) == "rejected"
+    assert agg.stats()["rejected_by_reason"] == {"overflow": 1}
+    assert "delta 'b'" in caplog.text

@@ -18,6 +18,7 @@ import torch
 
 from fedsim.algorithms.server import ServerStrategy, UpdateError, _check_named, register
 from fedsim.config import ServerAlgoConfig
+from fedsim.guard import first_non_finite
 from fedsim.messages import ClientUpdate, NamedTensors
 
 logger = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ class FedBuff(AsyncServerStrategy):
                 if t.shape != w.shape or t.dtype != torch.int64:
                     raise ValueError(f"server state 'buffer/{k}' is {t.dtype} {tuple(t.shape)}, "
                                      f"expected torch.int64 {tuple(w.shape)}")
-                self._sum[k] = t.clone()
+            self._sum.restore({k: state[f"buffer/{k}"] for k in self.weights})
         return keys | buffer_keys
 
 
@@ -264,7 +265,7 @@ class FedAsync(AsyncServerStrategy):
 def _finite_f32(tensors: NamedTensors, what: str) -> NamedTensors:
     """Float32 CPU copies, or UpdateError (non_finite) naming the first tensor with NaN or Inf."""
     out = {k: t.detach().to("cpu", torch.float32, copy=True) for k, t in tensors.items()}
-    for k, t in out.items():
-        if not torch.isfinite(t).all():
-            raise UpdateError("non_finite", f"{what} {k!r} has non-finite values (NaN or Inf); it cannot be applied")
+    name = first_non_finite(out)
+    if name is not None:
+        raise UpdateError("non_finite", f"{what} {name!r} has non-finite values (NaN or Inf); it cannot be applied")
     return out

@@ -9,13 +9,15 @@ which updates arrive; the server rules themselves are float32 on CPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from fractions import Fraction
 from typing import ClassVar, Sequence
 
+import numpy as np
 import torch
 
 from fedsim.config import ServerAlgoConfig
-from fedsim.messages import ClientUpdate, NamedTensors
+from fedsim.messages import ClientUpdate, FlatLayout, NamedTensors
 
 SERVER_STRATEGIES: dict[str, type[ServerStrategy]] = {}
 
@@ -57,41 +59,108 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32, copy=True)
 
 
-def to_fixed(t: torch.Tensor, weight: float, what: str) -> torch.Tensor:
-    """``round(weight * t * 2**FIXED_POINT_BITS)`` as a new int64 CPU tensor (product taken in float64)."""
-    scaled = t.detach().to("cpu", torch.float64).mul(weight).mul_(2.0 ** FIXED_POINT_BITS).round_()
-    if not torch.isfinite(scaled).all():
-        raise UpdateError("non_finite", f"{what} has non-finite values (NaN or Inf); it cannot be aggregated")
-    # Checked in float64, before the cast: a value beyond int64 would wrap silently.
-    if scaled.numel() and scaled.abs().max().item() > FIXED_POINT_LIMIT:
-        raise UpdateError("overflow", _overflow_message(what, weight))
-    return scaled.to(torch.int64)
-
-
 def from_fixed(total_sum: torch.Tensor, divisor: Fraction | int | float) -> torch.Tensor:
     """The float32 mean ``(total_sum / 2**FIXED_POINT_BITS) / divisor`` of a fixed-point sum."""
-    return (total_sum.to(torch.float64) / 2.0 ** FIXED_POINT_BITS / float(divisor)).to(torch.float32)
+    return total_sum.to(torch.float64, copy=True).div_(2.0 ** FIXED_POINT_BITS).div_(float(divisor)).to(torch.float32)
 
 
-def check_fixed_add(acc: NamedTensors, terms: NamedTensors, what: str, weight: float, prefix: str = "") -> None:
-    """Raise UpdateError (overflow), changing nothing, if ``acc[k] + terms[k]`` would leave ±2**62 for any name."""
-    for k, q in terms.items():
-        if k not in acc:
-            continue  # ``to_fixed`` already bounded the term itself
+class FixedPointSum(Mapping[str, torch.Tensor]):
+    """An exact running sum Σ round(weight · x · 2**FIXED_POINT_BITS) of named tensors (see FIXED_POINT_BITS).
+
+    The sum is one int64 vector in a ``FlatLayout``'s order, readable as named tensors (views), and empty (no
+    names) from ``reset`` until the next ``commit``. An update goes in two steps, so that a strategy can check
+    everything before changing anything: ``prepare`` scales it into terms and raises UpdateError if they, or the
+    sum with them, would leave ±2**62; ``commit`` adds them. Its vectors are reused from update to update, so
+    an update costs a few passes over one vector and no allocation.
+    """
+
+    def __init__(self) -> None:
+        self._storage = torch.empty(0, dtype=torch.int64)  # the sum
+        self._terms = torch.empty(0, dtype=torch.float64)  # the prepared terms: integers, exact in float64
+        self._peak = 0  # the largest |prepared term|
+        self.reset(FlatLayout({}))
+
+    def reset(self, layout: FlatLayout) -> None:
+        """Empty the sum, for tensors laid out as ``layout``."""
+        self.layout = layout
+        self.flat: torch.Tensor | None = None
+        self._bound = 0  # Σ peaks of the committed terms: no element of the sum is larger in magnitude
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self.flat is None:
+            raise KeyError(name)
+        return self.layout.view(self.flat, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layout.shapes if self.flat is not None else ())
+
+    def __len__(self) -> int:
+        return len(self.layout.shapes) if self.flat is not None else 0
+
+    def prepare(self, tensors: NamedTensors, weight: float, what: str, prefix: str = "") -> None:
+        """Scale ``tensors`` (the layout's names and shapes) into terms, the products taken in float64, and
+        check them; an UpdateError (non_finite, overflow) names the first faulty tensor in their order."""
+        self._terms = _sized(self._terms, self.layout.numel)
+        terms = self.layout.flatten(tensors, self._terms).mul_(weight).mul_(2.0 ** FIXED_POINT_BITS).round_()
+        low, high = _extremes(terms)
+        # Checked in float64, before any cast: a value beyond int64 would wrap silently.
+        if not _within_limit(low, high):
+            raise self._fault(terms, tensors, weight, what, prefix)
+        self._peak = int(max(-low, high))
+        if self.flat is None or self._bound + self._peak <= FIXED_POINT_LIMIT:
+            return  # no element of the sum plus the terms can leave the range
         # Both operands are within ±2**62, so the sum is within [-2**63, 2**63]; only +2**63 wraps, to
         # -2**63, which the lower bound catches.
-        new = acc[k] + q
-        if new.numel() and (new.max().item() > FIXED_POINT_LIMIT or new.min().item() < -FIXED_POINT_LIMIT):
-            raise UpdateError("overflow", _overflow_message(f"{what} {prefix + k!r}", weight, running=True))
+        new = self.flat + terms.to(torch.int64)
+        if not _within_limit(*_extremes(new)):
+            raise self._fault(new, tensors, weight, what, prefix, running=True)
+
+    def commit(self) -> None:
+        """Add the terms of the last ``prepare`` to the sum."""
+        if self.flat is None:
+            self._storage = _sized(self._storage, self.layout.numel)
+            self.flat = self._storage.zero_()
+        # One pass: numpy casts the terms to int64 (exactly: they are integers) chunk by chunk as it adds them.
+        total = self.flat.numpy()
+        np.add(total, self._terms.numpy(), out=total, dtype=np.int64, casting="unsafe")
+        self._bound += self._peak
+
+    def restore(self, tensors: NamedTensors) -> None:
+        """Set the sum to ``tensors`` (int64, the layout's names and shapes), e.g. from a checkpoint."""
+        self._storage = _sized(self._storage, self.layout.numel)
+        self.flat = self.layout.flatten(tensors, self._storage)
+        self._bound = int(self.flat.abs().max()) if self.flat.numel() else 0
+
+    def mean(self, divisor: Fraction | int | float) -> NamedTensors:
+        """The float32 mean ``from_fixed(sum, divisor)``, as named tensors."""
+        return self.layout.unflatten(from_fixed(self.flat, divisor))
+
+    def _fault(self, values: torch.Tensor, tensors: NamedTensors, weight: float, what: str, prefix: str,
+               running: bool = False) -> UpdateError:
+        """The error for the first of ``tensors`` whose part of ``values`` is non-finite or beyond ±2**62,
+        naming it ``{what} '{prefix}{name}'``."""
+        name = next(k for k in tensors if not _within_limit(*_extremes(self.layout.view(values, k))))
+        label = f"{what} {prefix + name!r}"
+        if not all(map(math.isfinite, _extremes(self.layout.view(values, name)))):
+            return UpdateError("non_finite", f"{label} has non-finite values (NaN or Inf); it cannot be aggregated")
+        return UpdateError("overflow", _overflow_message(label, weight, running))
 
 
-def add_fixed(acc: NamedTensors, terms: NamedTensors) -> None:
-    """``acc[k] += terms[k]`` in place; a name seen for the first time takes ``terms[k]`` itself."""
-    for k, q in terms.items():
-        if k in acc:
-            acc[k].add_(q)
-        else:
-            acc[k] = q
+def _sized(buffer: torch.Tensor, numel: int) -> torch.Tensor:
+    """``buffer`` if it has ``numel`` elements, else a new vector of its dtype that has."""
+    return buffer if buffer.numel() == numel else torch.empty(numel, dtype=buffer.dtype)
+
+
+def _extremes(x: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of ``x``, both NaN if it holds a NaN; (0, 0) if it is empty."""
+    if not x.numel():
+        return 0.0, 0.0
+    low, high = torch.aminmax(x)
+    return low.item(), high.item()
+
+
+def _within_limit(low: float, high: float) -> bool:
+    return -FIXED_POINT_LIMIT <= low and high <= FIXED_POINT_LIMIT  # False for NaN too
 
 
 def _overflow_message(what: str, weight: float, running: bool = False) -> str:
@@ -130,7 +199,9 @@ class ServerStrategy:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
         self.version = 0
         self.weights: NamedTensors = {}
+        self.layout = FlatLayout(self.weights)  # where each global tensor sits in the running sums
         self.slots: dict[str, NamedTensors] = {}  # optimizer state, e.g. {"m": {...}, "v": {...}}
+        self._sum = FixedPointSum()
         self._reset_round()
 
     # ----------------------------------------------------------------- lifecycle
@@ -139,6 +210,7 @@ class ServerStrategy:
         if not global_weights:
             raise ValueError("init() needs at least one global tensor")
         self.weights = {k: _f32(v) for k, v in global_weights.items()}
+        self.layout = FlatLayout(self.weights)
         self.slots = self.init_slots()
         self.version = 0
         self._reset_round()
@@ -180,10 +252,8 @@ class ServerStrategy:
             if not (w >= 0 and math.isfinite(w)):
                 raise UpdateError("invalid_weight", f"update from client {update.client_id}: weight must be finite and >= 0, "
                                  f"got {w}")
-        what = f"update from client {update.client_id}: delta"
-        terms = {k: to_fixed(d, weight, f"{what} {k!r}") for k, d in update.delta.items()}
-        check_fixed_add(self._sum, terms, what, weight)
-        add_fixed(self._sum, terms)
+        self._sum.prepare(update.delta, weight, f"update from client {update.client_id}: delta")
+        self._sum.commit()
         self._total += Fraction(total_weight)  # floats convert to fractions exactly
         self._count += 1
 
@@ -219,7 +289,7 @@ class ServerStrategy:
         if self._total <= 0:
             raise ValueError(f"{self._count} updates accumulated with total weight {float(self._total)}; "
                              "cannot take their weighted mean (all clients had 0 samples?)")
-        return {k: from_fixed(s, self._total) for k, s in self._sum.items()}
+        return self._sum.mean(self._total)
 
     def apply(self, mean_delta: NamedTensors) -> None:
         """The server rule: update ``self.weights`` in place from the mean delta Δ."""
@@ -270,8 +340,7 @@ class ServerStrategy:
 
     # ----------------------------------------------------------------- helpers
     def _reset_round(self) -> None:
-        # Zeroed lazily on the first accumulate so an idle strategy holds no second copy.
-        self._sum: NamedTensors = {}  # int64 fixed-point sums, see FIXED_POINT_BITS
+        self._sum.reset(self.layout)
         self._total = Fraction(0)
         self._count = 0
 
@@ -454,6 +523,7 @@ class Scaffold(ServerStrategy):
     PREFIX = "control/"
 
     def __init__(self, cfg: ServerAlgoConfig, num_clients: int, client_sizes: Sequence[int] | None = None) -> None:
+        self._control_sum = FixedPointSum()  # before super().__init__, whose _reset_round empties it
         super().__init__(cfg, num_clients, client_sizes)
         if self.weighting == "samples":
             if self.client_sizes is None or len(self.client_sizes) != num_clients:
@@ -474,20 +544,19 @@ class Scaffold(ServerStrategy):
         self._require_init()
         what = f"update from client {update.client_id}: extras"
         _check_named(controls, self.weights, what, prefix=self.PREFIX)
-        terms = {k: to_fixed(controls[self.PREFIX + k], weight, f"{what} {self.PREFIX + k!r}")
-                 for k in self.weights}
-        check_fixed_add(self._control_sum, terms, what, weight, prefix=self.PREFIX)
+        self._control_sum.prepare({k: controls[self.PREFIX + k] for k in self.weights}, weight, what, self.PREFIX)
         super().accumulate(update, weight)  # checks everything before changing anything
-        add_fixed(self._control_sum, terms)
+        self._control_sum.commit()
 
     def apply(self, mean_delta: NamedTensors) -> None:
+        control_step = self._control_sum.mean(self.population_weight)
         for k, d in mean_delta.items():
             self.weights[k].add_(d, alpha=self.lr)
-            self.slots["control"][k].add_(from_fixed(self._control_sum[k], self.population_weight))
+            self.slots["control"][k].add_(control_step[k])
 
     def _reset_round(self) -> None:
         super()._reset_round()
-        self._control_sum: NamedTensors = {}
+        self._control_sum.reset(self.layout)
 
 
 @register
