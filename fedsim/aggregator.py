@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 from fedsim.algorithms import ServerStrategy
-from fedsim.algorithms.server import UpdateError
+from fedsim.algorithms.fixedpoint import UpdateError
 from fedsim.guard import UpdateGuard
 from fedsim.messages import ClientUpdate, NamedTensors, Published
 from fedsim.models.adapter import adapter_sha256

@@ -9,7 +9,7 @@ import torch
 
 from fedsim.aggregator import Aggregator
 from fedsim.algorithms import build_server_strategy
-from fedsim.algorithms.server import FIXED_POINT_BITS
+from fedsim.algorithms.fixedpoint import FIXED_POINT_BITS
 from fedsim.config import ServerAlgoConfig
 from fedsim.guard import UpdateGuard
 from fedsim.messages import ClientUpdate, NamedTensors, Published

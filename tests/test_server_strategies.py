@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedsim.algorithms import SERVER_STRATEGIES, ServerStrategy, build_server_strategy
-from fedsim.algorithms.server import FIXED_POINT_BITS, UpdateError
+from fedsim.algorithms.fixedpoint import FIXED_POINT_BITS, UpdateError
 from fedsim.config import ServerAlgoConfig
 from fedsim.messages import ClientUpdate
 

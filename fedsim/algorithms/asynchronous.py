@@ -16,7 +16,8 @@ from typing import Sequence
 
 import torch
 
-from fedsim.algorithms.server import ServerStrategy, UpdateError, _check_named, register
+from fedsim.algorithms.fixedpoint import UpdateError
+from fedsim.algorithms.server import ServerStrategy, _check_named, register
 from fedsim.config import ServerAlgoConfig
 from fedsim.guard import first_non_finite
 from fedsim.messages import ClientUpdate, NamedTensors
