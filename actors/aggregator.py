@@ -23,12 +23,21 @@ class AggregatorActor:
         strategy = build_server_strategy(cfg.algorithm.server, cfg.partition.num_clients, client_sizes)
         self.aggregator = Aggregator(strategy, UpdateGuard(cfg.runtime.max_update_norm))
         self.aggregator.init(initial)
+        self.last_submit: tuple[int, tuple[str, int]] = (-1, ("", 0))
 
-    def submit(self, update: ClientUpdate, base: list[ray.ObjectRef | None]) -> str:
-        """``base`` arrives wrapped in a list, so Ray leaves it unresolved: the version a client trained
-        from is fetched only for the strategies that use it (FedAsync's mix rule), not for every update."""
+    def submit(self, update: ClientUpdate, base: list[ray.ObjectRef | None], number: int) -> tuple[str, int]:
+        """The outcome and the version after it (the driver learns a new version without a snapshot).
+
+        ``number`` counts the driver's submissions: a call the driver repeats because its reply was lost
+        (the actor unreachable for a moment) is answered again, not applied twice. ``base`` arrives wrapped
+        in a list, so Ray leaves it unresolved: the version a client trained from is fetched only for the
+        strategies that use it (FedAsync's mix rule), not for every update."""
+        if number == self.last_submit[0]:
+            return self.last_submit[1]
         needed = self.aggregator.needs_base and base[0] is not None
-        return self.aggregator.submit(update, ray.get(base[0]) if needed else None)
+        outcome = self.aggregator.submit(update, ray.get(base[0]) if needed else None), self.aggregator.version
+        self.last_submit = (number, outcome)
+        return outcome
 
     def close_round(self) -> int:
         return self.aggregator.close_round()
@@ -47,8 +56,9 @@ class AggregatorActor:
     def state(self) -> tuple[NamedTensors, dict[str, Any]]:
         return self.aggregator.state()
 
-    def restore(self, tensors: NamedTensors, counts: dict[str, Any]) -> None:
+    def restore(self, tensors: NamedTensors, counts: dict[str, Any]) -> int:
         self.aggregator.restore(tensors, counts)
+        return self.aggregator.version
 
     def stats(self) -> dict[str, Any]:
         return self.aggregator.stats()

@@ -3,6 +3,19 @@
 The driver holds task descriptors and object references, never tensors: a global version is put in the
 object store once and every task of that version shares the reference; updates go from the worker that
 produced them straight to the aggregator actor; client states go straight to the state store.
+
+The driver waits on every task in flight at once (``ray.wait``) and hands a worker its next task the moment
+one finishes; finished results wait, in the order they came, until the loop asks for them in the virtual
+clock's order. ``ray.wait`` also fetches a finished task's update and state to the driver's node, where the
+aggregator and the state store live, so a worker node lost after that costs nothing. Evaluation is sharded:
+each worker scores a slice of the test split's batches and the driver pools the per-sample scores.
+
+Faults. A worker whose process or node died is restarted by Ray in its placement bundle (which Ray moves to
+a live node), or replaced when Ray cannot restart it. Every task whose result was lost with it, whether it
+was running, queued on that worker, or finished but not yet consumed (read by the aggregator or the state
+store only after the node went), runs again from the same version and client state with the same seeds, so
+the run ends with the adapter it would have had without the fault. A task that raises is retried once on
+another worker, then reported failed (``ClientTaskFailed``), which the loop counts as the client's dropout.
 """
 
 from __future__ import annotations
@@ -16,7 +29,8 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
+from ray.exceptions import (ActorUnavailableError, GetTimeoutError, NodeDiedError, ObjectLostError,
+                            OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError)
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
@@ -24,16 +38,22 @@ from actors.aggregator import AggregatorActor
 from actors.state_store import ClientStateStore
 from actors.worker import ClientWorker
 from fedsim.config import ExperimentConfig
-from fedsim.engine.inprocess import mean_metrics, personalized_adapters
+from fedsim.engine.inprocess import TASK_RETRIES, failure_reason, mean_metrics, personalized_adapters
+from fedsim.engine.loop import ClientTaskFailed
+from fedsim.evaluation import BatchScores, combine
 from fedsim.messages import ClientTask, NamedTensors, Published
 from fedsim.models.adapter import adapter_sha256
 
 log = logging.getLogger(__name__)
 
-# A task whose worker process died, or whose result died with it, is run again elsewhere.
-WORKER_LOST = (RayActorError, ObjectLostError, WorkerCrashedError)
-PLACEMENT_TIMEOUT_S = 300
-REPLACE_ATTEMPTS = 8
+# The worker process or node died, or a result died with them: run the task again. Checked before
+# RayTaskError: an actor call whose argument was lost raises RayTaskError(ObjectReconstructionFailedError).
+LOST = (RayActorError, ObjectLostError, WorkerCrashedError, NodeDiedError, OutOfMemoryError)
+LOST_ATTEMPTS = 4  # a task lost this often (one that kills its worker, say) fails as "worker_lost"
+REPLACEMENTS = 8  # per worker, for workers Ray could not restart
+PLACEMENT_GRACE_S = 5.0  # runtime.resource_timeout_s=0 still gives free resources this long to be placed
+WAIT_REPORT_S = 60.0  # while only restarting workers are awaited, say so this often
+UNREACHABLE_RETRIES = 10  # the aggregator lives on the driver's node: unreachable for long, it is gone
 
 
 def on_driver_node() -> NodeAffinitySchedulingStrategy:
@@ -46,21 +66,50 @@ def on_driver_node() -> NodeAffinitySchedulingStrategy:
 class WorkerSlot:
     index: int
     actor: Any
-    busy: int = 0  # tasks sent to this worker whose result is not ready yet
-    tasks: int = 0
-    restarts: int = 0
+    busy: int = 0  # tasks sent to this actor whose results are not in yet
+    tasks: int = 0  # tasks it finished
+    failures: int = 0  # tasks that raised on it
+    restarts: int = 0  # times it came back in a new process (restarted by Ray, or replaced)
+    replacements: int = 0
+    busy_seconds: float = 0.0  # time in client tasks
     placement: dict[str, Any] = field(default_factory=dict)
+    revival: ray.ObjectRef | None = None  # placement() of a restarting or new actor: no task until it answers
+    stale: bool = False  # restarted unseen (a new pid in a task's metrics): placement to be read again
+
+
+@dataclass(eq=False)
+class Job:
+    """One client task, from ``submit`` until the loop settles or discards it; each try is sent afresh."""
+
+    task: ClientTask
+    published: ray.ObjectRef  # the version it trains from, also when run again
+    state_in: ray.ObjectRef | None  # the client's stored state when it was submitted
+    slot: WorkerSlot | None = None  # the current try's worker, and the actor it went to
+    actor: Any = None
+    update: ray.ObjectRef | None = None
+    state: ray.ObjectRef | None = None
+    metrics_ref: ray.ObjectRef | None = None
+    outstanding: set = field(default_factory=set)  # the try's update and state, until both are on this node
+    metrics: dict[str, float] | None = None  # set when it finished
+    failure: str | None = None  # set when it failed for good
+    failures: int = 0  # tries that raised
+    lost: int = 0  # tries lost with their worker or node
+    avoid: int | None = None  # the worker it just raised on: its retry goes elsewhere
+    discarded: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.metrics is not None or self.failure is not None
 
 
 @dataclass
-class Running:
-    slot: WorkerSlot
-    actor: Any  # the actor it was sent to (the slot may hold a replacement by now)
-    published: ray.ObjectRef
-    update: ray.ObjectRef
-    state: ray.ObjectRef
-    metrics: ray.ObjectRef
-    ready: bool = False
+class UpdateRef:
+    """A finished task's update as the loop holds it: the object reference, and the executor that runs the
+    task again should the update be lost before the aggregator reads it."""
+
+    task: ClientTask
+    ref: ray.ObjectRef
+    executor: RayExecutor
 
 
 class RemoteAggregator:
@@ -69,25 +118,42 @@ class RemoteAggregator:
     def __init__(self, cfg: ExperimentConfig, initial: NamedTensors, client_sizes: list[int]):
         self.actor = AggregatorActor.options(num_cpus=0, scheduling_strategy=on_driver_node()
                                              ).remote(cfg, initial, client_sizes)
+        self.version = ray.get(self.actor.version.remote())
+        self.submitted = 0
 
-    def submit(self, update: ray.ObjectRef, base: ray.ObjectRef | None = None) -> str:
-        return ray.get(self.actor.submit.remote(update, [base]))
+    def submit(self, update: UpdateRef, base: ray.ObjectRef | None = None) -> str:
+        self.submitted += 1
+        unreachable = 0
+        while True:
+            try:
+                outcome, self.version = ray.get(self.actor.submit.remote(update.ref, [base], self.submitted))
+                return outcome
+            except ObjectLostError as err:  # the update died with its node before the aggregator read it
+                update.ref = update.executor.rerun_lost(update.task, err)
+            except ActorUnavailableError as err:  # the call may have run: repeated, it is not applied twice
+                unreachable += 1
+                if unreachable > UNREACHABLE_RETRIES:
+                    raise
+                log.warning("the aggregator did not answer (%s); asking again", str(err).splitlines()[0][:200])
+                time.sleep(1.0)
 
     def close_round(self) -> int:
-        return ray.get(self.actor.close_round.remote())
+        self.version = ray.get(self.actor.close_round.remote())
+        return self.version
 
     def flush(self) -> int:
-        return ray.get(self.actor.flush.remote())
+        self.version = ray.get(self.actor.flush.remote())
+        return self.version
 
     def snapshot(self) -> tuple[int, ray.ObjectRef]:
-        version, (ref,) = ray.get(self.actor.snapshot.remote())
-        return version, ref
+        self.version, (ref,) = ray.get(self.actor.snapshot.remote())
+        return self.version, ref
 
     def state(self) -> tuple[NamedTensors, dict[str, Any]]:
         return ray.get(self.actor.state.remote())
 
     def restore(self, tensors: NamedTensors, counts: dict[str, Any]) -> None:
-        ray.get(self.actor.restore.remote(tensors, counts))
+        self.version = ray.get(self.actor.restore.remote(tensors, counts))
 
     def stats(self) -> dict[str, Any]:
         return ray.get(self.actor.stats.remote())
@@ -102,17 +168,28 @@ class RayExecutor:
         self.capacity_per_worker = 1 + cfg.runtime.queue_per_worker
         self.run_id = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
         self.started = 0
-        self.store = ClientStateStore.options(num_cpus=0, scheduling_strategy=on_driver_node()).remote()
-        self.group = self._placement_group()
-        self.slots = [WorkerSlot(i, self._actor(i)) for i in range(cfg.runtime.num_workers)]
-        placements = ray.get([s.actor.placement.remote() for s in self.slots])
-        for slot, placement in zip(self.slots, placements):
-            slot.placement = placement
+        # Held here for the run: Ray rebuilds a restarted worker from its creation arguments, and one passed
+        # by reference must still exist then (else the restart fails with ReferenceCountingAssertionError).
+        self.cfg_ref = ray.put(cfg)
+        self.group: PlacementGroup | None = None
+        self.store = None
+        self.slots: list[WorkerSlot] = []
+        try:
+            self.group = self._placement_group()
+            self.store = ClientStateStore.options(num_cpus=0, scheduling_strategy=on_driver_node()).remote()
+            self.slots = [WorkerSlot(i, self._actor(i)) for i in range(cfg.runtime.num_workers)]
+            for slot, placement in zip(self.slots, ray.get([s.actor.placement.remote() for s in self.slots])):
+                slot.placement = placement
+        except BaseException:
+            self.shutdown()
+            raise
         self.published: ray.ObjectRef | None = None
-        self.waiting: deque[ClientTask] = deque()  # submitted, not yet sent to a worker
-        self.waiting_published: dict[ClientTask, ray.ObjectRef] = {}
-        self.running: dict[ClientTask, Running] = {}
-        self.unsettled: dict[ClientTask, ray.ObjectRef] = {}  # new client states awaiting the aggregator's word
+        self.jobs: dict[ClientTask, Job] = {}  # submitted, not yet settled or discarded
+        self.queue: deque[Job] = deque()  # waiting for a worker with room
+        self.waiting_on: dict[ray.ObjectRef, Job] = {}  # results of tries in flight (discarded ones too)
+        self.revivals: dict[ray.ObjectRef, WorkerSlot] = {}
+        self.with_state: set[int] = set()  # clients the store holds a state for
+        self.reruns = {"unfinished": 0, "finished": 0}  # tries lost before / after they finished
 
     # ------------------------------------------------------------------------------- workers
     def _placement_group(self) -> PlacementGroup | None:
@@ -123,13 +200,19 @@ class RayExecutor:
             return None
         group = placement_group([dict(bundle) for _ in range(runtime.num_workers)],
                                 strategy=runtime.placement.upper(), name=f"fedsim:{self.run_id}")
+        timeout = max(runtime.resource_timeout_s, PLACEMENT_GRACE_S)
         try:
-            ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
+            ray.get(group.ready(), timeout=timeout)
+        except GetTimeoutError:
             remove_placement_group(group)
-            raise RuntimeError(f"Ray could not place {runtime.num_workers} workers of {bundle} "
-                               f"({runtime.placement}) within {PLACEMENT_TIMEOUT_S} s; the cluster has "
-                               f"{ray.available_resources()} free") from None
+            free = ray.available_resources()
+            short = ", ".join(f"{need * runtime.num_workers:g} {r} ({free.get(r, 0):g} free)"
+                              for r, need in bundle.items())
+            raise RuntimeError(f"Ray could not place {runtime.num_workers} workers of {bundle} ({runtime.placement}) "
+                               f"within {timeout:g} s (runtime.resource_timeout_s={runtime.resource_timeout_s:g}): "
+                               f"they need {short}; other runs may hold them, or no node has a bundle's worth "
+                               "free. Wait for those runs, lower the request, or raise runtime.resource_timeout_s"
+                               ) from None
         return group
 
     def _actor(self, index: int):
@@ -140,126 +223,237 @@ class RayExecutor:
         strategy = (PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index)
                     if self.group is not None else "DEFAULT")
         return ClientWorker.options(num_cpus=runtime.cpus_per_worker, num_gpus=runtime.gpus_per_worker,
-                                    name=name, max_restarts=0, scheduling_strategy=strategy
-                                    ).remote(self.cfg, self.personalized, index)
+                                    name=name, scheduling_strategy=strategy
+                                    ).remote(self.cfg_ref, self.personalized, index)
+
+    def _worker_lost(self, slot: WorkerSlot, actor: Any, err: BaseException) -> None:
+        """A call to ``actor`` failed as if it died: take no task there until it answers again."""
+        if actor is not slot.actor or slot.revival is not None:
+            return
+        log.warning("worker %d lost (%s); its tasks run again, and Ray restarts it", slot.index, type(err).__name__)
+        self._await_revival(slot)
+
+    def _await_revival(self, slot: WorkerSlot) -> None:
+        slot.revival = slot.actor.placement.remote()  # calls other than train wait through a restart
+        self.revivals[slot.revival] = slot
+
+    def _revived(self, slot: WorkerSlot) -> None:
+        ref, slot.revival = slot.revival, None
+        del self.revivals[ref]
+        try:
+            placement = ray.get(ref)
+        except LOST as err:  # past its restarts, or killed for good
+            log.warning("worker %d did not come back: %s", slot.index, str(err).strip().splitlines()[0][:300])
+            self._replace(slot)
+            return
+        if placement["pid"] != slot.placement.get("pid"):
+            slot.restarts += 1
+            log.warning("worker %d is back, on node %s", slot.index, placement["node_id"][:8])
+        slot.placement = placement
+
+    def _revive_now(self, slot: WorkerSlot) -> None:
+        while slot.revival is not None:
+            ray.wait([slot.revival])
+            self._revived(slot)
 
     def _replace(self, slot: WorkerSlot) -> None:
-        log.warning("worker %d died; starting a replacement and re-running its unfinished tasks", slot.index)
+        slot.replacements += 1
+        if slot.replacements > REPLACEMENTS:
+            raise RuntimeError(f"worker {slot.index} could not be replaced in {REPLACEMENTS} attempts; the cluster "
+                               "may have lost the resources it needs")
+        if slot.replacements > 1:
+            # A replacement may land in a bundle whose node is dead but not yet declared so (Ray notices by
+            # missed heartbeats); it then dies too, and the next one goes where Ray moved the bundle.
+            time.sleep(min(2.0 ** (slot.replacements - 2), 15.0))
+        log.warning("worker %d could not be restarted; starting a replacement", slot.index)
         ray.kill(slot.actor, no_restart=True)
+        slot.actor = self._actor(slot.index)
         slot.busy = 0
-        slot.restarts += 1
-        # A replacement may land in a placement bundle whose node is dead but not yet declared so (Ray
-        # notices by missed heartbeats); it then dies too, and the next one goes where Ray moved the bundle.
-        for attempt in range(REPLACE_ATTEMPTS):
-            slot.actor = self._actor(slot.index)
-            try:
-                slot.placement = ray.get(slot.actor.placement.remote())
-                break
-            except WORKER_LOST:
-                log.warning("replacement for worker %d died on start (attempt %d); retrying", slot.index, attempt + 1)
-                time.sleep(min(2.0 ** attempt, 15.0))
-        else:
-            raise RuntimeError(f"worker {slot.index} could not be replaced in {REPLACE_ATTEMPTS} attempts; "
-                               "the cluster may have lost the resources it needs")
-        for task in [t for t, r in self.running.items() if r.slot is slot and not r.ready]:
-            self._requeue(task)
-
-    def _requeue(self, task: ClientTask) -> None:
-        """Back to the front of the queue, with the version it was submitted under."""
-        self.waiting_published[task] = self.running.pop(task).published
-        self.waiting.appendleft(task)
+        self._await_revival(slot)
 
     # ------------------------------------------------------------------------------- tasks
     def publish(self, version: int, handle: ray.ObjectRef) -> None:
         self.published = handle
 
     def submit(self, task: ClientTask) -> None:
-        self.waiting.append(task)
-        self.waiting_published[task] = self.published
+        state = self.store.get.remote(task.client_id) if task.client_id in self.with_state else None
+        job = Job(task, self.published, state)
+        self.jobs[task] = job
+        self.queue.append(job)
         self._pump()
 
     def _pump(self) -> None:
-        """Send waiting tasks to the least busy workers while they have room."""
-        while self.waiting:
-            slot = self._any_worker()
-            if slot.busy >= self.capacity_per_worker:
+        """Hand waiting tasks, in order, to the least busy workers with room (lowest index among equals); a
+        retry skips the worker it raised on."""
+        for job in list(self.queue):
+            free = [s for s in self.slots if s.revival is None and s.busy < self.capacity_per_worker]
+            if not free:
                 return
-            task = self.waiting.popleft()
-            published = self.waiting_published.pop(task)
-            state = self.store.get.remote(task.client_id)
-            update, new_state, metrics = slot.actor.train.remote(task, published, state)
-            self.running[task] = Running(slot, slot.actor, published, update, new_state, metrics)
-            slot.busy += 1
+            if job.avoid is not None and len(self.slots) > 1:
+                free = [s for s in free if s.index != job.avoid]
+                if not free:
+                    continue
+            slot = min(free, key=lambda s: (s.busy, s.index))
+            self.queue.remove(job)
+            self._send(job, slot)
 
-    def _mark_ready(self, block: bool) -> None:
-        """Free the slots of tasks whose results are ready (collected or not); block for one if asked."""
-        pending = {r.metrics: r for r in self.running.values() if not r.ready}
-        if not pending:
+    def _send(self, job: Job, slot: WorkerSlot) -> None:
+        job.slot, job.actor = slot, slot.actor
+        job.update, job.state, job.metrics_ref = slot.actor.train.remote(job.task, job.published, job.state_in)
+        job.outstanding = {job.update, job.state}
+        for ref in job.outstanding:
+            self.waiting_on[ref] = job
+        slot.busy += 1
+
+    def _wait(self) -> None:
+        """Take in everything finished by now, blocking until something is: results, workers back."""
+        refs = [*self.waiting_on, *self.revivals]
+        if not refs:
+            raise RuntimeError(f"{len(self.queue)} task(s) wait for a worker, but no worker is running anything")
+        first: list = []
+        while not first:
+            first, _ = ray.wait(refs, num_returns=1, fetch_local=True, timeout=WAIT_REPORT_S)
+            if not first and not self.waiting_on:
+                log.warning("waiting for %d worker(s) to come back (Ray restarts them once their placement bundles "
+                            "fit on a live node)", len(self.revivals))
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=True)
+        for ref in dict.fromkeys([*first, *done]):
+            if ref in self.revivals:
+                self._revived(self.revivals[ref])
+                continue
+            job = self.waiting_on.pop(ref)
+            job.outstanding.discard(ref)
+            if not job.outstanding:
+                self._finished(job)
+
+    def _finished(self, job: Job) -> None:
+        slot = job.slot
+        if job.actor is slot.actor:
+            slot.busy -= 1
+        try:
+            metrics = ray.get(job.metrics_ref)
+        except LOST as err:
+            self._worker_lost(slot, job.actor, err)
+            if not job.discarded:
+                self._again(job, finished=False)
             return
-        ready, _ = ray.wait(list(pending), num_returns=1 if block else len(pending), timeout=None if block else 0)
-        for ref in ready:
-            self._release(pending[ref])
+        except RayTaskError as err:
+            slot.failures += 1
+            if not job.discarded:
+                self._raised(job, err)
+            return
+        slot.tasks += 1
+        slot.busy_seconds += metrics.get("task_seconds", 0.0)
+        if job.actor is slot.actor and metrics.get("pid", slot.placement.get("pid")) != slot.placement.get("pid"):
+            slot.restarts += 1  # restarted between tasks: its node (placement) is read again for stats
+            slot.placement["pid"], slot.stale = metrics["pid"], True
+        if not job.discarded:
+            job.metrics = metrics
 
-    @staticmethod
-    def _release(running: Running) -> None:
-        """The task no longer occupies its worker (counted once, and only against the actor that ran it)."""
-        if not running.ready and running.slot.actor is running.actor:
-            running.slot.busy -= 1
-        running.ready = True
+    def _raised(self, job: Job, err: RayTaskError) -> None:
+        reason = failure_reason(err.cause if err.cause is not None else err)
+        job.failures += 1
+        message = str(err).strip().splitlines()[-1]
+        if job.failures > TASK_RETRIES:
+            log.warning("client %d (task %d) raised again, on worker %d: %s", job.task.client_id, job.task.seed_round,
+                        job.slot.index, message)
+            job.failure = reason
+            return
+        log.warning("client %d (task %d) raised on worker %d: %s; retrying it on another worker",
+                    job.task.client_id, job.task.seed_round, job.slot.index, message)
+        job.avoid = job.slot.index
+        self.queue.appendleft(job)
 
-    def result(self, task: ClientTask) -> tuple[ray.ObjectRef, dict[str, float]]:
-        while True:
-            self._mark_ready(block=False)
+    def _again(self, job: Job, finished: bool) -> None:
+        """Queue a lost try again, first in line, unless the task has been lost too often."""
+        job.lost += 1
+        job.metrics = None
+        if job.lost >= LOST_ATTEMPTS:
+            log.error("client %d (task %d) lost its worker %d times; counted as failed", job.task.client_id,
+                      job.task.seed_round, job.lost)
+            job.failure = "worker_lost"
+            return
+        self.reruns["finished" if finished else "unfinished"] += 1
+        job.avoid = None
+        self.queue.appendleft(job)
+
+    def _until_done(self, job: Job) -> None:
+        while not job.done:
             self._pump()
-            if task not in self.running:  # queued behind others: wait until a worker frees up
-                if not any(not r.ready for r in self.running.values()):
-                    raise RuntimeError(f"task {task} is queued but no worker is running anything")
-                self._mark_ready(block=True)
-                continue
-            running = self.running[task]
-            try:
-                metrics = ray.get(running.metrics)
-            except WORKER_LOST:
-                if running.slot.actor is running.actor:
-                    self._replace(running.slot)
-                if task in self.running:
-                    self._requeue(task)
-                continue
-            del self.running[task]
-            self._release(running)
-            running.slot.tasks += 1
-            self.unsettled[task] = running.state
-            return running.update, metrics
+            self._wait()
+        self._pump()  # refill before the driver goes off to the aggregator
+        if job.failure is not None:
+            self.jobs.pop(job.task, None)
+            raise ClientTaskFailed(job.task, job.failure)
+
+    def result(self, task: ClientTask) -> tuple[UpdateRef, dict[str, float]]:
+        job = self.jobs[task]
+        self._until_done(job)
+        return UpdateRef(task, job.update, self), job.metrics
+
+    def rerun_lost(self, task: ClientTask, err: BaseException) -> ray.ObjectRef:
+        """Run a finished task again whose result was lost before it was read; its new update."""
+        job = self.jobs[task]
+        log.warning("the result of client %d (task %d) was lost with its node (%s); running the task again",
+                    task.client_id, task.seed_round, type(err).__name__)
+        self._worker_lost(job.slot, job.actor, err)
+        self._again(job, finished=True)
+        self._until_done(job)
+        return job.update
 
     def settle(self, task: ClientTask, accepted: bool) -> None:
         """Store the client's new state only once its update is accepted; otherwise it is forgotten."""
-        state = self.unsettled.pop(task)
-        if accepted:
-            ray.get(self.store.put.remote(task.client_id, state))
+        job = self.jobs[task]
+        try:
+            while accepted and job.metrics.get("has_state", True):
+                try:
+                    ray.get(self.store.put.remote(task.client_id, job.state))
+                    self.with_state.add(task.client_id)
+                    break
+                except LOST as err:
+                    self.rerun_lost(task, err)
+        finally:
+            self.jobs.pop(task, None)
 
     def discard(self, task: ClientTask) -> None:
-        self.unsettled.pop(task, None)
-        if task in self.running:
-            # Not ray.cancel: cancelling a call queued on an actor leaves a gap in the actor's call sequence,
-            # and the actor's next call (an evaluation) then times out waiting for it. The task runs out
-            # and its result is dropped with its references.
-            self._release(self.running.pop(task))
-        elif task in self.waiting:
-            self.waiting.remove(task)
-            self.waiting_published.pop(task, None)
+        job = self.jobs.pop(task, None)
+        if job is None:
+            return
+        job.discarded = True
+        if job in self.queue:
+            self.queue.remove(job)
+        # A try in flight runs out and its result is dropped when it comes. Not ray.cancel: cancelling a call
+        # queued on an actor leaves a gap in the actor's call sequence, and the actor's next call (an
+        # evaluation) then times out waiting for it.
 
     # ------------------------------------------------------------------------------- evaluation
     def _any_worker(self) -> WorkerSlot:
         """The least busy worker (lowest index among equals)."""
-        return min(self.slots, key=lambda s: (s.busy, s.index))
+        return min(self.slots, key=lambda s: (s.revival is not None, s.busy, s.index))
 
     def evaluate(self, handle: ray.ObjectRef) -> dict[str, float]:
-        while True:
-            slot = self._any_worker()
+        """Each worker scores a shard of the test split's batches; the pooled scores give the metrics one
+        worker would have computed over the whole split (fedsim.evaluation.combine)."""
+        weights = _weights_of.remote(handle)
+        count = len(self.slots)
+        calls: dict[ray.ObjectRef, tuple[int, WorkerSlot, Any]] = {}
+        parts: dict[int, list[BatchScores]] = {}
+
+        def send(index: int, slot: WorkerSlot) -> None:
+            calls[slot.actor.evaluate_shard.remote(weights, index, count)] = (index, slot, slot.actor)
+
+        for index, slot in enumerate(self.slots):
+            send(index, slot)
+        while calls:
+            ready, _ = ray.wait(list(calls), num_returns=1)
+            index, slot, actor = calls.pop(ready[0])
             try:
-                return ray.get(slot.actor.evaluate.remote(_weights_of.remote(handle)))
-            except WORKER_LOST:
-                self._replace(slot)
+                parts[index] = ray.get(ready[0])
+            except LOST as err:
+                self._worker_lost(slot, actor, err)
+                self._revive_now(slot)
+                send(index, slot)
+        return combine([scores for index in range(count) for scores in parts[index]])
 
     def evaluate_personalized(self, num_clients: int, fallback: ray.ObjectRef) -> dict[str, float]:
         states = ray.get(self.store.get_many.remote(list(range(num_clients))))
@@ -270,13 +464,21 @@ class RayExecutor:
         return mean_metrics([m for part in ray.get(calls) for m in part])
 
     def adapter_files(self, handle: ray.ObjectRef) -> dict[str, bytes]:
-        return ray.get(self._any_worker().actor.adapter_files.remote(_weights_of.remote(handle)))
+        while True:
+            slot = self._any_worker()
+            actor = slot.actor
+            try:
+                return ray.get(actor.adapter_files.remote(_weights_of.remote(handle)))
+            except LOST as err:
+                self._worker_lost(slot, actor, err)
+                self._revive_now(slot)
 
     def client_states(self) -> dict[int, NamedTensors]:
         return ray.get(self.store.all.remote())
 
     def restore_client_states(self, states: dict[int, NamedTensors]) -> None:
         ray.get(self.store.put_many.remote(states))
+        self.with_state.update(states)
 
     def personalized_digest(self, num_clients: int) -> str:
         states = ray.get(self.store.get_many.remote(list(range(num_clients))))
@@ -289,14 +491,22 @@ class RayExecutor:
         return ray.put(published)
 
     def stats(self) -> dict[str, Any]:
-        return {"workers": [{"worker": s.index, "tasks": s.tasks, "restarts": s.restarts, **s.placement}
-                            for s in self.slots],
-                "worker_restarts": sum(s.restarts for s in self.slots)}
+        for slot in self.slots:
+            if slot.stale and slot.revival is None:
+                try:
+                    slot.placement, slot.stale = ray.get(slot.actor.placement.remote()), False
+                except LOST:
+                    pass
+        return {"workers": [{"worker": s.index, "tasks": s.tasks, "failed_tasks": s.failures, "restarts": s.restarts,
+                             "busy_seconds": s.busy_seconds, **s.placement} for s in self.slots],
+                "worker_restarts": sum(s.restarts for s in self.slots),
+                "tasks_rerun": dict(self.reruns)}
 
     def shutdown(self) -> None:
         for slot in self.slots:
             ray.kill(slot.actor, no_restart=True)
-        ray.kill(self.store, no_restart=True)
+        if self.store is not None:
+            ray.kill(self.store, no_restart=True)
         if self.group is not None:
             remove_placement_group(self.group)
 

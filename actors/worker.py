@@ -3,11 +3,17 @@
 The model and the dataset (with its partition, derived from the seed) are loaded once, in the worker, for its
 lifetime; a task brings only a client id, the global version (an object-store reference shared by every task
 of that version) and the client's state.
+
+Ray restarts a worker whose process or node died (``max_restarts``), in its placement bundle, which Ray moves
+to a live node. Its calls wait through a restart (``max_task_retries=-1``), except ``train``: the executor
+re-runs a lost client task itself, on whichever worker is free (actors/executor.py).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any
 
 import ray
@@ -16,11 +22,14 @@ import torch
 from fedsim.client import ClientTrainer, split_state
 from fedsim.config import ExperimentConfig
 from fedsim.clientdata import load_client_data
-from fedsim.evaluation import Evaluator
+from fedsim.evaluation import BatchScores, Evaluator
 from fedsim.messages import ClientTask, ClientUpdate, NamedTensors, Published
 from fedsim.models.adapter import adapter_files, get_weights, set_weights
 from fedsim.models.loading import load_model
 from fedsim.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+WORKER_RESTARTS = 4  # by Ray, per actor; a worker that exhausts them is replaced by the executor
 
 
 def _node_resources(node_id: str) -> list[str]:
@@ -28,9 +37,25 @@ def _node_resources(node_id: str) -> list[str]:
     return next((list(n["Resources"]) for n in ray.nodes() if n["NodeID"] == node_id), [])
 
 
-@ray.remote
+def cap_gpu_memory(fraction: float) -> float | None:
+    """Cap this process's CUDA allocator at ``fraction`` of its GPU; the cap set, or None (no CUDA, or a whole
+    GPU or more). Ray's fractional GPUs are a scheduling promise only: without a cap, one worker can take the
+    memory its neighbours on the same GPU were promised, and they fail with CUDA out-of-memory."""
+    if not 0 < fraction < 1:
+        return None
+    if not torch.cuda.is_available():
+        log.info("runtime.gpus_per_worker=%g: no CUDA device in this worker, no GPU memory cap to set", fraction)
+        return None
+    torch.cuda.set_per_process_memory_fraction(fraction, torch.cuda.current_device())
+    log.info("GPU memory of this worker capped at %g of device %d", fraction, torch.cuda.current_device())
+    return fraction
+
+
+@ray.remote(max_restarts=WORKER_RESTARTS, max_task_retries=-1)
 class ClientWorker:
     def __init__(self, cfg: ExperimentConfig, personalized: bool, index: int):
+        # Before anything touches the GPU: the model below must already fit in this worker's share.
+        self.gpu_memory_fraction = cap_gpu_memory(cfg.runtime.gpus_per_worker)
         # Ray pins OMP_NUM_THREADS=1 in actors; give torch the cores this worker reserved.
         threads = cfg.runtime.num_threads or max(1, int(cfg.runtime.cpus_per_worker))
         torch.set_num_threads(threads)
@@ -50,22 +75,37 @@ class ClientWorker:
                 "pid": os.getpid(),
                 "gpu_ids": ctx.get_accelerator_ids().get("GPU", []),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "device": str(self.loaded.device), "torch_threads": torch.get_num_threads()}
+                "device": str(self.loaded.device), "torch_threads": torch.get_num_threads(),
+                "gpu_memory_fraction": self.gpu_memory_fraction}
 
     def initial_weights(self) -> NamedTensors:
         return get_weights(self.loaded.model)
 
-    @ray.method(num_returns=3)
+    @ray.method(num_returns=3, max_task_retries=0)
     def train(self, task: ClientTask, published: Published, state: NamedTensors | None
               ) -> tuple[ClientUpdate, NamedTensors | None, dict[str, float]]:
+        """The client's update, its new state, and metrics (with the task's wall time in this worker)."""
+        started = time.perf_counter()
         weights, extras = published
-        update, new_state = self.trainer.train(task, weights, extras, state)
+        try:
+            update, new_state = self.trainer.train(task, weights, extras, state)
+        except Exception:
+            if torch.cuda.is_available():  # leave the next task the memory this one held when it failed
+                torch.cuda.empty_cache()
+            raise
         self.tasks_done += 1
-        return update, new_state, {**update.metrics, "num_samples": update.num_samples, "worker": self.index}
+        return update, new_state, {**update.metrics, "num_samples": update.num_samples, "worker": self.index,
+                                   "pid": os.getpid(), "has_state": new_state is not None,
+                                   "task_seconds": time.perf_counter() - started}
 
     def evaluate(self, weights: NamedTensors) -> dict[str, float]:
         set_weights(self.loaded.model, weights)
         return self.evaluator.evaluate(self.loaded.model)
+
+    def evaluate_shard(self, weights: NamedTensors, index: int, count: int) -> list[BatchScores]:
+        """Per-sample scores of shard ``index`` of ``count`` of the test split (fedsim.evaluation.combine)."""
+        set_weights(self.loaded.model, weights)
+        return self.evaluator.evaluate_shard(self.loaded.model, index, count)
 
     def evaluate_states(self, states: list[NamedTensors | None], fallback: NamedTensors) -> list[dict[str, float]]:
         """Metrics of each personalized client's own adapter (``fallback`` for clients that have none)."""

@@ -16,11 +16,15 @@ unweighted mean of the sources' accuracies.
 ``eval.ablations`` also scores the split with one modality removed from every row (``no_image``: images,
 ``no_text``: the text notes), as the ``missing`` scenario removes it, and reports those metrics beside the
 full ones as ``<ablation>/<metric>`` (``no_image/accuracy``, ``no_image/<source>/<metric>``).
+
+The work is a list of batches (``Evaluator.units``) scored into per-sample ``BatchScores``; ``combine`` pools
+them into metrics. Workers can each score a shard of the batches (``evaluate_shard``) and the pooled metrics
+equal one worker's ``evaluate``, number for number.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -170,60 +174,110 @@ class Evaluator:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value.to(self.device) for key, value in batch.items()}
 
-    def _batches(self, test: datasets.Dataset):
-        for start in range(0, len(test), self.cfg.batch_size):
-            yield [test[i] for i in range(start, min(start + self.cfg.batch_size, len(test)))]
+    def units(self) -> list[tuple[str, str, int]]:
+        """Every batch ``evaluate`` scores, as (ablation, source, first row), in order ("" is the full split)."""
+        splits = [("", self.groups), *self.ablated.items()]
+        return [(ablation, source, start) for ablation, groups in splits for source, rows in groups.items()
+                for start in range(0, len(rows), self.cfg.batch_size)]
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """The metrics of the test split, then those of each ablated split prefixed with the ablation's name."""
+        return combine(self.score(model, self.units()))
+
+    def evaluate_shard(self, model: torch.nn.Module, index: int, count: int) -> list[BatchScores]:
+        """Shard ``index`` of ``count`` (contiguous runs of batches): ``combine`` of every shard's scores, in
+        shard order, equals ``evaluate``, with the same batches and therefore the same numbers."""
+        units = self.units()
+        return self.score(model, [units[i] for i in np.array_split(np.arange(len(units)), count)[index]])
+
+    def score(self, model: torch.nn.Module, units: list[tuple[str, str, int]]) -> list[BatchScores]:
         with inference(model):
-            out = self._score_sources(model, self.groups)
-            for ablation, groups in self.ablated.items():
-                out.update({f"{ablation}/{metric}": value
-                            for metric, value in self._score_sources(model, groups).items()})
-        return out
+            return [self._score_batch(model, *unit) for unit in units]
 
-    def _score_sources(self, model: torch.nn.Module, groups: dict[str, datasets.Dataset]) -> dict[str, float]:
-        scores = {name: self._score(name, model, test) for name, test in groups.items()}
-        if len(scores) == 1:
-            return next(iter(scores.values()))
-        out = {f"{name}/{metric}": value for name, group in scores.items() for metric, value in group.items()}
-        out["accuracy"] = float(np.mean([group["accuracy"] for group in scores.values()]))
-        return out
+    def _score_batch(self, model: torch.nn.Module, ablation: str, source: str, start: int) -> BatchScores:
+        rows = (self.ablated[ablation] if ablation else self.groups)[source]
+        samples = [rows[i] for i in range(start, min(start + self.cfg.batch_size, len(rows)))]
+        scores = BatchScores(ablation, source, self.multiple_choice[source])
+        if scores.multiple_choice:
+            self._multiple_choice(model, samples, scores)
+        else:
+            self._open_answers(model, samples, scores)
+        return scores
 
-    def _score(self, name: str, model: torch.nn.Module, test: datasets.Dataset) -> dict[str, float]:
-        if self.multiple_choice[name]:
-            return self._multiple_choice(model, test)
-        return self._open_answers(model, test)
+    def _multiple_choice(self, model: torch.nn.Module, samples: list[dict], out: BatchScores) -> None:
+        for sample, loglik in zip(samples, self.option_loglikelihoods(model, samples)):
+            probs = torch.softmax(loglik, dim=0)
+            out.preds.append(int(probs.argmax()))
+            out.refs.append(sample["label"])
+            out.positive.append(float(probs[1]) if len(probs) == 2 else float("nan"))
+        out.num_options = max(len(sample["options"]) for sample in samples)
 
-    def _multiple_choice(self, model: torch.nn.Module, test: datasets.Dataset) -> dict[str, float]:
-        preds, refs, positive = [], [], []
-        for samples in self._batches(test):
-            for sample, loglik in zip(samples, self.option_loglikelihoods(model, samples)):
-                probs = torch.softmax(loglik, dim=0)
-                preds.append(int(probs.argmax()))
-                refs.append(sample["label"])
-                positive.append(float(probs[1]) if len(probs) == 2 else float("nan"))
-        num_classes = max(len(options) for options in test["options"])
-        return classification_metrics(preds, refs, positive if num_classes == 2 else None, num_classes=num_classes)
+    def _open_answers(self, model: torch.nn.Module, samples: list[dict], out: BatchScores) -> None:
+        batch = {k: v.to(self.device) for k, v in self.generate_collate(samples).items()}
+        generated = model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+                                   pad_token_id=self.generate_collate.pad_id)
+        texts = self.processor.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:],
+                                                      skip_special_tokens=True)
+        for text, sample in zip(texts, samples):
+            out.matches.append(exact_match(text, sample["answer"]))
+            out.f1s.append(token_f1(text, sample["answer"]))
+            out.closed.append(normalize_answer(sample["answer"]) in CLOSED_ANSWERS)
 
-    def _open_answers(self, model: torch.nn.Module, test: datasets.Dataset) -> dict[str, float]:
-        tokenizer = self.processor.tokenizer
-        matches, f1s, closed = [], [], []
-        for samples in self._batches(test):
-            batch = {k: v.to(self.device) for k, v in self.generate_collate(samples).items()}
-            out = model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
-                                 pad_token_id=self.generate_collate.pad_id)
-            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            for text, sample in zip(texts, samples):
-                matches.append(exact_match(text, sample["answer"]))
-                f1s.append(token_f1(text, sample["answer"]))
-                closed.append(normalize_answer(sample["answer"]) in CLOSED_ANSWERS)
-        matches, f1s, closed = np.array(matches, dtype=float), np.array(f1s), np.array(closed)
-        metrics = {"accuracy": float(matches.mean()), "token_f1": float(f1s.mean())}
-        if closed.any():
-            metrics["closed_accuracy"] = float(matches[closed].mean())
-        if (~closed).any():
-            metrics["open_accuracy"] = float(matches[~closed].mean())
-            metrics["open_token_f1"] = float(f1s[~closed].mean())
-        return metrics
+
+@dataclass
+class BatchScores:
+    """One scored batch, per sample and unaveraged (predictions, references, positive-class probabilities;
+    or exact matches, token F1s, closed flags), so that batches scored on different workers pool exactly:
+    macro-F1 and ROC-AUC need the pooled predictions, not per-shard metrics."""
+
+    ablation: str  # "" for the full test split
+    source: str
+    multiple_choice: bool
+    num_options: int = 0  # multiple choice: the most options any row of the batch has
+    preds: list[int] = field(default_factory=list)
+    refs: list[int] = field(default_factory=list)
+    positive: list[float] = field(default_factory=list)
+    matches: list[bool] = field(default_factory=list)
+    f1s: list[float] = field(default_factory=list)
+    closed: list[bool] = field(default_factory=list)
+
+
+def combine(batches: list[BatchScores]) -> dict[str, float]:
+    """``Evaluator.evaluate``'s metrics from its batches' scores (in its order): per source, pooled over the
+    source's batches; several sources as ``<source>/<metric>`` plus their mean accuracy; ablations prefixed."""
+    splits: dict[str, dict[str, list[BatchScores]]] = {}
+    for batch in batches:
+        splits.setdefault(batch.ablation, {}).setdefault(batch.source, []).append(batch)
+    out: dict[str, float] = {}
+    for ablation, sources in splits.items():
+        metrics = _source_metrics(sources)
+        out.update(metrics if not ablation else {f"{ablation}/{name}": value for name, value in metrics.items()})
+    return out
+
+
+def _source_metrics(sources: dict[str, list[BatchScores]]) -> dict[str, float]:
+    scores = {name: _pooled_metrics(batches) for name, batches in sources.items()}
+    if len(scores) == 1:
+        return next(iter(scores.values()))
+    out = {f"{name}/{metric}": value for name, group in scores.items() for metric, value in group.items()}
+    out["accuracy"] = float(np.mean([group["accuracy"] for group in scores.values()]))
+    return out
+
+
+def _pooled_metrics(batches: list[BatchScores]) -> dict[str, float]:
+    def pooled(field_name: str) -> list:
+        return [value for batch in batches for value in getattr(batch, field_name)]
+
+    if batches[0].multiple_choice:
+        num_classes = max(batch.num_options for batch in batches)
+        return classification_metrics(pooled("preds"), pooled("refs"),
+                                      pooled("positive") if num_classes == 2 else None, num_classes=num_classes)
+    matches, f1s = np.array(pooled("matches"), dtype=float), np.array(pooled("f1s"))
+    closed = np.array(pooled("closed"), dtype=bool)
+    metrics = {"accuracy": float(matches.mean()), "token_f1": float(f1s.mean())}
+    if closed.any():
+        metrics["closed_accuracy"] = float(matches[closed].mean())
+    if (~closed).any():
+        metrics["open_accuracy"] = float(matches[~closed].mean())
+        metrics["open_token_f1"] = float(f1s[~closed].mean())
+    return metrics

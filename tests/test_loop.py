@@ -1,4 +1,5 @@
-"""run_federation's summary, on stand-in executor and aggregator (no model, no data, no Ray; a second)."""
+"""run_federation on stand-in executor and aggregator (no model, no data, no Ray; a second): the summary,
+the order tasks are handed out, failed client tasks, and what asynchronous mode asks the aggregator."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 from fedsim.algorithms import build_server_strategy
 from fedsim.config import ExperimentConfig, ServerAlgoConfig
 from fedsim.engine import sequential
-from fedsim.engine.loop import run_federation
+from fedsim.engine.loop import ClientTaskFailed, run_federation
+from fedsim.messages import ClientTask
 
 
 class StandInExecutor:
@@ -59,3 +61,99 @@ def test_the_sequential_engine_passes_its_datas_metric(tmp_path: Path, monkeypat
                                        headline_metric="macro_f1")
     monkeypatch.setattr(sequential, "build_sequential", lambda cfg: parts)
     assert sequential.run_sequential(cfg, tmp_path / "run")["headline_metric"] == "macro_f1"
+
+
+class ScriptedExecutor(StandInExecutor):
+    """No model: a task's update is its client id; clients in ``failing`` raise as a failed task does."""
+
+    def __init__(self, failing: set[int] = frozenset()):
+        self.failing = set(failing)
+        self.submitted: list[ClientTask] = []
+        self.settled: list[tuple[int, bool]] = []
+        self.raised = 0
+
+    def submit(self, task: ClientTask) -> None:
+        self.submitted.append(task)
+
+    def result(self, task: ClientTask) -> tuple[Any, dict[str, float]]:
+        if task.client_id in self.failing:
+            self.raised += 1
+            raise ClientTaskFailed(task, "exception:ValueError")
+        return task.client_id, {"train_loss": 1.0, "samples_processed": 8, "compute_seconds": 0.01}
+
+    def settle(self, task: ClientTask, accepted: bool) -> None:
+        self.settled.append((task.client_id, accepted))
+
+    def discard(self, task: ClientTask) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {"workers": [{"worker": 0, "busy_seconds": 0.0}]}
+
+
+class CountingAggregator(StandInAggregator):
+    """Applies updates by count: a new version per round (sync) or per ``buffer`` updates (async)."""
+
+    def __init__(self, buffer: int = 0):
+        self.version, self.buffer, self.pending = 0, buffer, 0
+        self.applied: list[int] = []
+        self.snapshots = 0
+
+    def submit(self, update: Any, base: Any = None) -> str:
+        self.applied.append(update)
+        self.pending += 1
+        if self.buffer and self.pending == self.buffer:
+            self.version, self.pending = self.version + 1, 0
+        return "accepted"
+
+    def close_round(self) -> int:
+        self.version += 1
+        return self.version
+
+    def snapshot(self) -> tuple[int, Any]:
+        self.snapshots += 1
+        return self.version, f"v{self.version}"
+
+
+def _config(**overrides: Any) -> ExperimentConfig:
+    cfg = ExperimentConfig()
+    cfg.partition.num_clients, cfg.federation.clients_per_round, cfg.federation.rounds = 8, 4, 3
+    cfg.checkpoint.every, cfg.output.save_adapter, cfg.output.progress = 0, False, "never"
+    cfg.eval.zero_shot = False
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+SIZES = [5, 50, 20, 80, 10, 40, 30, 60]
+
+
+def test_a_round_hands_out_its_largest_tasks_first_and_a_failed_task_is_a_dropout(tmp_path: Path) -> None:
+    executor, aggregator = ScriptedExecutor(failing={3}), CountingAggregator()
+    summary = run_federation(_config(), tmp_path / "run", "ray", executor, aggregator, SIZES, 100,
+                             personalized=False, asynchronous=False, trains=True, headline_metric="accuracy")
+    rounds: dict[int, list[int]] = {}
+    for task in executor.submitted:
+        rounds.setdefault(task.seed_round, []).append(task.client_id)
+    for clients in rounds.values():
+        assert [SIZES[c] for c in clients] == sorted((SIZES[c] for c in clients), reverse=True)
+    failed = sum(clients.count(3) for clients in rounds.values())
+    assert failed >= 1, "client 3 was never selected: choose another failing client"
+    assert summary["failed_updates"] == {"exception:ValueError": failed}
+    assert summary["dropped_by_reason"]["dropout"] == failed and summary["rounds"] == 3
+    assert 3 not in aggregator.applied and len(aggregator.applied) == summary["client_updates"] == 12 - failed
+    assert all(accepted for _, accepted in executor.settled) and len(executor.settled) == 12 - failed
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["failed"] for r in records) == failed
+
+
+def test_async_mode_learns_new_versions_without_a_snapshot_per_update(tmp_path: Path) -> None:
+    cfg = _config(algorithm__server=ServerAlgoConfig(name="fedbuff", buffer_size=2), federation__rounds=5)
+    executor, aggregator = ScriptedExecutor(failing={0}), CountingAggregator(buffer=2)
+    summary = run_federation(cfg, tmp_path / "run", "ray", executor, aggregator, SIZES, 100, personalized=False,
+                             asynchronous=True, trains=True, headline_metric="accuracy")
+    assert summary["global_version"] == 5 and len(aggregator.applied) == 10
+    # the initial version, each of the 5 new ones (published to the workers), and the summary's
+    assert aggregator.snapshots == 1 + 5 + 1
+    assert executor.raised >= 1 and summary["failed_updates"] == {"exception:ValueError": executor.raised}

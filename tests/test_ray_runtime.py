@@ -4,11 +4,20 @@ import json
 import threading
 import time
 
+import datasets
+import numpy as np
 import pytest
+import torch
 
+from actors import worker as worker_module
+from actors.executor import RayExecutor
 from actors.runtime import run_ray
+from fedsim.config import EvalConfig, ModelConfig
+from fedsim.data.synthetic import generate
 from fedsim.engine import run_sequential
+from fedsim.evaluation import Evaluator, combine
 from fedsim.models.adapter import adapter_sha256
+from fedsim.models.loading import load_model
 from fedsim.output import read_metrics
 
 from conftest import small_config
@@ -42,8 +51,12 @@ def test_sync_result_does_not_depend_on_worker_count(ray_cluster, tmp_path, work
     cfg = small_config(tmp_path / "ray", *SAME_THREADS, f"runtime.num_workers={workers}")
     summary = run_ray(cfg, tmp_path / "ray" / "run")
     assert summary["adapter_sha256"] == reference["adapter_sha256"]
+    # Evaluation is sharded over the workers (60 test rows: batches of 32 and 28): pooled, not averaged.
+    assert summary["final_metrics"] == reference["final_metrics"]
     assert summary["engine"] == "ray" and summary["simulated_seconds"] > 0
     assert all("simulated_seconds" in r for r in read_metrics(tmp_path / "ray" / "run"))
+    assert len(summary["workers"]) == workers and 0 < summary["busy_fraction"] <= 1
+    assert all(0 < w["busy_fraction"] <= 1 and w["busy_seconds"] > 0 for w in summary["workers"])
 
 
 def test_async_fedbuff_matches_the_reference(ray_cluster, tmp_path):
@@ -93,3 +106,63 @@ def test_rejected_updates_leave_client_state_untouched_on_ray(ray_cluster, tmp_p
     # the mean over clients of the same metrics, up to the float rounding of that mean
     assert summary["final_metrics"] == pytest.approx(summary["zero_shot_metrics"])
     assert summary["adapter_sha256"] == adapter_sha256({})
+
+
+def test_a_client_that_raises_is_retried_on_another_worker_then_counted_as_its_dropout(ray_cluster, tmp_path):
+    """A real fault: Spanish prompts need more tokens than data.max_length allows (English ones fit), so the
+    Spanish clients' tasks raise in the collator. Each is tried on both workers, then dropped for its round;
+    the run goes on, to the reference engine's adapter."""
+    faulty = (*SAME_THREADS, "data.scenarios={multilingual: {languages: [en, es]}}", "data.max_length=100")
+    reference = run_sequential(small_config(tmp_path / "seq", *faulty), tmp_path / "seq" / "run")
+    summary = run_ray(small_config(tmp_path / "ray", *faulty, "runtime.num_workers=2"), tmp_path / "ray" / "run")
+    failed = summary["failed_updates"].get("exception:ValueError", 0)
+    assert failed >= 1 and summary["failed_updates"] == reference["failed_updates"] == {"exception:ValueError": failed}
+    assert summary["client_updates"] == reference["client_updates"] == 2 * 3 - failed
+    assert [w["failed_tasks"] for w in summary["workers"]] == [failed, failed]  # each tried on both workers
+    assert summary["dropped_by_reason"]["dropout"] == failed
+    assert summary["adapter_sha256"] == reference["adapter_sha256"]
+
+
+def test_placement_waits_runtime_resource_timeout_then_names_what_is_missing(ray_cluster, tmp_path):
+    """Both GPUs held by another placement group: the run's group cannot be placed. With
+    resource_timeout_s=0 it fails after the short grace, not after a fixed 300 s."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    holder = placement_group([{"GPU": 2}])
+    ray_cluster.get(holder.ready(), timeout=60)
+    cfg = small_config(tmp_path, "runtime.num_workers=1", "runtime.gpus_per_worker=1",
+                       "runtime.resource_timeout_s=0")
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"1 GPU \(0 free\).*runtime.resource_timeout_s"):
+            RayExecutor(cfg, personalized=False)
+    finally:
+        remove_placement_group(holder)
+    assert time.monotonic() - started < 60
+
+
+def test_a_fractional_gpu_worker_caps_its_gpu_memory(monkeypatch):
+    """On CUDA, a worker with 0 < gpus_per_worker < 1 caps its allocator at that fraction (CPU: no-op)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    assert worker_module.cap_gpu_memory(0.25) == 0.25 and calls == [(0.25, 0)]
+    assert worker_module.cap_gpu_memory(1.0) is None and worker_module.cap_gpu_memory(0.0) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert worker_module.cap_gpu_memory(0.5) is None and len(calls) == 1
+
+
+def test_sharded_evaluation_pools_to_the_whole_splits_metrics(tiny_path):
+    """Any number of shards (workers) gives exactly one worker's metrics: two sources (multiple choice and
+    open answers), an ablation, batches of 3."""
+    loaded = load_model(ModelConfig(name=str(tiny_path)), seed=0)
+    test = datasets.concatenate_datasets([generate("classification", 7, "test", seed=0),
+                                          generate("vqa", 4, "test", seed=0)])
+    evaluator = Evaluator(loaded.processor, test, EvalConfig(batch_size=3, max_new_tokens=2, ablations=["no_image"]),
+                          256, loaded.device, seed=0)
+    whole = evaluator.evaluate(loaded.model)
+    assert "no_image/accuracy" in whole and len(evaluator.units()) == 2 * (3 + 2)
+    for count in (3, 11):  # 11: more shards than batches, some empty
+        shards = [evaluator.evaluate_shard(loaded.model, i, count) for i in range(count)]
+        np.testing.assert_equal(combine([b for shard in shards for b in shard]), whole)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import numpy as np
 
 from fedsim.client import ClientTrainer, split_state
+from fedsim.engine.loop import ClientTaskFailed
 from fedsim.evaluation import Evaluator
 from fedsim.messages import ClientTask, ClientUpdate, NamedTensors, Published
 from fedsim.models.adapter import adapter_files, adapter_sha256, set_weights
 
-
+log = logging.getLogger(__name__)
+TASK_RETRIES = 1  # a client task that raises is run once more (on Ray: on another worker) before it fails
 
 def personalized_adapters(states: dict[int, NamedTensors], num_clients: int) -> NamedTensors:
     """Every client's own adapter under ``client<id>/``, for the run's digest."""
@@ -23,8 +27,14 @@ def mean_metrics(per_client: list[dict[str, float]]) -> dict[str, float]:
     return {key: float(np.mean([m[key] for m in per_client])) for key in per_client[0]}
 
 
+def failure_reason(err: BaseException) -> str:
+    """How a failed client task is counted in summary.json's ``failed_updates``."""
+    return f"exception:{type(err).__name__}"
+
+
 class InProcessExecutor:
-    """Tasks train lazily, when their result is asked for, from the version current when they were submitted."""
+    """Tasks train lazily, when their result is asked for, from the version current when they were submitted.
+    A task that raises is run once more, then reported failed, as on Ray."""
 
     def __init__(self, trainer: ClientTrainer, evaluator: Evaluator):
         self.trainer = trainer
@@ -34,6 +44,7 @@ class InProcessExecutor:
         self.states: dict[int, NamedTensors] = {}  # committed: clients whose updates were accepted
         self.unsettled: dict[ClientTask, NamedTensors | None] = {}  # new states awaiting the aggregator's word
         self.tasks_done = 0
+        self.busy_seconds = 0.0
 
     def publish(self, version: int, handle: Published) -> None:
         self.published = handle
@@ -43,7 +54,18 @@ class InProcessExecutor:
 
     def result(self, task: ClientTask) -> tuple[ClientUpdate, dict[str, float]]:
         weights, extras = self.pending.pop(task)
-        update, state = self.trainer.train(task, weights, extras, self.states.get(task.client_id))
+        for attempt in range(TASK_RETRIES + 1):
+            started = time.perf_counter()
+            try:
+                update, state = self.trainer.train(task, weights, extras, self.states.get(task.client_id))
+                break
+            except Exception as err:
+                log.warning("client %d (task %d) raised %r (attempt %d)", task.client_id, task.seed_round, err,
+                            attempt + 1)
+                if attempt == TASK_RETRIES:
+                    raise ClientTaskFailed(task, failure_reason(err)) from err
+            finally:
+                self.busy_seconds += time.perf_counter() - started
         self.unsettled[task] = state
         self.tasks_done += 1
         return update, {**update.metrics, "num_samples": update.num_samples, "worker": 0}
@@ -96,4 +118,5 @@ class InProcessExecutor:
         return published
 
     def stats(self) -> dict[str, Any]:
-        return {"workers": [{"worker": 0, "tasks": self.tasks_done, "restarts": 0}]}
+        return {"workers": [{"worker": 0, "tasks": self.tasks_done, "restarts": 0,
+                             "busy_seconds": self.busy_seconds}]}

@@ -7,14 +7,18 @@ Ray), so the loop never holds more than a handle per task in flight.
 
 Every decision (who is selected, who drops out, in which order updates are applied) follows the seed and
 the virtual clock, never the order in which results happen to arrive: the same config gives the same
-adapter on any engine and any number of workers.
+adapter on any engine and any number of workers. Only the order in which tasks are handed out is free:
+a synchronous round hands out its largest tasks first, so that workers finish the round together.
+
+A client task that raises (after the executor's retry) is that client's dropout for the round, counted by
+reason (``failed_updates`` in summary.json); the run goes on.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
@@ -31,11 +35,21 @@ from fedsim.training import round_lr, samples_per_task
 log = logging.getLogger(__name__)
 
 
+class ClientTaskFailed(Exception):
+    """A client task that raised (and raised again when retried): the client drops out of its round."""
+
+    def __init__(self, task: ClientTask, reason: str):
+        super().__init__(f"client {task.client_id} (task {task.seed_round}) failed: {reason}")
+        self.task = task
+        self.reason = reason  # "exception:<type name>", or "worker_lost"
+
+
 class Executor(Protocol):
     """Runs client tasks. ``submit`` queues; ``result`` blocks until that task is done (re-running it
-    elsewhere if its worker died); ``settle`` then stores the client's new state (SCAFFOLD's c_i, a
-    personal adapter) if the aggregator accepted its update, and forgets it otherwise, so that rejected,
-    late, dropped and too-stale updates leave a client's stored state as it was."""
+    elsewhere if its worker died) or raises ``ClientTaskFailed``; ``settle`` then stores the client's new
+    state (SCAFFOLD's c_i, a personal adapter) if the aggregator accepted its update, and forgets it
+    otherwise, so that rejected, late, dropped and too-stale updates leave a client's stored state as it
+    was. ``stats`` may give each worker's ``busy_seconds`` (time in client tasks)."""
 
     def publish(self, version: int, handle: Any) -> None: ...
     def submit(self, task: ClientTask) -> None: ...
@@ -54,6 +68,8 @@ class Executor(Protocol):
 
 
 class AggregatorLike(Protocol):
+    version: int  # the current global version, known without a snapshot
+
     def submit(self, update: Any, base: Any = None) -> str: ...
     def close_round(self) -> int: ...
     def snapshot(self) -> tuple[int, Any]: ...
@@ -69,7 +85,8 @@ class Tally:
     updates: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
-    failed: int = 0  # clients that dropped out (dispatched, never reported)
+    failed: int = 0  # clients that dropped out (dispatched, never reported; task failures included)
+    failed_by_reason: dict[str, int] = field(default_factory=dict)  # client tasks that failed, by reason
     late: int = 0  # reported after their round closed
     no_quorum: int = 0  # of those, reported in time to a round that missed its quorum
     simulated_s: float = 0.0
@@ -122,6 +139,7 @@ class FederationLoop:
         self.zero_shot: dict[str, float] | None = None
         self.current_version = 0
         self.first_round = 1
+        self.rounds_wall_s = 0.0  # wall time of the rounds run by this process (the busy fractions' base)
         self.resumed_async: Checkpoint | None = None  # a checkpoint taken mid-flight, for run_async to continue
 
     # --------------------------------------------------------------------------------------- checkpoints
@@ -172,6 +190,17 @@ class FederationLoop:
         down, up = self.bytes_per_task()
         samples = samples_per_task(self.shard_sizes[client], self.cfg.training)
         return self.clock.task_duration(client, samples, down, up).total_s
+
+    def largest_first(self, clients: Iterable[int]) -> list[int]:
+        """Hand-out order of a round's tasks: most samples first (ties by id), so no worker is left with a
+        long task at the end of the round while the others idle."""
+        return sorted(clients, key=lambda c: (-samples_per_task(self.shard_sizes[c], self.cfg.training), c))
+
+    def count_failure(self, failure: ClientTaskFailed) -> None:
+        log.warning("%s; counted as the client's dropout", failure)
+        self.tally.failed += 1
+        reasons = self.tally.failed_by_reason
+        reasons[failure.reason] = reasons.get(failure.reason, 0) + 1
 
     def measured_duration(self, client: int, metrics: dict[str, float]) -> float:
         down, up = self.bytes_per_task()
@@ -227,10 +256,16 @@ class FederationLoop:
             lr = round_lr(cfg.training, round_idx, rounds)
             tasks = {c: ClientTask(c, round_idx, self.current_version, lr) for c in live}
             held: dict[int, tuple[Any, dict[str, float]]] = {}
+            failures = 0
             if measured:  # durations are known only after training: train every live client, then decide
-                for client in live:
+                for client in self.largest_first(live):
                     self.executor.submit(tasks[client])
-                held = {c: self.executor.result(tasks[c]) for c in live}
+                for client in live:
+                    try:
+                        held[client] = self.executor.result(tasks[client])
+                    except ClientTaskFailed as failure:  # never reports: not in the round's durations
+                        self.count_failure(failure)
+                        failures += 1
                 outcome = planner.close(round_idx, start_s, {c: self.measured_duration(c, m)
                                                              for c, (_, m) in held.items()})
             else:  # modeled durations: who is late is known up front, and late clients are not trained
@@ -238,13 +273,18 @@ class FederationLoop:
             if not outcome.quorum_met:  # closed at its deadline without a quorum: the round is wasted
                 self.tally.no_quorum += len(outcome.kept)
                 outcome = replace(outcome, kept=[], late=outcome.late + outcome.kept)
-            for client in outcome.kept:
-                if client not in held:
-                    self.executor.submit(tasks[client])
-            losses = []
+            for client in self.largest_first(c for c in outcome.kept if c not in held):
+                self.executor.submit(tasks[client])
+            losses, unreported = [], 0
             for client in outcome.kept:  # each update goes to the aggregator as it comes, never a whole round
-                update, metrics = held.pop(client) if client in held else self.executor.result(tasks[client])
-                accepted = self.aggregator.submit(update) == "accepted"
+                try:
+                    update, metrics = held.pop(client) if client in held else self.executor.result(tasks[client])
+                    accepted = self.aggregator.submit(update) == "accepted"
+                except ClientTaskFailed as failure:
+                    self.count_failure(failure)
+                    failures += 1
+                    unreported += 1
+                    continue
                 self.executor.settle(tasks[client], accepted)
                 if accepted:
                     self.tally.updates += 1
@@ -254,16 +294,18 @@ class FederationLoop:
             self.current_version = self.aggregator.close_round()
             handle = self.publish()
 
-            self.tally.train_seconds += time.perf_counter() - started
+            round_s = time.perf_counter() - started
+            self.tally.train_seconds += round_s
+            self.rounds_wall_s += round_s
             self.tally.failed += len(selection.failed)
             self.tally.late += len(outcome.late)
             round_down = down * len(selection.dispatched)
-            round_up = up * (len(outcome.kept) + len(outcome.late))
+            round_up = up * (len(outcome.kept) + len(outcome.late) - unreported)
             self.tally.bytes_down += round_down
             self.tally.bytes_up += round_up
             self.tally.simulated_s = outcome.end_s
             record = {"round": round_idx, "clients": list(outcome.kept), "train_loss": mean(losses), "lr": lr,
-                      "failed": len(selection.failed), "late": len(outcome.late),
+                      "failed": len(selection.failed) + failures, "late": len(outcome.late),
                       "bytes_up": round_up, "bytes_down": round_down,
                       "wall_seconds": time.perf_counter() - started}
             self.log_step(round_idx, rounds, handle, record)
@@ -298,6 +340,7 @@ class FederationLoop:
         else:
             launch(planner.start(0.0))
         started, losses, applied = time.perf_counter(), [], []
+        began = started  # tasks run on during evaluations: the busy fractions' base is the whole loop
         sent = (self.tally.bytes_up, self.tally.bytes_down)  # bytes counted in earlier records
         while self.current_version < versions:
             done = planner.next_finished()
@@ -309,15 +352,20 @@ class FederationLoop:
                 self.tally.failed += 1
             else:
                 task, base = in_flight.pop(done.id)
-                update, metrics = self.executor.result(task)
+                try:
+                    update, metrics = self.executor.result(task)
+                    outcome = self.aggregator.submit(update, base)
+                except ClientTaskFailed as failure:
+                    self.count_failure(failure)
+                    launch(planner.dispatch_next())
+                    continue
                 self.tally.bytes_up += up
-                outcome = self.aggregator.submit(update, base)
                 self.executor.settle(task, outcome == "accepted")
                 if outcome == "accepted":
                     self.tally.updates += 1
                     losses.append(metrics["train_loss"])
                     applied.append(done.client)
-                version = self.aggregator.snapshot()[0]
+                version = self.aggregator.version
                 if version != self.current_version:
                     self.current_version = version
                     handle = self.publish()
@@ -335,6 +383,19 @@ class FederationLoop:
             launch(planner.dispatch_next())
         for task in in_flight.tasks.values():  # still in flight when the run reached its last version
             self.executor.discard(task)
+        self.rounds_wall_s += time.perf_counter() - began
+
+
+def busy_fractions(stats: dict[str, Any], rounds_wall_s: float) -> dict[str, Any]:
+    """``stats`` with each worker's ``busy_fraction``: its time in client tasks over the wall time of the
+    rounds (synchronous: round starts to publishes, evaluations left out; asynchronous: the whole loop, as
+    tasks run on during evaluations), and their mean as ``busy_fraction``."""
+    workers = [dict(w) for w in stats.get("workers", [])]
+    if not rounds_wall_s or not workers or any("busy_seconds" not in w for w in workers):
+        return stats
+    for worker in workers:
+        worker["busy_fraction"] = worker["busy_seconds"] / rounds_wall_s
+    return {**stats, "workers": workers, "busy_fraction": mean(w["busy_fraction"] for w in workers)}
 
 
 def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: Executor,
@@ -383,13 +444,14 @@ def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: 
         "dropped_updates": tally.late + tally.failed,
         "dropped_by_reason": {"late": tally.late - tally.no_quorum, "no_quorum": tally.no_quorum,
                               "dropout": tally.failed},
+        "failed_updates": dict(sorted(tally.failed_by_reason.items())),
         "rejected_updates": agg_stats["rejected_updates"],
         "rejected_by_reason": agg_stats["rejected_by_reason"],
         "stale_updates": agg_stats["stale_updates"],
         "staleness": {"histogram": agg_stats["staleness_histogram"], "mean": agg_stats["mean_staleness"]},
         "adapter_sha256": (executor.personalized_digest(cfg.partition.num_clients) if personalized
                            else agg_stats["adapter_sha256"]),
-        **executor.stats(),
+        **busy_fractions(executor.stats(), loop.rounds_wall_s),
         "resumed_after_round": ckpt.round if ckpt else None,
         "versions": library_versions(),
         "run_dir": str(writer.dir),
