@@ -10,13 +10,15 @@ from typing import Any
 
 import ray
 from ray.autoscaler.sdk import request_resources
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.executor import RayExecutor, RemoteAggregator
 from fedsim.algorithms import SERVER_STRATEGIES
-from fedsim.config import ExperimentConfig
+from fedsim.config import ConfigError, ExperimentConfig
 from fedsim.engine.loop import run_federation
 from fedsim.clientdata import load_client_data
 from fedsim.messages import nbytes
+from fedsim.validation import check_data
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +90,44 @@ def wait_for_resources(cfg: ExperimentConfig, poll_s: float = 2.0) -> bool:
     return True
 
 
+def reads_local_files(cfg: ExperimentConfig) -> bool:
+    """Whether the run reads data from local folders (``data.path`` or a ``modality_task`` ``text_path``)."""
+    steps = list((cfg.data.scenarios or {}).values()) + list((cfg.data.test_scenarios or {}).values())
+    return cfg.data.path is not None or any(isinstance(step, dict) and step.get("text_path") for step in steps)
+
+
+@ray.remote(num_cpus=0)
+def _data_problem_here(cfg: ExperimentConfig) -> str | None:
+    try:
+        check_data(cfg)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def check_data_on_nodes(cfg: ExperimentConfig) -> None:
+    """Fail naming the node when a worker node cannot read the run's data folders (the driver checked its own
+    disk when it loaded the config): before the workers load models, not as a crash in one of them. Nodes
+    that join later (an autoscaler's) are checked by the worker that lands there, when it loads its data."""
+    if not reads_local_files(cfg):
+        return
+    nodes = [n for n in ray.nodes() if n["Alive"] and (n["Resources"].get("CPU") or n["Resources"].get("GPU"))]
+    checks = [_data_problem_here.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                                         ).remote(cfg) for n in nodes]
+    problems = [f"node {n['NodeManagerAddress']} ({n['NodeID'][:8]}): {problem}"
+                for n, problem in zip(nodes, ray.get(checks)) if problem]
+    if problems:
+        raise RuntimeError("the run's data cannot be read on every node that may run a worker; put it on storage "
+                           "they all read (cluster/README.md, Data on clusters):\n  " + "\n  ".join(problems))
+
+
 def run_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     started_here = connect(cfg)
     executor = None
     requested = False
     try:
         requested = wait_for_resources(cfg)
+        check_data_on_nodes(cfg)
         data = load_client_data(cfg)  # the driver needs shard sizes for the clock; workers load data themselves
         strategy_cls = SERVER_STRATEGIES[cfg.algorithm.server.name]
         executor = RayExecutor(cfg, strategy_cls.personalized)

@@ -37,6 +37,13 @@ def validate(cfg: ExperimentConfig) -> None:
     check_choice("data.dataset", cfg.data.dataset, list(DATASETS))
     check_scheduler_config(cfg.scheduler)
     _check_algorithm(cfg)
+    check_data(cfg)
+
+
+def check_data(cfg: ExperimentConfig) -> None:
+    """The data sources (``data`` and a ``modality_task`` text source) can be read here, and the scenarios fit
+    them; ConfigError naming the key or path. Run on the driver, and on every node of a cluster by the Ray
+    runtime, since a path on the driver's disk may be missing on a worker node."""
     try:
         check_data_source(cfg.data)
         check_scenarios(cfg.data.scenarios, "data.scenarios", cfg.partition.num_clients, cfg.data)

@@ -1,5 +1,6 @@
-"""Waiting for resources: a run that asks for more than the cluster holds asks the autoscaler for it and waits
-up to ``runtime.resource_timeout_s``, then fails naming what is missing, before any actor starts."""
+"""What a cluster must offer before a run starts its workers. Resources: a run that asks for more than the
+cluster holds asks the autoscaler for it and waits up to ``runtime.resource_timeout_s``, then fails naming what
+is missing, before any actor starts. Data: every node that may run a worker must read the run's data folders."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import time
 
 import pytest
 
-from actors.runtime import run_ray
+from actors.runtime import check_data_on_nodes, run_ray
 
 from conftest import REPO, small_config
+from real_fixtures import make_hateful_memes
 
 # One GPU worker, one round of a small federation: what the join test runs once the GPU node is there.
 SMALL = ["data.num_train=80", "data.num_test=16", "partition.num_clients=2", "federation.clients_per_round=2",
@@ -71,3 +73,17 @@ def test_a_waiting_run_starts_when_a_node_with_the_resources_joins(tmp_path):
     finally:
         subprocess.run([sys.executable, str(REPO / "cluster" / "local.py"), "stop", "--grace", "3"], env=env,
                        capture_output=True, timeout=120)
+
+
+def test_data_a_node_cannot_read_fails_the_run_naming_the_node(ray_cluster, tmp_path):
+    """The driver validated the folder; a node without it (here: removed after validation) is named."""
+    make_hateful_memes(tmp_path / "hateful_memes")
+    cfg = small_config(tmp_path, "data.dataset=hateful_memes", f"data.path={tmp_path / 'hateful_memes'}",
+                       "data.num_train=0", "data.num_test=0")
+    check_data_on_nodes(cfg)  # readable everywhere: passes
+    (tmp_path / "hateful_memes" / "train.jsonl").unlink()
+    node = ray_cluster.nodes()[0]
+    with pytest.raises(RuntimeError, match="cannot be read on every node") as failure:
+        check_data_on_nodes(cfg)
+    assert f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]})" in str(failure.value)
+    assert "train.jsonl" in str(failure.value)
