@@ -64,7 +64,7 @@ def test_scaffold_server_control_stays_the_mean_of_the_stored_client_controls(tm
         assert all(torch.isfinite(t).all() for state in stored.values() for t in state.values())
         for key, c in control.items():
             name = key[len("control/"):]
-            mean = sum(stored[i][name] for i in stored) / n  # clients never accepted hold c_i = 0
+            mean = sum((stored[i][name] for i in stored), torch.zeros_like(c)) / n  # never accepted: c_i = 0
             assert torch.allclose(c, mean, rtol=1e-4, atol=1e-7), key
     stats = parts.aggregator.stats()
     assert stats["rejected_by_reason"]["non_finite"] >= 2 and stats["accepted_updates"] >= 1
