@@ -38,6 +38,7 @@ from actors.aggregator import AggregatorActor
 from actors.state_store import ClientStateStore
 from actors.worker import ClientWorker
 from fedsim.config import ExperimentConfig
+from fedsim.engine.batches import Batches
 from fedsim.engine.inprocess import TASK_RETRIES, failure_reason, mean_metrics, personalized_adapters
 from fedsim.engine.loop import ClientTaskFailed
 from fedsim.evaluation import BatchScores, combine
@@ -96,6 +97,7 @@ class Job:
     lost: int = 0  # tries lost with their worker or node
     avoid: int | None = None  # the worker it just raised on: its retry goes elsewhere
     discarded: bool = False
+    batch: list[Job] = field(default_factory=list)  # the tasks it trains with (itself included); alone on a retry
 
     @property
     def done(self) -> bool:
@@ -160,7 +162,8 @@ class RemoteAggregator:
 
 
 class RayExecutor:
-    """``Executor`` over worker actors, with at most ``workers x (1 + queue_per_worker)`` tasks on the cluster."""
+    """``Executor`` over worker actors, with at most ``workers x (1 + queue_per_worker)`` calls on the cluster,
+    each training up to ``clients_per_batch`` clients together."""
 
     def __init__(self, cfg: ExperimentConfig, personalized: bool):
         self.cfg = cfg
@@ -180,12 +183,15 @@ class RayExecutor:
             self.slots = [WorkerSlot(i, self._actor(i)) for i in range(cfg.runtime.num_workers)]
             for slot, placement in zip(self.slots, ray.get([s.actor.placement.remote() for s in self.slots])):
                 slot.placement = placement
+            self.batching = ray.get(self.slots[0].actor.batching.remote())
         except BaseException:
             self.shutdown()
             raise
+        self.batch_size = self.batching["clients_per_batch"]
+        self.batches = Batches(self.batch_size)
         self.published: ray.ObjectRef | None = None
         self.jobs: dict[ClientTask, Job] = {}  # submitted, not yet settled or discarded
-        self.queue: deque[Job] = deque()  # waiting for a worker with room
+        self.queue: deque[list[Job]] = deque()  # batches waiting for a worker with room
         self.waiting_on: dict[ray.ObjectRef, Job] = {}  # results of tries in flight (discarded ones too)
         self.revivals: dict[ray.ObjectRef, WorkerSlot] = {}
         self.with_state: set[int] = set()  # clients the store holds a state for
@@ -279,31 +285,43 @@ class RayExecutor:
         state = self.store.get.remote(task.client_id) if task.client_id in self.with_state else None
         job = Job(task, self.published, state)
         self.jobs[task] = job
-        self.queue.append(job)
+        self._enqueue(self.batches.add(job, self.published))
+
+    def _enqueue(self, batches: list[list[Job]]) -> None:
+        for batch in batches:
+            for job in batch:
+                job.batch = batch
+            self.queue.append(batch)
         self._pump()
 
     def _pump(self) -> None:
-        """Hand waiting tasks, in order, to the least busy workers with room (lowest index among equals); a
+        """Hand waiting batches, in order, to the least busy workers with room (lowest index among equals); a
         retry skips the worker it raised on."""
-        for job in list(self.queue):
-            free = [s for s in self.slots if s.revival is None and s.busy < self.capacity_per_worker]
+        for batch in list(self.queue):
+            free = [s for s in self.slots if s.revival is None
+                    and s.busy + len(batch) <= self.capacity_per_worker * self.batch_size]
             if not free:
                 return
-            if job.avoid is not None and len(self.slots) > 1:
-                free = [s for s in free if s.index != job.avoid]
+            avoid = batch[0].avoid
+            if avoid is not None and len(self.slots) > 1:
+                free = [s for s in free if s.index != avoid]
                 if not free:
                     continue
             slot = min(free, key=lambda s: (s.busy, s.index))
-            self.queue.remove(job)
-            self._send(job, slot)
+            self.queue = deque(b for b in self.queue if b is not batch)
+            self._send(batch, slot)
 
-    def _send(self, job: Job, slot: WorkerSlot) -> None:
-        job.slot, job.actor = slot, slot.actor
-        job.update, job.state, job.metrics_ref = slot.actor.train.remote(job.task, job.published, job.state_in)
-        job.outstanding = {job.update, job.state}
-        for ref in job.outstanding:
-            self.waiting_on[ref] = job
-        slot.busy += 1
+    def _send(self, jobs: list[Job], slot: WorkerSlot) -> None:
+        """One call trains the batch; each task's update, state and metrics come back as refs of their own."""
+        refs = slot.actor.train_batch.options(num_returns=3 * len(jobs)).remote(
+            [job.task for job in jobs], jobs[0].published, *(job.state_in for job in jobs))
+        for i, job in enumerate(jobs):
+            job.slot, job.actor = slot, slot.actor
+            job.update, job.state, job.metrics_ref = refs[3 * i:3 * i + 3]
+            job.outstanding = {job.update, job.state}
+            for ref in job.outstanding:
+                self.waiting_on[ref] = job
+        slot.busy += len(jobs)
 
     def _wait(self) -> None:
         """Take in everything finished by now, blocking until something is: results, workers back."""
@@ -359,13 +377,14 @@ class RayExecutor:
                         job.slot.index, message)
             job.failure = reason
             return
-        log.warning("client %d (task %d) raised on worker %d: %s; retrying it on another worker",
+        log.warning("client %d (task %d) raised on worker %d: %s; retrying it alone on another worker",
                     job.task.client_id, job.task.seed_round, job.slot.index, message)
-        job.avoid = job.slot.index
-        self.queue.appendleft(job)
+        job.avoid, job.batch = job.slot.index, [job]
+        self.queue.appendleft(job.batch)
 
     def _again(self, job: Job, finished: bool) -> None:
-        """Queue a lost try again, first in line, unless the task has been lost too often."""
+        """Queue a lost try again, first in line, with the batch it was trained in (the same batch gives the
+        same bits), unless the task has been lost too often."""
         job.lost += 1
         job.metrics = None
         if job.lost >= LOST_ATTEMPTS:
@@ -375,9 +394,11 @@ class RayExecutor:
             return
         self.reruns["finished" if finished else "unfinished"] += 1
         job.avoid = None
-        self.queue.appendleft(job)
+        if not any(batch is job.batch for batch in self.queue):  # its batch-mates, lost with it, queued it
+            self.queue.appendleft(job.batch)
 
     def _until_done(self, job: Job) -> None:
+        self._enqueue(self.batches.close())
         while not job.done:
             self._pump()
             self._wait()
@@ -419,9 +440,7 @@ class RayExecutor:
         job = self.jobs.pop(task, None)
         if job is None:
             return
-        job.discarded = True
-        if job in self.queue:
-            self.queue.remove(job)
+        job.discarded = True  # its batch still trains it, if it has not yet: the batches stay as on any engine
         # A try in flight runs out and its result is dropped when it comes. Not ray.cancel: cancelling a call
         # queued on an actor leaves a gap in the actor's call sequence, and the actor's next call (an
         # evaluation) then times out waiting for it.
@@ -499,7 +518,7 @@ class RayExecutor:
                     pass
         return {"workers": [{"worker": s.index, "tasks": s.tasks, "failed_tasks": s.failures, "restarts": s.restarts,
                              "busy_seconds": s.busy_seconds, **s.placement} for s in self.slots],
-                "worker_restarts": sum(s.restarts for s in self.slots),
+                "worker_restarts": sum(s.restarts for s in self.slots), "batching": self.batching,
                 "tasks_rerun": dict(self.reruns)}
 
     def shutdown(self) -> None:

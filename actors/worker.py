@@ -20,10 +20,11 @@ import ray
 import torch
 
 from fedsim.client import ClientTrainer, split_state
+from fedsim.engine.inprocess import batching
 from fedsim.config import ExperimentConfig
 from fedsim.clientdata import load_client_data
 from fedsim.evaluation import BatchScores, Evaluator
-from fedsim.messages import ClientTask, ClientUpdate, NamedTensors, Published
+from fedsim.messages import ClientTask, NamedTensors, Published
 from fedsim.models.adapter import adapter_files, get_weights, set_weights
 from fedsim.models.loading import load_model
 from fedsim.seeding import derive_seed
@@ -81,22 +82,30 @@ class ClientWorker:
     def initial_weights(self) -> NamedTensors:
         return get_weights(self.loaded.model)
 
-    @ray.method(num_returns=3, max_task_retries=0)
-    def train(self, task: ClientTask, published: Published, state: NamedTensors | None
-              ) -> tuple[ClientUpdate, NamedTensors | None, dict[str, float]]:
-        """The client's update, its new state, and metrics (with the task's wall time in this worker)."""
+    def batching(self) -> dict[str, Any]:
+        """Clients this worker trains together, and what each extra one costs (fedsim.engine.inprocess)."""
+        return batching(self.trainer)
+
+    @ray.method(max_task_retries=0)  # called with num_returns = 3 per task
+    def train_batch(self, tasks: list[ClientTask], published: Published, *states: NamedTensors | None) -> tuple:
+        """For each task, in order: the client's update, its new state, and metrics (with the task's share of
+        the call's wall time in this worker). The tasks train together (ClientTrainer.train_batch)."""
         started = time.perf_counter()
         weights, extras = published
         try:
-            update, new_state = self.trainer.train(task, weights, extras, state)
+            results = self.trainer.train_batch(tasks, weights, extras, list(states))
         except Exception:
             if torch.cuda.is_available():  # leave the next task the memory this one held when it failed
                 torch.cuda.empty_cache()
             raise
-        self.tasks_done += 1
-        return update, new_state, {**update.metrics, "num_samples": update.num_samples, "worker": self.index,
-                                   "pid": os.getpid(), "has_state": new_state is not None,
-                                   "task_seconds": time.perf_counter() - started}
+        self.tasks_done += len(tasks)
+        share = (time.perf_counter() - started) / len(tasks)
+        out: list[Any] = []
+        for update, new_state in results:
+            out += [update, new_state, {**update.metrics, "num_samples": update.num_samples, "worker": self.index,
+                                        "pid": os.getpid(), "has_state": new_state is not None,
+                                        "task_seconds": share}]
+        return tuple(out)
 
     def evaluate(self, weights: NamedTensors) -> dict[str, float]:
         set_weights(self.loaded.model, weights)

@@ -140,7 +140,8 @@ def probe_workers(cfg: Any) -> list[dict[str, Any]]:
                                     max_restarts=0).remote(cfg, False, i) for i in range(runtime.num_workers)]
     try:
         weights = ray.get(workers[0].initial_weights.remote())
-        trained = [w.train.remote(ClientTask(i, 1, 0, cfg.training.lr), (weights, {}), None)
+        trained = [w.train_batch.options(num_returns=3).remote([ClientTask(i, 1, 0, cfg.training.lr)], (weights, {}),
+                                                               None)
                    for i, w in enumerate(workers)]
         ray.get([ref for refs in trained for ref in refs])
         ray.get([w.evaluate.remote(weights) for w in workers])

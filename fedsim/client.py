@@ -7,19 +7,23 @@ engine uses a single one for every client.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Iterator
 
 import datasets
 import numpy as np
 import torch
 
-from fedsim.algorithms import LocalContext, build_client_strategy
+from fedsim.algorithms import ClientStrategy, LocalContext, build_client_strategy
 from fedsim.config import ExperimentConfig
 from fedsim.data.collator import Collator
 from fedsim.messages import ClientTask, ClientUpdate, NamedTensors
 from fedsim.models.adapter import get_weights, set_weights, trainable_parameters
 from fedsim.models.loading import LoadedModel, check_layer_window
+from fedsim.models.multiclient import check_batchable
 from fedsim.seeding import derive_seed, rng_for
-from fedsim.training import batch_indices, samples_per_task, train_locally
+from fedsim.training import (LocalRun, batch_indices, extra_client_bytes, local_optimizer, samples_per_task,
+                             train_locally, train_together)
 
 
 PERSONAL = "adapter/"  # client-state keys holding a personalized client's own adapter
@@ -34,6 +38,17 @@ def split_state(state: NamedTensors | None) -> tuple[NamedTensors | None, NamedT
     return adapter or None, rest or None
 
 
+@dataclass
+class ClientStart:
+    """Everything one client's local training starts from, whichever way it is trained."""
+
+    task: ClientTask
+    start: NamedTensors  # the weights it trains from
+    strategy: ClientStrategy
+    ctx: LocalContext
+    batches: Iterator[np.ndarray]  # its shard's mini-batches, as sample indices
+
+
 class ClientTrainer:
     def __init__(self, cfg: ExperimentConfig, loaded: LoadedModel, train: datasets.Dataset, shards: list[np.ndarray],
                  personalized: bool = False):
@@ -45,10 +60,73 @@ class ClientTrainer:
         self.shards = shards
         self.params = trainable_parameters(loaded.model)
         self.collate = Collator(loaded.processor, cfg.data.max_length, train=True, prompt=cfg.data.prompt)
+        # Clients trained together; with more than one, what each extra client costs in memory.
+        self.clients_per_batch, self.extra_client_bytes = 1, {}
+        if cfg.runtime.clients_per_batch != 1:
+            check_batchable(loaded.model, list(self.params))
+            self.extra_client_bytes = self._measure_extra_client()
+            self.clients_per_batch = cfg.runtime.clients_per_batch
+            if self.clients_per_batch == "auto":
+                budget = cfg.runtime.batch_memory_gb * 2**30
+                self.clients_per_batch = max(1, int(budget // sum(self.extra_client_bytes.values())))
+
+    def _local_run(self, begun: ClientStart) -> LocalRun:
+        """A client's own LoRA tensors (copies of its starting weights), optimizer and dropout stream, for
+        training in a multi-client batch."""
+        task = begun.task
+        params = {name: begun.start[name].to(p.device, p.dtype, copy=True).requires_grad_()
+                  for name, p in self.params.items()}
+        generator = torch.Generator(self.loaded.device)
+        generator.manual_seed(derive_seed(self.cfg.seed, "client", task.seed_round, task.client_id))
+        return LocalRun(params, (self._samples(idx) for idx in begun.batches), begun.strategy, begun.ctx,
+                        local_optimizer(params, self.cfg.training, task.lr), generator)
+
+    def _measure_extra_client(self) -> dict[str, int]:
+        """Bytes one more client adds to a batch, measured on the largest client's first mini-batch."""
+        client = max(range(len(self.shards)), key=lambda c: len(self.shards[c]))
+        begun = self._start(ClientTask(client, 0, 0, self.cfg.training.lr), get_weights(self.loaded.model), {}, None)
+        run = self._local_run(begun)
+        run.strategy.begin(run.ctx)
+        return extra_client_bytes(self.loaded.model, run, next(run.batches), self.collate, self.loaded.device)
+
+    def _samples(self, indices: np.ndarray) -> list[dict]:
+        return [self.train_data[int(i)] for i in indices]
 
     def _batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = self.collate([self.train_data[int(i)] for i in indices])
+        batch = self.collate(self._samples(indices))
         return {k: v.to(self.loaded.device) for k, v in batch.items()}
+
+    def _start(self, task: ClientTask, weights: NamedTensors, server_extras: NamedTensors,
+               client_state: NamedTensors | None) -> ClientStart:
+        """From the global ``weights`` or, when personalized, from the client's own adapter."""
+        personal, algo_state = split_state(client_state)
+        start = personal if self.personalized and personal is not None else weights
+        # Seeds derive from (round, client), not from call order, so any worker reproduces this exact run.
+        rng = rng_for(self.cfg.seed, "client", task.seed_round, task.client_id)
+        strategy = build_client_strategy(self.cfg.algorithm.client)
+        ctx = LocalContext(start, server_extras, algo_state, self.loaded.layer_of, self.loaded.num_layers)
+        return ClientStart(task, start, strategy, ctx, batch_indices(self.shards[task.client_id], self.cfg.training, rng))
+
+    def _result(self, begun: ClientStart, params: dict[str, torch.Tensor], steps: int, loss: float,
+                seconds: float) -> tuple[ClientUpdate, NamedTensors | None]:
+        """The update (a delta against the starting weights) and the client's new stored state."""
+        task, start = begun.task, begun.start
+        extras, new_algo_state = begun.strategy.finish(params, steps, task.lr)
+        local = {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in params.items()}
+        shard_size = len(self.shards[task.client_id])
+        update = ClientUpdate(
+            client_id=task.client_id,
+            delta={name: local[name] - start[name] for name in local},
+            num_samples=shard_size,
+            base_version=task.base_version,
+            extras=extras,
+            metrics={"train_loss": loss, "steps": steps, "samples_processed": samples_per_task(shard_size, self.cfg.training),
+                     "compute_seconds": seconds},
+        )
+        new_state = dict(new_algo_state or {})
+        if self.personalized:
+            new_state.update({PERSONAL + name: tensor for name, tensor in local.items()})
+        return update, new_state or None
 
     def train(
         self,
@@ -57,36 +135,34 @@ class ClientTrainer:
         server_extras: NamedTensors,
         client_state: NamedTensors | None,
     ) -> tuple[ClientUpdate, NamedTensors | None]:
-        """Train ``task.client_id`` from the global ``weights`` (or, when personalized, from its own adapter).
-
-        Returns the update (a delta against the starting weights) and the client's new stored state.
-        """
-        personal, algo_state = split_state(client_state)
-        start = personal if self.personalized and personal is not None else weights
-        shard = self.shards[task.client_id]
-        set_weights(self.loaded.model, start)
-        # Seeds derive from (round, client), not from call order, so any worker reproduces this exact run.
-        torch.manual_seed(derive_seed(self.cfg.seed, "client", task.seed_round, task.client_id))
-        rng = rng_for(self.cfg.seed, "client", task.seed_round, task.client_id)
-        strategy = build_client_strategy(self.cfg.algorithm.client)
-        ctx = LocalContext(start, server_extras, algo_state, self.loaded.layer_of, self.loaded.num_layers)
-        batches = (self._batch(idx) for idx in batch_indices(shard, self.cfg.training, rng))
+        """Train ``task.client_id`` alone on the resident adapter; its update and new stored state."""
+        begun = self._start(task, weights, server_extras, client_state)
+        set_weights(self.loaded.model, begun.start)
+        torch.manual_seed(derive_seed(self.cfg.seed, "client", task.seed_round, task.client_id))  # LoRA dropout
+        batches = (self._batch(idx) for idx in begun.batches)
         started = time.perf_counter()
-        steps, loss = train_locally(self.loaded.model, self.params, batches, strategy, ctx, self.cfg.training,
-                                    task.lr)
-        extras, new_algo_state = strategy.finish(self.params, steps, task.lr)
-        local = get_weights(self.loaded.model)
-        update = ClientUpdate(
-            client_id=task.client_id,
-            delta={name: local[name] - start[name] for name in local},
-            num_samples=len(shard),
-            base_version=task.base_version,
-            extras=extras,
-            metrics={"train_loss": loss, "steps": steps, "samples_processed": samples_per_task(len(shard), self.cfg.training),
-                     "compute_seconds": time.perf_counter() - started},
-        )
-        new_state = dict(new_algo_state or {})
-        if self.personalized:
-            new_state.update({PERSONAL + name: tensor for name, tensor in local.items()})
-        return update, new_state or None
+        steps, loss = train_locally(self.loaded.model, self.params, batches, begun.strategy, begun.ctx,
+                                    self.cfg.training, task.lr)
+        return self._result(begun, self.params, steps, loss, time.perf_counter() - started)
 
+    def train_batch(
+        self,
+        tasks: list[ClientTask],
+        weights: NamedTensors,
+        server_extras: NamedTensors,
+        client_states: list[NamedTensors | None],
+    ) -> list[tuple[ClientUpdate, NamedTensors | None]]:
+        """Train several clients in one forward pass per step (``train_together``); one task trains alone.
+
+        Each client's update is the one ``train`` gives it alone: bit for bit on CPU, LoRA dropout included
+        (its masks come from the client's own seed); on CUDA up to float rounding and dropout's random
+        stream. Each client's ``compute_seconds`` is its share of the batch's wall time.
+        """
+        if len(tasks) == 1:
+            return [self.train(tasks[0], weights, server_extras, client_states[0])]
+        begun = [self._start(t, weights, server_extras, s) for t, s in zip(tasks, client_states)]
+        runs = [self._local_run(b) for b in begun]
+        started = time.perf_counter()
+        train_together(self.loaded.model, runs, self.collate, self.loaded.device, self.cfg.training)
+        seconds = (time.perf_counter() - started) / len(tasks)
+        return [self._result(b, run.params, run.steps, run.mean_loss, seconds) for b, run in zip(begun, runs)]

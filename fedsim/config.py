@@ -13,7 +13,7 @@ import difflib
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -217,6 +217,11 @@ class RuntimeConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # fractional: 0.25 puts four workers on one GPU
     queue_per_worker: int = 1  # tasks queued on a worker beyond the one it runs
+    # Clients a worker trains together, one forward pass per step over the shared backbone with each sample
+    # through its own client's LoRA weights (fedsim.models.multiclient); 1: one client at a time. ``auto``:
+    # the most clients whose adapters, optimizer states and activations fit in batch_memory_gb.
+    clients_per_batch: Union[int, str] = 1
+    batch_memory_gb: float = 0.0  # the memory budget of clients_per_batch=auto, per worker
     # Where workers go, as a Ray placement group of one bundle per worker: pack (as few nodes as possible)
     # or spread (across nodes). A replacement for a lost worker takes the same bundle, which Ray moves to a
     # live node.
@@ -305,7 +310,7 @@ NON_NEGATIVE = (
     "training.weight_decay", "training.max_grad_norm", "training.min_lr", "algorithm.client.mu",
     "algorithm.client.weight", "algorithm.server.tau", "eval.max_samples",
     "runtime.num_threads", "partition.min_samples", "runtime.cpus_per_worker", "runtime.gpus_per_worker",
-    "runtime.queue_per_worker", "runtime.max_update_norm", "algorithm.server.staleness_exponent",
+    "runtime.queue_per_worker", "runtime.max_update_norm", "runtime.batch_memory_gb", "algorithm.server.staleness_exponent",
     "algorithm.server.max_staleness", "checkpoint.every", "runtime.resource_timeout_s",
 )
 UNIT_INTERVAL = ("model.lora.dropout", "federation.fraction", "training.beta1", "training.beta2",
@@ -360,6 +365,16 @@ def check_values(cfg: ExperimentConfig) -> None:
              f"{max(1, cfg.partition.min_samples)})")
     if not cfg.model.lora.target_regex and not cfg.model.lora.target_modules:
         fail("model.lora.target_modules", [], "a non-empty list, or model.lora.target_regex")
+    batch = cfg.runtime.clients_per_batch
+    if batch == "auto":
+        if not cfg.runtime.batch_memory_gb > 0:
+            fail("runtime.batch_memory_gb", cfg.runtime.batch_memory_gb,
+                 "a memory budget > 0 (GiB per worker) with runtime.clients_per_batch=auto")
+    elif not (isinstance(batch, int) and batch >= 1):
+        fail("runtime.clients_per_batch", batch, "an integer >= 1, or auto")
+    if batch != 1 and cfg.model.lora.modules_to_save:
+        fail("runtime.clients_per_batch", batch, "1 with model.lora.modules_to_save: clients trained together "
+             "share everything but their LoRA A/B weights")
     ablations = list(cfg.eval.ablations)  # the names fedsim.evaluation.ABLATIONS knows
     if any(a not in ("no_image", "no_text") for a in ablations) or len(set(ablations)) != len(ablations):
         fail("eval.ablations", ablations, "a list of distinct names among no_image, no_text")

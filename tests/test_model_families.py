@@ -39,7 +39,7 @@ from transformers import (
 from transformers.utils import is_torchvision_available
 
 from fedsim.algorithms import LocalContext, build_client_strategy
-from fedsim.config import ClientAlgoConfig, EvalConfig, LoraConfig, ModelConfig
+from fedsim.config import ClientAlgoConfig, EvalConfig, LoraConfig, ModelConfig, TrainingConfig
 from fedsim.data.collator import Collator, user_text
 from fedsim.data.synthetic import generate
 from fedsim.evaluation import Evaluator
@@ -47,6 +47,7 @@ from fedsim.models.loading import (LAYER_PATTERN, LoadedModel, check_layer_windo
                                    without_video_processor)
 
 from conftest import adamw_steps
+from test_multiclient import STRATEGIES, one_by_one_and_together, relative_difference, uneven_clients
 
 IMAGE_SIZE = 32
 TEXT_LAYERS = 3  # enough for FedMLLM's window to leave layers free at both ends
@@ -256,6 +257,16 @@ def test_mixed_batch_keeps_every_input_the_model_needs(loaded, mixed_samples):
         assert batch["pixel_values"].shape == (2, 5, 3, IMAGE_SIZE, IMAGE_SIZE)
         assert torch.all(batch["pixel_values"][1, 3:] == 0) and torch.all(batch["pixel_attention_mask"][1, 3:] == 0)
         assert torch.all(batch["pixel_attention_mask"][0] == 1)
+
+
+@pytest.mark.parametrize("strategy", ["fedmllm_reg", "scaffold"])
+def test_clients_trained_in_one_batch_get_their_one_by_one_updates(loaded, strategy):
+    """runtime.clients_per_batch on the family's own processor and layer names: uneven clients, mixed
+    modalities (Qwen2-VL's flattened patches, Idefics3's padded crops), each client's update within 1e-4."""
+    training = TrainingConfig(batch_size=4, optimizer="sgd" if strategy == "scaffold" else "adamw")
+    alone, together = one_by_one_and_together(loaded, uneven_clients(3), STRATEGIES[strategy], training)
+    for mine, reference in zip(together, alone):
+        assert relative_difference(mine, reference) <= 1e-4
 
 
 def test_evaluate_train_evaluate(loaded, mixed_samples):

@@ -59,10 +59,12 @@ def test_sync_result_does_not_depend_on_worker_count(ray_cluster, tmp_path, work
     assert all(0 < w["busy_fraction"] <= 1 and w["busy_seconds"] > 0 for w in summary["workers"])
 
 
-def test_async_fedbuff_matches_the_reference(ray_cluster, tmp_path):
+@pytest.mark.parametrize("clients_per_batch", [1, 2])
+def test_async_fedbuff_matches_the_reference(ray_cluster, tmp_path, clients_per_batch):
+    """With clients_per_batch=2, the 3 clients dispatched at the start train as a batch of 2 and one alone."""
     async_cfg = ("algorithm.server.name=fedbuff", "algorithm.server.buffer_size=2", "federation.rounds=4",
                  "scheduler.concurrency=3", "scheduler.speed=lognormal", "runtime.num_threads=1",
-                 "training.local_epochs=2")
+                 "training.local_epochs=2", f"runtime.clients_per_batch={clients_per_batch}")
     reference = run_sequential(small_config(tmp_path / "seq", *async_cfg), tmp_path / "seq" / "run")
     summary = run_ray(small_config(tmp_path / "ray", *async_cfg, "runtime.num_workers=2"), tmp_path / "ray" / "run")
     assert summary["mode"] == "async"
@@ -120,6 +122,31 @@ def test_a_client_that_raises_is_retried_on_another_worker_then_counted_as_its_d
     assert summary["client_updates"] == reference["client_updates"] == 2 * 3 - failed
     assert [w["failed_tasks"] for w in summary["workers"]] == [failed, failed]  # each tried on both workers
     assert summary["dropped_by_reason"]["dropout"] == failed
+    assert summary["adapter_sha256"] == reference["adapter_sha256"]
+
+
+def test_clients_trained_in_batches_give_the_one_by_one_adapter_on_ray(ray_cluster, tmp_path):
+    """3 clients a round in batches of 2 (a full batch, then the rest when the loop waits), on 2 workers: the
+    synthetic prompts all have one length, so the adapter is the reference's, bit for bit."""
+    reference = run_sequential(small_config(tmp_path / "seq", *SAME_THREADS), tmp_path / "seq" / "run")
+    cfg = small_config(tmp_path / "ray", *SAME_THREADS, "runtime.num_workers=2", "runtime.clients_per_batch=2")
+    summary = run_ray(cfg, tmp_path / "ray" / "run")
+    assert summary["adapter_sha256"] == reference["adapter_sha256"]
+    assert summary["batching"]["clients_per_batch"] == 2
+    assert sum(w["tasks"] for w in summary["workers"]) == summary["client_updates"] == 6
+
+
+def test_a_batch_with_a_client_that_raises_retries_each_client_alone(ray_cluster, tmp_path):
+    """Spanish clients raise in the collator (see above) and fail their whole batch; each client of it runs
+    again alone on the other worker, so only the Spanish ones are lost. English and Spanish prompts differ in
+    length, so the engines agree bit for bit only if they form the same batches."""
+    faulty = (*SAME_THREADS, "data.scenarios={multilingual: {languages: [en, es]}}", "data.max_length=100",
+              "runtime.clients_per_batch=3")
+    reference = run_sequential(small_config(tmp_path / "seq", *faulty), tmp_path / "seq" / "run")
+    summary = run_ray(small_config(tmp_path / "ray", *faulty, "runtime.num_workers=2"), tmp_path / "ray" / "run")
+    failed = summary["failed_updates"].get("exception:ValueError", 0)
+    assert failed >= 1 and summary["failed_updates"] == reference["failed_updates"] == {"exception:ValueError": failed}
+    assert summary["client_updates"] == reference["client_updates"] == 2 * 3 - failed
     assert summary["adapter_sha256"] == reference["adapter_sha256"]
 
 
