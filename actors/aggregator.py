@@ -1,7 +1,11 @@
-"""Aggregator actor: a thin shell around ``fedsim.aggregator.Aggregator``.
+"""The server side of a run in one actor on the driver's node: a thin shell around
+``fedsim.aggregator.Aggregator``, and the clients' stored states.
 
 Updates arrive as object references and are resolved here, one at a time, so neither the driver nor this
-actor ever holds a whole round of updates.
+actor ever holds a whole round of updates. Client states (SCAFFOLD's control variates, personal adapters)
+are kept apart from the workers, so the death of the worker that produced one loses nothing; memory per
+registered client is that client's state and nothing else. One process holds both: each Ray actor is a
+whole Python process with torch loaded (some 300 MB), and neither needs a process of its own.
 """
 
 from __future__ import annotations
@@ -14,16 +18,21 @@ from fedsim.aggregator import Aggregator
 from fedsim.algorithms import build_server_strategy
 from fedsim.config import ExperimentConfig
 from fedsim.guard import UpdateGuard
-from fedsim.messages import ClientUpdate, NamedTensors
+from fedsim.messages import ClientUpdate, NamedTensors, nbytes
 
 
 @ray.remote
 class AggregatorActor:
-    def __init__(self, cfg: ExperimentConfig, initial: NamedTensors, client_sizes: list[int]):
+    def __init__(self) -> None:
+        self.aggregator: Aggregator | None = None  # once start() has the initial weights from a worker
+        self.last_submit: tuple[int, tuple[str, int]] = (-1, ("", 0))
+        self.states: dict[int, NamedTensors] = {}
+
+    def start(self, cfg: ExperimentConfig, initial: NamedTensors, client_sizes: list[int]) -> int:
         strategy = build_server_strategy(cfg.algorithm.server, cfg.partition.num_clients, client_sizes)
         self.aggregator = Aggregator(strategy, UpdateGuard(cfg.runtime.max_update_norm))
         self.aggregator.init(initial)
-        self.last_submit: tuple[int, tuple[str, int]] = (-1, ("", 0))
+        return self.aggregator.version
 
     def submit(self, update: ClientUpdate, base: list[ray.ObjectRef | None], number: int) -> tuple[str, int]:
         """The outcome and the version after it (the driver learns a new version without a snapshot).
@@ -62,3 +71,23 @@ class AggregatorActor:
 
     def stats(self) -> dict[str, Any]:
         return self.aggregator.stats()
+
+    # ------------------------------------------------------------------------------- client states
+    def get_state(self, client_id: int) -> NamedTensors | None:
+        return self.states.get(client_id)
+
+    def get_states(self, client_ids: list[int]) -> list[NamedTensors | None]:
+        return [self.states.get(c) for c in client_ids]
+
+    def put_state(self, client_id: int, state: NamedTensors | None) -> None:
+        if state is not None:
+            self.states[client_id] = state
+
+    def all_states(self) -> dict[int, NamedTensors]:
+        return dict(self.states)
+
+    def put_states(self, states: dict[int, NamedTensors]) -> None:
+        self.states.update(states)
+
+    def states_size(self) -> dict[str, int]:
+        return {"clients": len(self.states), "bytes": sum(nbytes(s) for s in self.states.values())}

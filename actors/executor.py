@@ -1,21 +1,24 @@
-"""Client tasks on a pool of Ray worker actors; the aggregator as a remote actor.
+"""Client tasks on a pool of Ray worker actors; the aggregator, which also keeps client states, as a remote actor.
 
 The driver holds task descriptors and object references, never tensors: a global version is put in the
-object store once and every task of that version shares the reference; updates go from the worker that
-produced them straight to the aggregator actor; client states go straight to the state store.
+object store once and every task of that version shares the reference; updates and client states go from
+the worker that produced them straight to the aggregator actor. A worker trains up to
+``runtime.clients_per_batch`` tasks of one version in one call (``fedsim.engine.batches``), each with its
+own results.
 
 The driver waits on every task in flight at once (``ray.wait``) and hands a worker its next task the moment
 one finishes; finished results wait, in the order they came, until the loop asks for them in the virtual
 clock's order. ``ray.wait`` also fetches a finished task's update and state to the driver's node, where the
-aggregator and the state store live, so a worker node lost after that costs nothing. Evaluation is sharded:
+aggregator actor lives, so a worker node lost after that costs nothing. Evaluation is sharded:
 each worker scores a slice of the test split's batches and the driver pools the per-sample scores.
 
 Faults. A worker whose process or node died is restarted by Ray in its placement bundle (which Ray moves to
 a live node), or replaced when Ray cannot restart it. Every task whose result was lost with it, whether it
-was running, queued on that worker, or finished but not yet consumed (read by the aggregator or the state
-store only after the node went), runs again from the same version and client state with the same seeds, so
-the run ends with the adapter it would have had without the fault. A task that raises is retried once on
-another worker, then reported failed (``ClientTaskFailed``), which the loop counts as the client's dropout.
+was running, queued on that worker, or finished but not yet consumed (read by the aggregator actor only
+after the node went), runs again from the same version and client state with the same seeds, in the same
+batch, so the run ends with the adapter it would have had without the fault. A task that raises (its whole
+batch does) is retried once alone on another worker, then reported failed (``ClientTaskFailed``), which the
+loop counts as the client's dropout.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from actors.aggregator import AggregatorActor
-from actors.state_store import ClientStateStore
 from actors.worker import ClientWorker
 from fedsim.config import ExperimentConfig
 from fedsim.engine.batches import Batches
@@ -115,12 +117,11 @@ class UpdateRef:
 
 
 class RemoteAggregator:
-    """``AggregatorLike`` over an ``AggregatorActor``."""
+    """``AggregatorLike`` over the ``AggregatorActor`` that the executor started (it keeps client states)."""
 
-    def __init__(self, cfg: ExperimentConfig, initial: NamedTensors, client_sizes: list[int]):
-        self.actor = AggregatorActor.options(num_cpus=0, scheduling_strategy=on_driver_node()
-                                             ).remote(cfg, initial, client_sizes)
-        self.version = ray.get(self.actor.version.remote())
+    def __init__(self, actor: Any, cfg: ExperimentConfig, initial: NamedTensors, client_sizes: list[int]):
+        self.actor = actor
+        self.version = ray.get(self.actor.start.remote(cfg, initial, client_sizes))
         self.submitted = 0
 
     def submit(self, update: UpdateRef, base: ray.ObjectRef | None = None) -> str:
@@ -175,11 +176,11 @@ class RayExecutor:
         # by reference must still exist then (else the restart fails with ReferenceCountingAssertionError).
         self.cfg_ref = ray.put(cfg)
         self.group: PlacementGroup | None = None
-        self.store = None
+        self.server = None
         self.slots: list[WorkerSlot] = []
         try:
             self.group = self._placement_group()
-            self.store = ClientStateStore.options(num_cpus=0, scheduling_strategy=on_driver_node()).remote()
+            self.server = AggregatorActor.options(num_cpus=0, scheduling_strategy=on_driver_node()).remote()
             self.slots = [WorkerSlot(i, self._actor(i)) for i in range(cfg.runtime.num_workers)]
             for slot, placement in zip(self.slots, ray.get([s.actor.placement.remote() for s in self.slots])):
                 slot.placement = placement
@@ -194,7 +195,7 @@ class RayExecutor:
         self.queue: deque[list[Job]] = deque()  # batches waiting for a worker with room
         self.waiting_on: dict[ray.ObjectRef, Job] = {}  # results of tries in flight (discarded ones too)
         self.revivals: dict[ray.ObjectRef, WorkerSlot] = {}
-        self.with_state: set[int] = set()  # clients the store holds a state for
+        self.with_state: set[int] = set()  # clients the aggregator actor holds a state for
         self.reruns = {"unfinished": 0, "finished": 0}  # tries lost before / after they finished
 
     # ------------------------------------------------------------------------------- workers
@@ -282,7 +283,7 @@ class RayExecutor:
         self.published = handle
 
     def submit(self, task: ClientTask) -> None:
-        state = self.store.get.remote(task.client_id) if task.client_id in self.with_state else None
+        state = self.server.get_state.remote(task.client_id) if task.client_id in self.with_state else None
         job = Job(task, self.published, state)
         self.jobs[task] = job
         self._enqueue(self.batches.add(job, self.published))
@@ -428,7 +429,7 @@ class RayExecutor:
         try:
             while accepted and job.metrics.get("has_state", True):
                 try:
-                    ray.get(self.store.put.remote(task.client_id, job.state))
+                    ray.get(self.server.put_state.remote(task.client_id, job.state))
                     self.with_state.add(task.client_id)
                     break
                 except LOST as err:
@@ -475,7 +476,7 @@ class RayExecutor:
         return combine([scores for index in range(count) for scores in parts[index]])
 
     def evaluate_personalized(self, num_clients: int, fallback: ray.ObjectRef) -> dict[str, float]:
-        states = ray.get(self.store.get_many.remote(list(range(num_clients))))
+        states = ray.get(self.server.get_states.remote(list(range(num_clients))))
         chunks = np.array_split(np.arange(num_clients), len(self.slots))
         fallback_weights = _weights_of.remote(fallback)
         calls = [slot.actor.evaluate_states.remote([states[c] for c in chunk], fallback_weights)
@@ -493,14 +494,14 @@ class RayExecutor:
                 self._revive_now(slot)
 
     def client_states(self) -> dict[int, NamedTensors]:
-        return ray.get(self.store.all.remote())
+        return ray.get(self.server.all_states.remote())
 
     def restore_client_states(self, states: dict[int, NamedTensors]) -> None:
-        ray.get(self.store.put_many.remote(states))
+        ray.get(self.server.put_states.remote(states))
         self.with_state.update(states)
 
     def personalized_digest(self, num_clients: int) -> str:
-        states = ray.get(self.store.get_many.remote(list(range(num_clients))))
+        states = ray.get(self.server.get_states.remote(list(range(num_clients))))
         return adapter_sha256(personalized_adapters(dict(enumerate(states)), num_clients))
 
     def fetch(self, handle: ray.ObjectRef) -> Published:
@@ -524,8 +525,8 @@ class RayExecutor:
     def shutdown(self) -> None:
         for slot in self.slots:
             ray.kill(slot.actor, no_restart=True)
-        if self.store is not None:
-            ray.kill(self.store, no_restart=True)
+        if self.server is not None:
+            ray.kill(self.server, no_restart=True)
         if self.group is not None:
             remove_placement_group(self.group)
 

@@ -133,7 +133,7 @@ def run_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[
         executor = RayExecutor(cfg, strategy_cls.personalized)
         initial = ray.get(executor.slots[0].actor.initial_weights.remote())
         shard_sizes = [len(s) for s in data.shards]
-        aggregator = RemoteAggregator(cfg, initial, shard_sizes)
+        aggregator = RemoteAggregator(executor.server, cfg, initial, shard_sizes)
         log.info("ray runtime: %d workers on %s", len(executor.slots),
                  sorted({s.placement["node_id"][:8] for s in executor.slots}))
         return run_federation(cfg, run_dir, "ray", executor, aggregator, shard_sizes,
