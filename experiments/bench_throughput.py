@@ -4,7 +4,8 @@ One fixed workload (tiny preset, N registered clients, K per round, S local step
 each engine and each ``runtime.clients_per_batch`` B in one invocation; prints updates/s, the ratio to the
 first row and to B=1 on the same engine, each Ray worker's busy fraction (its time in client tasks over the
 wall time of the rounds, ``summary.json``'s ``train_seconds``), the peak memory of this process and every
-process it started (Ray's included: proportional set size, so shared libraries count once), and the time
+process it started, Ray's included (PSS: shared libraries counted once, split among the processes; RSS
+summed: counted in every process, as ``ps`` or a per-process monitor adds them up), and the time
 from launch (``ray.init`` included) to the start of round 1. The busy time is read from Ray's own task
 timeline (``ray.timeline()``, the ``ClientWorker.train_batch`` spans), so the figure does not depend on the
 code under test reporting it; runs that report ``busy_fraction`` in their summary print it beside. Engines use
@@ -12,8 +13,8 @@ the same torch thread count per training process, so the comparison measures the
 
     python experiments/bench_throughput.py --clients 200 --per-round 20 --steps 5 --rounds 3
     # clients trained together: B = 1, 2, 4, 8, 16 on both engines (the figures in the README)
-    python experiments/bench_throughput.py --clients 200 --per-round 20 --steps 2 --rounds 5 --workers 2 \
-        --batch 1,2,4,8,16
+    python experiments/bench_throughput.py --clients 200 --per-round 20 --steps 2 --batch-size 4 --rounds 5 \\
+        --workers 2 --batch 1,2,4,8,16
     # quantity-skewed clients (task durations follow shard sizes), 2 workers, no sequential run:
     python experiments/bench_throughput.py --scheme quantity --steps 0 --epochs 1 \\
         --samples-per-client 40 --clients 100 --per-round 20 --rounds 5 --workers 2 --no-sequential
@@ -51,6 +52,7 @@ def workload(args: argparse.Namespace, out: Path, *extra: str):
         f"partition.num_clients={args.clients}", f"federation.clients_per_round={args.per_round}",
         *local, f"federation.rounds={args.rounds}", f"partition.scheme={args.scheme}",
         f"partition.alpha={args.alpha}", f"data.num_train={args.clients * args.samples_per_client}",
+        f"training.batch_size={args.batch_size}",
         "data.num_test=32", "eval.zero_shot=false", f"eval.every={args.rounds}", "output.progress=never",
         "checkpoint.every=0", f"output.dir={out}", *extra])
 
@@ -61,7 +63,8 @@ class Monitor:
     def __init__(self, run_dir: Path, every_s: float = 0.5) -> None:
         self.run_dir, self.every_s = run_dir, every_s
         self.launched = time.perf_counter()
-        self.peak_bytes = 0
+        self.peak_bytes = 0  # proportional set size: shared pages split among the processes that map them
+        self.peak_rss_bytes = 0  # resident set size: shared pages counted in every process
         self.first_record_at: float | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -70,20 +73,21 @@ class Monitor:
     def _sample(self) -> None:
         me = psutil.Process()
         while not self.stop.is_set():
-            total = 0
+            pss = rss = 0
             for process in [me, *me.children(recursive=True)]:
                 try:
-                    total += process.memory_full_info().pss
+                    info = process.memory_full_info()
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self.peak_bytes = max(self.peak_bytes, total)
+                    continue
+                pss, rss = pss + info.pss, rss + info.rss
+            self.peak_bytes, self.peak_rss_bytes = max(self.peak_bytes, pss), max(self.peak_rss_bytes, rss)
             metrics = self.run_dir / "metrics.jsonl"
             if self.first_record_at is None and metrics.exists() and metrics.stat().st_size:
                 self.first_record_at = time.perf_counter()
             self.stop.wait(self.every_s)
 
     def finish(self) -> dict[str, float]:
-        """Peak memory (GB), and seconds from launch to the start of round 1 (its record's time less the
+        """Peak memory (GB, PSS and summed RSS), and seconds from launch to the start of round 1 (its record's time less the
         round's own wall time)."""
         self.stop.set()
         self.thread.join()
@@ -91,7 +95,7 @@ class Monitor:
         first_round = next(json.loads(line) for line in lines if json.loads(line).get("round") == 1)
         startup = (self.first_record_at - self.launched - first_round["wall_seconds"]
                    if self.first_record_at is not None else float("nan"))
-        return {"peak_gb": self.peak_bytes / 2**30, "startup_s": startup}
+        return {"peak_gb": self.peak_bytes / 2**30, "peak_rss_gb": self.peak_rss_bytes / 2**30, "startup_s": startup}
 
 
 def timeline_busy_seconds() -> list[float]:
@@ -111,6 +115,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="local steps per task (0: use --epochs)")
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per task when --steps is 0")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8, help="training.batch_size (samples per local step)")
     parser.add_argument("--scheme", default="iid", choices=["iid", "quantity", "dirichlet"])
     parser.add_argument("--alpha", type=float, default=0.5, help="partition.alpha (quantity: size skew)")
     parser.add_argument("--samples-per-client", type=int, default=10, help="data.num_train = clients x this")
@@ -147,10 +152,11 @@ def main() -> None:
 
     local = f"S={args.steps} local steps" if args.steps else f"E={args.epochs} local epoch(s)"
     print(f"workload: N={args.clients} clients ({args.scheme}, alpha={args.alpha}, {args.samples_per_client} "
-          f"samples per client on average), K={args.per_round} per round, {local}, {args.rounds} rounds, "
+          f"samples per client on average), K={args.per_round} per round, {local} of {args.batch_size} samples, "
+          f"{args.rounds} rounds, "
           f"{args.threads} torch thread(s) per training process")
     print(f"{'engine':<16} {'B':>3} {'updates':>8} {'train s':>8} {'updates/s':>10} {'vs first':>9} {'vs B=1':>7} "
-          f"{'peak GB':>8} {'start s':>8}  busy fraction per worker (timeline | summary)")
+          f"{'PSS GB':>7} {'RSS GB':>7} {'start s':>8}  busy fraction per worker (timeline | summary)")
     base = rows[0][2]["updates_per_second"]
     unbatched = {name: summary["updates_per_second"] for name, batch, summary, _, _ in rows if batch == 1}
     for name, batch, summary, busy, measured in rows:
@@ -159,7 +165,7 @@ def main() -> None:
         rate = summary["updates_per_second"]
         versus_one = f"{rate / unbatched[name]:>6.2f}x" if name in unbatched else f"{'-':>7}"
         print(f"{name:<16} {batch:>3} {summary['client_updates']:>8} {summary['train_seconds']:>8.1f} {rate:>10.2f} "
-              f"{rate / base:>8.2f}x {versus_one} {measured['peak_gb']:>8.2f} {measured['startup_s']:>8.1f}  "
+              f"{rate / base:>8.2f}x {versus_one} {measured['peak_gb']:>7.2f} {measured['peak_rss_gb']:>7.2f} {measured['startup_s']:>8.1f}  "
               f"{timeline} | {reported or '-'}")
     extra = {b: s["batching"].get("extra_client_bytes") for _, b, s, _, _ in rows if b > 1 and "batching" in s}
     for batch, cost in sorted(extra.items()):
