@@ -18,7 +18,7 @@ from fedsim.aggregator import Aggregator
 from fedsim.algorithms import build_server_strategy
 from fedsim.config import ExperimentConfig
 from fedsim.guard import UpdateGuard
-from fedsim.messages import ClientUpdate, NamedTensors, nbytes
+from fedsim.messages import ClientUpdate, NamedTensors
 
 
 @ray.remote
@@ -88,6 +88,3 @@ class AggregatorActor:
 
     def put_states(self, states: dict[int, NamedTensors]) -> None:
         self.states.update(states)
-
-    def states_size(self) -> dict[str, int]:
-        return {"clients": len(self.states), "bytes": sum(nbytes(s) for s in self.states.values())}
