@@ -454,13 +454,12 @@ class RayExecutor:
     def evaluate(self, handle: ray.ObjectRef) -> dict[str, float]:
         """Each worker scores a shard of the test split's batches; the pooled scores give the metrics one
         worker would have computed over the whole split (fedsim.evaluation.combine)."""
-        weights = _weights_of.remote(handle)
         count = len(self.slots)
         calls: dict[ray.ObjectRef, tuple[int, WorkerSlot, Any]] = {}
         parts: dict[int, list[BatchScores]] = {}
 
         def send(index: int, slot: WorkerSlot) -> None:
-            calls[slot.actor.evaluate_shard.remote(weights, index, count)] = (index, slot, slot.actor)
+            calls[slot.actor.evaluate_shard.remote(handle, index, count)] = (index, slot, slot.actor)
 
         for index, slot in enumerate(self.slots):
             send(index, slot)
@@ -478,8 +477,7 @@ class RayExecutor:
     def evaluate_personalized(self, num_clients: int, fallback: ray.ObjectRef) -> dict[str, float]:
         states = ray.get(self.server.get_states.remote(list(range(num_clients))))
         chunks = np.array_split(np.arange(num_clients), len(self.slots))
-        fallback_weights = _weights_of.remote(fallback)
-        calls = [slot.actor.evaluate_states.remote([states[c] for c in chunk], fallback_weights)
+        calls = [slot.actor.evaluate_states.remote([states[c] for c in chunk], fallback)
                  for slot, chunk in zip(self.slots, chunks) if len(chunk)]
         return mean_metrics([m for part in ray.get(calls) for m in part])
 
@@ -488,7 +486,7 @@ class RayExecutor:
             slot = self._any_worker()
             actor = slot.actor
             try:
-                return ray.get(actor.adapter_files.remote(_weights_of.remote(handle)))
+                return ray.get(actor.adapter_files.remote(handle))
             except LOST as err:
                 self._worker_lost(slot, actor, err)
                 self._revive_now(slot)
@@ -529,8 +527,3 @@ class RayExecutor:
             ray.kill(self.server, no_restart=True)
         if self.group is not None:
             remove_placement_group(self.group)
-
-
-@ray.remote(num_cpus=0)
-def _weights_of(published: Published) -> NamedTensors:
-    return published[0]

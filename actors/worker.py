@@ -111,15 +111,16 @@ class ClientWorker:
         set_weights(self.loaded.model, weights)
         return self.evaluator.evaluate(self.loaded.model)
 
-    def evaluate_shard(self, weights: NamedTensors, index: int, count: int) -> list[BatchScores]:
+    def evaluate_shard(self, published: Published, index: int, count: int) -> list[BatchScores]:
         """Per-sample scores of shard ``index`` of ``count`` of the test split (fedsim.evaluation.combine)."""
-        set_weights(self.loaded.model, weights)
+        set_weights(self.loaded.model, published[0])
         return self.evaluator.evaluate_shard(self.loaded.model, index, count)
 
-    def evaluate_states(self, states: list[NamedTensors | None], fallback: NamedTensors) -> list[dict[str, float]]:
-        """Metrics of each personalized client's own adapter (``fallback`` for clients that have none)."""
-        return [self.evaluate(split_state(s)[0] or fallback) for s in states]
+    def evaluate_states(self, states: list[NamedTensors | None], fallback: Published) -> list[dict[str, float]]:
+        """Metrics of each personalized client's own adapter (the ``fallback`` version's for clients that have
+        none)."""
+        return [self.evaluate(split_state(s)[0] or fallback[0]) for s in states]
 
-    def adapter_files(self, weights: NamedTensors) -> dict[str, bytes]:
+    def adapter_files(self, published: Published) -> dict[str, bytes]:
         """The adapter in peft format as file contents, so the driver writes it wherever the run lives."""
-        return adapter_files(self.loaded.model, weights)
+        return adapter_files(self.loaded.model, published[0])
