@@ -3,22 +3,27 @@
 
 Updates arrive as object references and are resolved here, one at a time, so neither the driver nor this
 actor ever holds a whole round of updates. Client states (SCAFFOLD's control variates, personal adapters)
-are kept apart from the workers, so the death of the worker that produced one loses nothing; memory per
-registered client is that client's state and nothing else. One process holds both: each Ray actor is a
-whole Python process with torch loaded (some 300 MB), and neither needs a process of its own.
+are kept apart from the workers, so the death of the worker that produced one loses nothing. They live in a
+``fedsim.statestore.ClientStateStore`` in the run directory, on this node's disk (the driver's node, where
+the run directory is): memory holds a few bytes per registered client and a bounded cache of states. One
+process holds both: each Ray actor is a whole Python process with torch loaded (some 300 MB), and neither
+needs a process of its own.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import ray
 
 from fedsim.aggregator import Aggregator
 from fedsim.algorithms import build_server_strategy
 from fedsim.config import ExperimentConfig
+from fedsim.engine.inprocess import personalized_digest
 from fedsim.guard import UpdateGuard
 from fedsim.messages import ClientUpdate, NamedTensors
+from fedsim.statestore import ClientStateStore, StateManifest
 
 
 @ray.remote
@@ -26,9 +31,9 @@ class AggregatorActor:
     def __init__(self) -> None:
         self.aggregator: Aggregator | None = None  # once start() has the initial weights from a worker
         self.last_submit: tuple[int, tuple[str, int]] = (-1, ("", 0))
-        self.states: dict[int, NamedTensors] = {}
+        self.states: ClientStateStore | None = None  # once open_states() has the run directory
 
-    def start(self, cfg: ExperimentConfig, initial: NamedTensors, client_sizes: list[int]) -> int:
+    def start(self, cfg: ExperimentConfig, initial: NamedTensors, client_sizes: Sequence[int]) -> int:
         strategy = build_server_strategy(cfg.algorithm.server, cfg.partition.num_clients, client_sizes)
         self.aggregator = Aggregator(strategy, UpdateGuard(cfg.runtime.max_update_norm))
         self.aggregator.init(initial)
@@ -73,6 +78,10 @@ class AggregatorActor:
         return self.aggregator.stats()
 
     # ------------------------------------------------------------------------------- client states
+    def open_states(self, directory: str, num_clients: int, cache_bytes: int,
+                    checkpointed: StateManifest | None) -> None:
+        self.states = ClientStateStore(Path(directory), num_clients, cache_bytes, checkpointed)
+
     def get_state(self, client_id: int) -> NamedTensors | None:
         return self.states.get(client_id)
 
@@ -81,10 +90,13 @@ class AggregatorActor:
 
     def put_state(self, client_id: int, state: NamedTensors | None) -> None:
         if state is not None:
-            self.states[client_id] = state
+            self.states.put(client_id, state)
 
-    def all_states(self) -> dict[int, NamedTensors]:
-        return dict(self.states)
+    def pin_states(self) -> StateManifest:
+        return self.states.pin()
 
-    def put_states(self, states: dict[int, NamedTensors]) -> None:
-        self.states.update(states)
+    def release_states(self) -> None:
+        self.states.release()
+
+    def personalized_digest(self) -> str:
+        return personalized_digest(self.states)

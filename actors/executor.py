@@ -28,7 +28,8 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import ray
@@ -41,11 +42,11 @@ from actors.aggregator import AggregatorActor
 from actors.worker import ClientWorker
 from fedsim.config import ExperimentConfig
 from fedsim.engine.batches import Batches
-from fedsim.engine.inprocess import TASK_RETRIES, failure_reason, mean_metrics, personalized_adapters
+from fedsim.engine.inprocess import TASK_RETRIES, failure_reason, mean_metrics, state_cache_bytes
 from fedsim.engine.loop import ClientTaskFailed
 from fedsim.evaluation import BatchScores, combine
 from fedsim.messages import ClientTask, NamedTensors, Published
-from fedsim.models.adapter import adapter_sha256
+from fedsim.statestore import ClientSet, StateManifest
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ REPLACEMENTS = 8  # per worker, for workers Ray could not restart
 PLACEMENT_GRACE_S = 5.0  # runtime.resource_timeout_s=0 still gives free resources this long to be placed
 WAIT_REPORT_S = 60.0  # while only restarting workers are awaited, say so this often
 UNREACHABLE_RETRIES = 10  # the aggregator lives on the driver's node: unreachable for long, it is gone
+PERSONALIZED_CHUNK = 8  # clients per personalized evaluation call: their states travel together
 
 
 def on_driver_node() -> NodeAffinitySchedulingStrategy:
@@ -119,7 +121,7 @@ class UpdateRef:
 class RemoteAggregator:
     """``AggregatorLike`` over the ``AggregatorActor`` that the executor started (it keeps client states)."""
 
-    def __init__(self, actor: Any, cfg: ExperimentConfig, initial: NamedTensors, client_sizes: list[int]):
+    def __init__(self, actor: Any, cfg: ExperimentConfig, initial: NamedTensors, client_sizes: Sequence[int]):
         self.actor = actor
         self.version = ray.get(self.actor.start.remote(cfg, initial, client_sizes))
         self.submitted = 0
@@ -195,7 +197,7 @@ class RayExecutor:
         self.queue: deque[list[Job]] = deque()  # batches waiting for a worker with room
         self.waiting_on: dict[ray.ObjectRef, Job] = {}  # results of tries in flight (discarded ones too)
         self.revivals: dict[ray.ObjectRef, WorkerSlot] = {}
-        self.with_state: set[int] = set()  # clients the aggregator actor holds a state for
+        self.with_state = ClientSet(cfg.partition.num_clients)  # clients the aggregator actor holds a state for
         self.reruns = {"unfinished": 0, "finished": 0}  # tries lost before / after they finished
 
     # ------------------------------------------------------------------------------- workers
@@ -474,12 +476,26 @@ class RayExecutor:
                 send(index, slot)
         return combine([scores for index in range(count) for scores in parts[index]])
 
-    def evaluate_personalized(self, num_clients: int, fallback: ray.ObjectRef) -> dict[str, float]:
-        states = ray.get(self.server.get_states.remote(list(range(num_clients))))
-        chunks = np.array_split(np.arange(num_clients), len(self.slots))
-        calls = [slot.actor.evaluate_states.remote([states[c] for c in chunk], fallback)
-                 for slot, chunk in zip(self.slots, chunks) if len(chunk)]
-        return mean_metrics([m for part in ray.get(calls) for m in part])
+    def evaluate_personalized(self, clients: np.ndarray, fallback: ray.ObjectRef) -> dict[str, float]:
+        """Workers score the clients' own adapters, PERSONALIZED_CHUNK clients a call, in turn; each call's
+        states go from the aggregator actor to its worker, never through the driver, and at most two calls a
+        worker are out at once, so that the object store holds a few chunks of states, not every client's."""
+        chunks = [clients[i:i + PERSONALIZED_CHUNK].tolist() for i in range(0, len(clients), PERSONALIZED_CHUNK)]
+        parts: list[list[dict[str, float]]] = [[] for _ in chunks]
+        calls: dict[ray.ObjectRef, int] = {}
+
+        def take_one() -> None:
+            (ready,), _ = ray.wait(list(calls), num_returns=1)
+            parts[calls.pop(ready)] = ray.get(ready)
+
+        for index, chunk in enumerate(chunks):
+            if len(calls) >= 2 * len(self.slots):
+                take_one()
+            slot = self.slots[index % len(self.slots)]
+            calls[slot.actor.evaluate_states.remote(self.server.get_states.remote(chunk), fallback)] = index
+        while calls:
+            take_one()
+        return mean_metrics([m for part in parts for m in part])
 
     def adapter_files(self, handle: ray.ObjectRef) -> dict[str, bytes]:
         while True:
@@ -491,16 +507,21 @@ class RayExecutor:
                 self._worker_lost(slot, actor, err)
                 self._revive_now(slot)
 
-    def client_states(self) -> dict[int, NamedTensors]:
-        return ray.get(self.server.all_states.remote())
+    def open_client_states(self, directory: Path, checkpointed: StateManifest | None) -> None:
+        """The aggregator actor keeps them, on the driver's node: ``directory`` is on that node's disk."""
+        ray.get(self.server.open_states.remote(str(Path(directory).resolve()), self.cfg.partition.num_clients,
+                                               state_cache_bytes(self.cfg), checkpointed))
+        if checkpointed is not None:
+            self.with_state.update(checkpointed.clients.tolist())
 
-    def restore_client_states(self, states: dict[int, NamedTensors]) -> None:
-        ray.get(self.server.put_states.remote(states))
-        self.with_state.update(states)
+    def client_states(self) -> StateManifest:
+        return ray.get(self.server.pin_states.remote())
 
-    def personalized_digest(self, num_clients: int) -> str:
-        states = ray.get(self.server.get_states.remote(list(range(num_clients))))
-        return adapter_sha256(personalized_adapters(dict(enumerate(states)), num_clients))
+    def client_states_saved(self) -> None:
+        ray.get(self.server.release_states.remote())
+
+    def personalized_digest(self) -> str:
+        return ray.get(self.server.personalized_digest.remote())
 
     def fetch(self, handle: ray.ObjectRef) -> Published:
         return ray.get(handle)

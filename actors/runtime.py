@@ -132,13 +132,13 @@ def run_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[
         strategy_cls = SERVER_STRATEGIES[cfg.algorithm.server.name]
         executor = RayExecutor(cfg, strategy_cls.personalized)
         initial = ray.get(executor.slots[0].actor.initial_weights.remote())
-        shard_sizes = [len(s) for s in data.shards]
+        shard_sizes = data.shard_sizes()
         aggregator = RemoteAggregator(executor.server, cfg, initial, shard_sizes)
         log.info("ray runtime: %d workers on %s", len(executor.slots),
                  sorted({s.placement["node_id"][:8] for s in executor.slots}))
         return run_federation(cfg, run_dir, "ray", executor, aggregator, shard_sizes,
                               nbytes(initial), strategy_cls.personalized, strategy_cls.asynchronous,
-                              strategy_cls.trains, resume, headline_metric=data.splits.metric)
+                              strategy_cls.trains, resume, headline_metric=data.metric)
     finally:
         if requested:  # a standing request would keep the autoscaler's nodes up after the run
             request_resources(bundles=[])

@@ -62,10 +62,9 @@ class ClientWorker:
         torch.set_num_threads(threads)
         self.index = index
         data = load_client_data(cfg)  # derived from the seed here: no client data crosses the network
-        splits = data.splits
         self.loaded = load_model(cfg.model, derive_seed(cfg.seed, "lora_init"))
-        self.trainer = ClientTrainer(cfg, self.loaded, splits.train, data.shards, personalized)
-        self.evaluator = Evaluator(self.loaded.processor, splits.test, cfg.eval, cfg.data.max_length,
+        self.trainer = ClientTrainer(cfg, self.loaded, data, personalized)
+        self.evaluator = Evaluator(self.loaded.processor, data.test, cfg.eval, cfg.data.max_length,
                                    self.loaded.device, cfg.seed, cfg.data.prompt)
         self.tasks_done = 0
 

@@ -10,11 +10,11 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-import datasets
 import numpy as np
 import torch
 
 from fedsim.algorithms import ClientStrategy, LocalContext, build_client_strategy
+from fedsim.clientdata import ClientData
 from fedsim.config import ExperimentConfig
 from fedsim.data.collator import Collator
 from fedsim.messages import ClientTask, ClientUpdate, NamedTensors
@@ -50,14 +50,12 @@ class ClientStart:
 
 
 class ClientTrainer:
-    def __init__(self, cfg: ExperimentConfig, loaded: LoadedModel, train: datasets.Dataset, shards: list[np.ndarray],
-                 personalized: bool = False):
+    def __init__(self, cfg: ExperimentConfig, loaded: LoadedModel, data: ClientData, personalized: bool = False):
         check_layer_window(loaded, cfg.algorithm.client)  # before any training: a penalty on no layer is refused
         self.cfg = cfg
         self.personalized = personalized
         self.loaded = loaded
-        self.train_data = train
-        self.shards = shards
+        self.data = data
         self.params = trainable_parameters(loaded.model)
         self.collate = Collator(loaded.processor, cfg.data.max_length, train=True, prompt=cfg.data.prompt)
         # Clients trained together; with more than one, what each extra client costs in memory.
@@ -78,22 +76,20 @@ class ClientTrainer:
                   for name, p in self.params.items()}
         generator = torch.Generator(self.loaded.device)
         generator.manual_seed(derive_seed(self.cfg.seed, "client", task.seed_round, task.client_id))
-        return LocalRun(params, (self._samples(idx) for idx in begun.batches), begun.strategy, begun.ctx,
-                        local_optimizer(params, self.cfg.training, task.lr), generator)
+        samples = (self.data.samples(task.client_id, rows) for rows in begun.batches)
+        return LocalRun(params, samples, begun.strategy, begun.ctx, local_optimizer(params, self.cfg.training, task.lr),
+                        generator)
 
     def _measure_extra_client(self) -> dict[str, int]:
         """Bytes one more client adds to a batch, measured on the largest client's first mini-batch."""
-        client = max(range(len(self.shards)), key=lambda c: len(self.shards[c]))
+        client = int(np.argmax(self.data.shard_sizes()))  # the first of the largest
         begun = self._start(ClientTask(client, 0, 0, self.cfg.training.lr), get_weights(self.loaded.model), {}, None)
         run = self._local_run(begun)
         run.strategy.begin(run.ctx)
         return extra_client_bytes(self.loaded.model, run, next(run.batches), self.collate, self.loaded.device)
 
-    def _samples(self, indices: np.ndarray) -> list[dict]:
-        return [self.train_data[int(i)] for i in indices]
-
-    def _batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = self.collate(self._samples(indices))
+    def _batch(self, client: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = self.collate(self.data.samples(client, rows))
         return {k: v.to(self.loaded.device) for k, v in batch.items()}
 
     def _start(self, task: ClientTask, weights: NamedTensors, server_extras: NamedTensors,
@@ -105,7 +101,7 @@ class ClientTrainer:
         rng = rng_for(self.cfg.seed, "client", task.seed_round, task.client_id)
         strategy = build_client_strategy(self.cfg.algorithm.client)
         ctx = LocalContext(start, server_extras, algo_state, self.loaded.layer_of, self.loaded.num_layers)
-        return ClientStart(task, start, strategy, ctx, batch_indices(self.shards[task.client_id], self.cfg.training, rng))
+        return ClientStart(task, start, strategy, ctx, batch_indices(self.data.shard(task.client_id), self.cfg.training, rng))
 
     def _result(self, begun: ClientStart, params: dict[str, torch.Tensor], steps: int, loss: float,
                 seconds: float) -> tuple[ClientUpdate, NamedTensors | None]:
@@ -113,7 +109,7 @@ class ClientTrainer:
         task, start = begun.task, begun.start
         extras, new_algo_state = begun.strategy.finish(params, steps, task.lr)
         local = {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in params.items()}
-        shard_size = len(self.shards[task.client_id])
+        shard_size = len(self.data.shard(task.client_id))
         update = ClientUpdate(
             client_id=task.client_id,
             delta={name: local[name] - start[name] for name in local},
@@ -139,7 +135,7 @@ class ClientTrainer:
         begun = self._start(task, weights, server_extras, client_state)
         set_weights(self.loaded.model, begun.start)
         torch.manual_seed(derive_seed(self.cfg.seed, "client", task.seed_round, task.client_id))  # LoRA dropout
-        batches = (self._batch(idx) for idx in begun.batches)
+        batches = (self._batch(task.client_id, rows) for rows in begun.batches)
         started = time.perf_counter()
         steps, loss = train_locally(self.loaded.model, self.params, batches, begun.strategy, begun.ctx,
                                     self.cfg.training, task.lr)

@@ -1,30 +1,142 @@
-"""Client data: the benchmark, its partition into client shards and its heterogeneity scenario.
+"""Client data: what each client holds, derived from the config's seed on every engine and Ray worker, so
+no client data crosses the network.
 
-Every engine and every Ray worker derives the same ``ClientData`` from the config's seed, so no client
-data crosses the network.
+Two kinds, one interface (``ClientData``):
+
+- ``PartitionedClients``: a benchmark's training split (``data.num_train`` rows, or a real dataset) cut into
+  client shards by ``partition`` and shaped by the heterogeneity scenario;
+- ``GeneratedClients``: synthetic data specified per client (``data.samples_per_client``), each row derived
+  from (seed, client, row) on demand, so a million registered clients cost a few bytes each until one trains.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from functools import lru_cache
 
 import datasets
 import numpy as np
 
 from fedsim.config import ExperimentConfig
 from fedsim.data import DatasetSplits, load_dataset_splits
+from fedsim.data.synthetic import TASK_NUM_CLASSES, Cues, client_sample, generate
 from fedsim.partition import partition
 from fedsim.scenarios import ModalityTask, apply_scenarios, build_steps
-from fedsim.seeding import derive_seed
+from fedsim.seeding import derive_seed, rng_for
+
+# Per-client draws (sizes, label mixes) are made this many clients at a time from one generator per block:
+# a client's value costs one block's draw (about a millisecond), all N clients' values N / BLOCK draws.
+BLOCK = 1 << 16
 
 
-@dataclass
 class ClientData:
-    splits: DatasetSplits
-    shards: list[np.ndarray]
+    """The test split and, per client, its training rows."""
+
+    test: datasets.Dataset
+    metric: str  # the headline metric (DatasetSplits.metric)
+    num_clients: int
+
+    def shard_sizes(self) -> np.ndarray:
+        """Training rows per client, int64, shape (num_clients,)."""
+        raise NotImplementedError
+
+    def shard(self, client: int) -> np.ndarray:
+        """The row ids ``samples`` takes for ``client``."""
+        raise NotImplementedError
+
+    def samples(self, client: int, rows: np.ndarray) -> list[dict]:
+        """The rows of ``client`` (ids from its ``shard``), in fedsim's common schema."""
+        raise NotImplementedError
+
+
+class PartitionedClients(ClientData):
+    """Shards kept as one flat array of row ids and each client's offset into it: 8 bytes per row and per
+    client, where a list of N arrays costs a Python object (~100 bytes) per client."""
+
+    def __init__(self, splits: DatasetSplits, shards: list[np.ndarray]):
+        self.splits = splits
+        self.test, self.metric, self.num_clients = splits.test, splits.metric, len(shards)
+        self.offsets = np.concatenate([[0], np.cumsum([len(s) for s in shards])]).astype(np.int64)
+        self.rows = np.concatenate(shards).astype(np.int64) if shards else np.zeros(0, np.int64)
+
+    @property
+    def shards(self) -> list[np.ndarray]:
+        return [self.shard(c) for c in range(self.num_clients)]
+
+    def shard_sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def shard(self, client: int) -> np.ndarray:
+        return self.rows[self.offsets[client]:self.offsets[client + 1]]
+
+    def samples(self, client: int, rows: np.ndarray) -> list[dict]:
+        return [self.splits.train[int(i)] for i in rows]
+
+
+class GeneratedClients(ClientData):
+    """``data.samples_per_client`` synthetic rows per client, derived on demand.
+
+    ``partition.scheme`` shapes the clients as it does a fixed split, with the population infinite:
+    ``iid`` gives every client ``samples_per_client`` rows; ``quantity`` gives a client
+    ``m + (samples_per_client - m) * Gamma(alpha) / alpha`` rows, rounded, with m = ``partition.min_samples``
+    (mean ``samples_per_client``: the fixed split's Dirichlet quantity skew, m + Dir(alpha) shares of the
+    rest, in the limit of many clients); ``dirichlet`` gives each client a
+    label mix drawn from Dir(alpha * 1) over the task's classes, and every row a label drawn from that mix.
+    """
+
+    def __init__(self, cfg: ExperimentConfig):
+        data, part = cfg.data, cfg.partition
+        self.seed = derive_seed(cfg.seed, "data")  # the stream the fixed split is generated from
+        self.cfg, self.num_clients = cfg, part.num_clients
+        self.cues = Cues(data.image_share, data.text_share, data.text_in_image)
+        self.num_classes = TASK_NUM_CLASSES[data.task]
+        self.test = _test_split(cfg, generate(data.task, data.num_test, "test", self.seed, data.image_size, self.cues))
+        self.metric = "accuracy"
+
+    def _block(self, name: str, block: int) -> np.ndarray:
+        part, count = self.cfg.partition, BLOCK
+        rng = rng_for(self.cfg.seed, "client_data", ("sizes", "mixes").index(name), block)
+        if name == "sizes":
+            need = max(1, part.min_samples)
+            scale = rng.gamma(part.alpha, 1 / part.alpha, count)
+            return need + np.rint((self.cfg.data.samples_per_client - need) * scale).astype(np.int64)
+        return rng.dirichlet(np.full(self.num_classes, part.alpha), count)
+
+    @lru_cache(maxsize=4)
+    def _cached_block(self, name: str, block: int) -> np.ndarray:
+        return self._block(name, block)
+
+    def shard_sizes(self) -> np.ndarray:
+        if self.cfg.partition.scheme != "quantity":
+            return np.full(self.num_clients, self.cfg.data.samples_per_client, dtype=np.int64)
+        blocks = range(-(-self.num_clients // BLOCK))
+        return np.concatenate([self._block("sizes", b) for b in blocks])[:self.num_clients]
+
+    def shard_size(self, client: int) -> int:
+        if self.cfg.partition.scheme != "quantity":
+            return self.cfg.data.samples_per_client
+        return int(self._cached_block("sizes", client // BLOCK)[client % BLOCK])
+
+    def shard(self, client: int) -> np.ndarray:
+        return np.arange(self.shard_size(client))
+
+    def labels(self, client: int) -> np.ndarray | None:
+        """Under label skew, the label of each of the client's rows; otherwise None (labels as generated)."""
+        if self.cfg.partition.scheme != "dirichlet":
+            return None
+        mix = self._cached_block("mixes", client // BLOCK)[client % BLOCK]
+        return rng_for(self.cfg.seed, "client_data", 2, client).choice(self.num_classes, self.shard_size(client),
+                                                                       p=mix)
+
+    def samples(self, client: int, rows: np.ndarray) -> list[dict]:
+        data, labels = self.cfg.data, self.labels(client)
+        return [client_sample(data.task, self.seed, client, int(row), data.image_size, self.cues,
+                              None if labels is None else int(labels[row])) for row in rows]
 
 
 def load_client_data(cfg: ExperimentConfig) -> ClientData:
+    if cfg.data.samples_per_client:
+        return GeneratedClients(cfg)
     steps = dict(cfg.data.scenarios)
     task_step = steps.pop(ModalityTask.name, None)
     splits = load_dataset_splits(cfg.data, derive_seed(cfg.seed, "data"))
@@ -34,12 +146,15 @@ def load_client_data(cfg: ExperimentConfig) -> ClientData:
         splits, shards = _modality_task(cfg, splits, build_steps({ModalityTask.name: task_step}, "data.scenarios")[0])
     if steps:
         splits = replace(splits, train=apply_scenarios(splits.train, shards, steps, cfg.seed))
-    if cfg.data.test_scenarios:
-        test = splits.test
-        test = apply_scenarios(test, [np.arange(len(test))], dict(cfg.data.test_scenarios), cfg.seed,
-                               key="data.test_scenarios", stream="test_scenario")
-        splits = replace(splits, test=test)
-    return ClientData(splits, shards)
+    return PartitionedClients(replace(splits, test=_test_split(cfg, splits.test)), shards)
+
+
+def _test_split(cfg: ExperimentConfig, test: datasets.Dataset) -> datasets.Dataset:
+    """The test split under ``data.test_scenarios`` (as one client)."""
+    if not cfg.data.test_scenarios:
+        return test
+    return apply_scenarios(test, [np.arange(len(test))], dict(cfg.data.test_scenarios), cfg.seed,
+                           key="data.test_scenarios", stream="test_scenario")
 
 
 def _modality_task(cfg: ExperimentConfig, image_splits: DatasetSplits, step: ModalityTask

@@ -66,6 +66,10 @@ class DataConfig:
     # Synthetic: rows generated. Real datasets: at most this many rows, a seeded subsample (0: all rows).
     num_train: int = 2000
     num_test: int = 300
+    # Synthetic: > 0 gives each client its own rows, derived from (seed, client, row) when it trains, instead
+    # of a split of num_train rows: any number of clients, a few bytes each (partition.scheme shapes their
+    # sizes and label mixes; fedsim.clientdata.GeneratedClients).
+    samples_per_client: int = 0
     image_size: int = 32
     max_length: int = 128
     # Heterogeneity steps applied to the training split (fedsim/scenarios.py), as {step: {param: value}},
@@ -184,20 +188,28 @@ class EvalConfig:
     # Also score the test split with a modality removed, reported as ``<ablation>/<metric>``:
     # no_image (every image dropped) and/or no_text (every text dropped).
     ablations: list[str] = field(default_factory=list)
+    # Personalized runs (local_only): score the own adapters of this many clients, a sample drawn from the
+    # seed and the round, at each evaluation (0: every client's; each costs a pass over the test split).
+    personalized_clients: int = 0
 
 
 @dataclass
 class SchedulerConfig:
     """Who trains when, on which simulated device, and how long it takes on the virtual clock."""
 
-    availability: str = "always"  # always | bernoulli (p per round / dispatch) | trace (on/off intervals file)
+    # always | bernoulli (p per round / dispatch) | trace (on/off intervals file) | fedscale (client_behave_trace)
+    availability: str = "always"
     availability_p: float = 1.0
-    availability_trace: Optional[str] = None  # JSON {client id: [[start_s, end_s], ...]} of online intervals
+    # trace: JSON {client id: [[start_s, end_s], ...]} of online intervals; fedscale: FedScale's behave trace
+    availability_trace: Optional[str] = None
     speed: str = "constant"  # per-client slowdown factor: constant | lognormal (sigma) | uniform [low, high]
     speed_sigma: float = 0.5
     speed_low: float = 1.0
     speed_high: float = 4.0
     device_trace: Optional[str] = None  # JSON {client id: {"speed": f, "bandwidth_mbps": b}} overrides draws
+    # fedsim: device_trace as above | fedscale: device_trace is FedScale's client_device_capacity, every
+    # client replays one of its devices (speed and bandwidth draws unused)
+    device_trace_format: str = "fedsim"
     bandwidth_mbps: float = 100.0  # median link speed, megabits per second
     bandwidth_sigma: float = 0.0  # lognormal spread of per-client bandwidth; 0: all equal
     compute_time: str = "modeled"  # modeled: samples x seconds_per_sample (deterministic) | measured
@@ -230,6 +242,9 @@ class RuntimeConfig:
     # to this long for nodes to join (a GPU node boots in minutes); 0: fail at once, naming what is missing.
     resource_timeout_s: float = 1800.0
     max_update_norm: float = 0.0  # reject updates whose L2 norm exceeds this (0: no bound)
+    # Client states (SCAFFOLD's c_i, personal adapters) live in files under RUN_DIR/client_states/; the most
+    # recently used ones are also kept in memory, up to this many MiB (0: read every state from disk).
+    state_cache_mb: float = 256.0
     address: Optional[str] = None  # Ray cluster; default RAY_ADDRESS, else a local instance
 
 
@@ -305,13 +320,13 @@ POSITIVE = (
     "eval.every", "eval.batch_size", "eval.max_new_tokens",
 )
 NON_NEGATIVE = (
-    "data.num_train", "data.num_test",
+    "data.num_train", "data.num_test", "data.samples_per_client",
     "federation.rounds", "federation.clients_per_round", "training.local_epochs", "training.local_steps",
     "training.weight_decay", "training.max_grad_norm", "training.min_lr", "algorithm.client.mu",
     "algorithm.client.weight", "algorithm.server.tau", "eval.max_samples",
     "runtime.num_threads", "partition.min_samples", "runtime.cpus_per_worker", "runtime.gpus_per_worker",
     "runtime.queue_per_worker", "runtime.max_update_norm", "runtime.batch_memory_gb", "algorithm.server.staleness_exponent",
-    "algorithm.server.max_staleness", "checkpoint.every", "runtime.resource_timeout_s",
+    "algorithm.server.max_staleness", "checkpoint.every", "runtime.resource_timeout_s", "runtime.state_cache_mb",
 )
 UNIT_INTERVAL = ("model.lora.dropout", "federation.fraction", "training.beta1", "training.beta2",
                  "algorithm.server.beta1", "algorithm.server.beta2", "algorithm.server.mixing",
@@ -359,7 +374,9 @@ def check_values(cfg: ExperimentConfig) -> None:
     if cfg.federation.clients_per_round > cfg.partition.num_clients:
         fail("federation.clients_per_round", cfg.federation.clients_per_round,
              f"at most partition.num_clients ({cfg.partition.num_clients})")
-    if cfg.data.num_train and cfg.partition.num_clients * max(1, cfg.partition.min_samples) > cfg.data.num_train:
+    if cfg.data.samples_per_client:
+        _check_generated_clients(cfg)
+    elif cfg.data.num_train and cfg.partition.num_clients * max(1, cfg.partition.min_samples) > cfg.data.num_train:
         fail("partition.num_clients", cfg.partition.num_clients,
              f"at most data.num_train / partition.min_samples ({cfg.data.num_train} / "
              f"{max(1, cfg.partition.min_samples)})")
@@ -378,6 +395,25 @@ def check_values(cfg: ExperimentConfig) -> None:
     ablations = list(cfg.eval.ablations)  # the names fedsim.evaluation.ABLATIONS knows
     if any(a not in ("no_image", "no_text") for a in ablations) or len(set(ablations)) != len(ablations):
         fail("eval.ablations", ablations, "a list of distinct names among no_image, no_text")
+    if not 0 <= cfg.eval.personalized_clients <= cfg.partition.num_clients:
+        fail("eval.personalized_clients", cfg.eval.personalized_clients,
+             f"an integer in [0, partition.num_clients ({cfg.partition.num_clients})]: 0 scores every client's "
+             "own adapter, k a seeded sample of k clients")
+
+
+def _check_generated_clients(cfg: ExperimentConfig) -> None:
+    if cfg.data.dataset != "synthetic":
+        fail("data.samples_per_client", cfg.data.samples_per_client,
+             f"0 with data.dataset {cfg.data.dataset!r}: rows per client are generated, for the synthetic "
+             "benchmark only; a real dataset is split over clients by partition.scheme")
+    if cfg.data.scenarios:
+        fail("data.scenarios", dict(cfg.data.scenarios), "no steps with data.samples_per_client: the scenarios "
+             "reshape a fixed training split; set data.num_train instead of data.samples_per_client")
+    if cfg.partition.scheme == "quantity" and cfg.data.samples_per_client < max(1, cfg.partition.min_samples):
+        fail("data.samples_per_client", cfg.data.samples_per_client,
+             f"at least partition.min_samples ({cfg.partition.min_samples}): the mean of sizes that start there")
+    if cfg.partition.scheme in ("dirichlet", "quantity") and not cfg.partition.alpha > 0:
+        fail("partition.alpha", cfg.partition.alpha, f"a value > 0 for partition.scheme {cfg.partition.scheme!r}")
 
 
 def _check_training(cfg: TrainingConfig) -> None:

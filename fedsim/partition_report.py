@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.clientdata import load_client_data
+from fedsim.clientdata import PartitionedClients, load_client_data
 from fedsim.config import ExperimentConfig
 from fedsim.partition import label_histogram
 from fedsim.scenarios import modality_mix
@@ -33,6 +33,10 @@ class PartitionReport:
 
 def partition_report(cfg: ExperimentConfig) -> PartitionReport:
     data = load_client_data(cfg)
+    if not isinstance(data, PartitionedClients):
+        raise ValueError(f"fedsim partition reports a split of a fixed training set; data.samples_per_client="
+                         f"{cfg.data.samples_per_client} generates each client's rows when it trains (set "
+                         "data.num_train instead to see a partition)")
     train = data.splits.train
     labels = np.asarray(train["label"], dtype=np.int64)
     num_labels = int(labels.max()) + 1 if labels.size else 0

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from fedsim.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from fedsim.cli import main
 from fedsim.output import read_metrics
+from fedsim.statestore import StateManifest
 
 from conftest import REPO
 
@@ -26,23 +28,27 @@ QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")
 
 def test_checkpoint_round_trip_is_safetensors_and_json(tmp_path):
     ckpt = Checkpoint(3, {"global/w": torch.arange(4.0), "version": torch.tensor(3)},
-                      {0: {"c/w": torch.ones(2)}, 5: {"c/w": torch.zeros(2), "adapter/x": torch.ones(1)}},
+                      StateManifest(np.array([0, 5]), np.array([2, 7])),
                       {"tally": {"updates": 9}, "metrics": {"accuracy": 0.5}},
                       {2: ({"a.lora_A": torch.ones(3)}, {}), 3: ({"a.lora_A": torch.zeros(3)}, {"c/a": torch.ones(1)})})
     write_checkpoint(tmp_path, ckpt)
     files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
     assert files == ["clients.safetensors", "published.safetensors", "server.safetensors", "state.json"]
     back = read_checkpoint(tmp_path)
-    assert back.round == 3 and back.state == ckpt.state and set(back.clients) == {0, 5}
+    assert back.round == 3 and back.state == ckpt.state
+    assert back.clients.clients.tolist() == [0, 5] and back.clients.generations.tolist() == [2, 7]
     assert torch.equal(back.server["global/w"], ckpt.server["global/w"])
-    assert torch.equal(back.clients[5]["adapter/x"], torch.ones(1))
     assert set(back.published) == {2, 3} and back.published[2][1] == {}
     assert torch.equal(back.published[3][0]["a.lora_A"], torch.zeros(3))
     assert torch.equal(back.published[3][1]["c/a"], torch.ones(1))
-    write_checkpoint(tmp_path, Checkpoint(4, ckpt.server, {}, {}))  # replaces the previous one whole
-    assert read_checkpoint(tmp_path).round == 4 and read_checkpoint(tmp_path).clients == {}
+    write_checkpoint(tmp_path, Checkpoint(4, ckpt.server, StateManifest(), {}))  # replaces the previous one whole
+    assert read_checkpoint(tmp_path).round == 4 and len(read_checkpoint(tmp_path).clients.clients) == 0
     assert read_checkpoint(tmp_path).published == {}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    state = tmp_path / "checkpoint" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "format": 2}))
+    with pytest.raises(ValueError, match="not a fedsim checkpoint of format 3 \\(it says 2\\)"):
+        read_checkpoint(tmp_path)
 
 
 def test_resume_without_a_checkpoint_names_the_folder(tmp_path, capsys):

@@ -13,7 +13,7 @@ import torch
 from fedsim.client import split_state
 from fedsim.engine.loop import FederationLoop
 from fedsim.engine.sequential import SequentialParts, build_sequential
-from fedsim.messages import ClientTask
+from fedsim.messages import ClientTask, NamedTensors
 from fedsim.output import RunWriter, read_metrics
 
 from conftest import small_config
@@ -39,12 +39,18 @@ class Diverging:
 def rounds(cfg, tmp_path, diverges):
     """Yield the engine's parts after each synchronous round of ``cfg``."""
     parts: SequentialParts = build_sequential(cfg)
+    parts.executor.open_client_states(tmp_path / "states", None)
     parts.executor.trainer = Diverging(parts.executor.trainer, diverges)
     loop = FederationLoop(cfg, RunWriter(tmp_path / "run"), parts.executor, parts.aggregator, parts.shard_sizes,
                           parts.adapter_bytes, parts.strategy.personalized, parts.strategy.asynchronous)
     loop.initial_handle = loop.publish()
     for _ in loop.run_sync(cfg.federation.rounds):
         yield parts, loop
+
+
+def stored_states(parts: SequentialParts) -> dict[int, NamedTensors]:
+    states = parts.executor.states
+    return {client: states.get(client) for client in states.clients().tolist()}
 
 
 def test_scaffold_server_control_stays_the_mean_of_the_stored_client_controls(tmp_path):
@@ -60,7 +66,7 @@ def test_scaffold_server_control_stays_the_mean_of_the_stored_client_controls(tm
 
     for parts, loop in rounds(cfg, tmp_path, diverges):
         control = parts.aggregator.snapshot()[1][1]
-        stored = parts.executor.client_states()
+        stored = stored_states(parts)
         assert all(torch.isfinite(t).all() for state in stored.values() for t in state.values())
         for key, c in control.items():
             name = key[len("control/"):]
@@ -80,7 +86,7 @@ def test_a_rejected_personal_adapter_is_neither_kept_nor_evaluated(tmp_path):
     for record in records:  # a round's train_loss averages its accepted (odd) clients only
         assert math.isfinite(record["train_loss"]) == any(client % 2 for client in record["clients"])
     trained = {client for record in records for client in record["clients"]}
-    stored = parts.executor.client_states()
+    stored = stored_states(parts)
     # Even clients' adapters all diverged and were rejected: only odd clients keep one.
     assert set(stored) == {client for client in trained if client % 2 == 1} != set()
     adapters = [split_state(state)[0] for state in stored.values()]

@@ -148,6 +148,15 @@ def test_clients_per_round_bound_mentions_num_clients():
     assert load_config(QUICKSTART, ["federation.clients_per_round=20"]).clients_per_round() == 20
 
 
+def test_personalized_clients_and_state_cache_are_checked():
+    assert "partition.num_clients (20)" in _error(["eval.personalized_clients=21"])  # quickstart: 20 clients
+    assert "'eval.personalized_clients'" in _error(["eval.personalized_clients=-1"])
+    assert "'eval.personalized_clients'" in _error(["eval.personalized_clients=2.5"])  # an integer
+    assert "'runtime.state_cache_mb'" in _error(["runtime.state_cache_mb=-1"])
+    cfg = load_config(QUICKSTART, ["eval.personalized_clients=20", "runtime.state_cache_mb=0"])
+    assert cfg.eval.personalized_clients == 20 and cfg.runtime.state_cache_mb == 0
+
+
 def test_boundary_values_are_accepted():
     cfg = load_config(QUICKSTART, ["federation.fraction=1.0", "federation.rounds=0", "model.lora.dropout=0"])
     assert cfg.federation.fraction == 1.0

@@ -4,13 +4,16 @@ the order tasks are handed out, failed client tasks, and what asynchronous mode 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedsim.algorithms import build_server_strategy
 from fedsim.config import ExperimentConfig, ServerAlgoConfig
 from fedsim.engine import sequential
-from fedsim.engine.loop import ClientTaskFailed, run_federation
+from fedsim.engine.loop import ClientTaskFailed, personalized_sample, run_federation
 from fedsim.messages import ClientTask
 
 
@@ -21,7 +24,10 @@ class StandInExecutor:
     def evaluate(self, handle: Any) -> dict[str, float]:
         return {"accuracy": 0.5, "roc_auc": 0.6, "macro_f1": 0.4}
 
-    def personalized_digest(self, num_clients: int) -> str:
+    def open_client_states(self, directory: Path, checkpointed: Any) -> None:
+        pass
+
+    def personalized_digest(self) -> str:
         return "0" * 64
 
     def stats(self) -> dict[str, Any]:
@@ -157,3 +163,51 @@ def test_async_mode_learns_new_versions_without_a_snapshot_per_update(tmp_path: 
     # the initial version, each of the 5 new ones (published to the workers), and the summary's
     assert aggregator.snapshots == 1 + 5 + 1
     assert executor.raised >= 1 and summary["failed_updates"] == {"exception:ValueError": executor.raised}
+
+
+class PersonalizedExecutor(ScriptedExecutor):
+    """Records which clients each personalized evaluation scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.evaluated: list[list[int]] = []
+
+    def evaluate_personalized(self, clients: np.ndarray, fallback: Any) -> dict[str, float]:
+        self.evaluated.append(clients.tolist())
+        return {"accuracy": 0.5}
+
+
+def _evaluated(cfg: ExperimentConfig, run_dir: Path) -> tuple[list[list[int]], dict[str, Any]]:
+    executor = PersonalizedExecutor()
+    summary = run_federation(cfg, run_dir, "sequential", executor, CountingAggregator(), SIZES, 100,
+                             personalized=True, asynchronous=False, trains=True, headline_metric="accuracy")
+    return executor.evaluated, summary
+
+
+def test_personalized_evaluation_scores_a_seeded_sample_of_clients_each_round(tmp_path: Path) -> None:
+    cfg = _config(eval__personalized_clients=3, federation__rounds=4)
+    evaluated, summary = _evaluated(cfg, tmp_path / "a")
+    assert summary["personalized_clients_evaluated"] == 3
+    assert evaluated == [personalized_sample(cfg, r).tolist() for r in (1, 2, 3, 4)]
+    assert all(c == sorted(set(c)) and len(c) == 3 and set(c) <= set(range(8)) for c in evaluated)
+    assert len({tuple(c) for c in evaluated}) > 1  # drawn afresh each round
+    assert _evaluated(cfg, tmp_path / "b")[0] == evaluated  # from the seed: the same in every run
+    cfg.seed = 1
+    assert _evaluated(cfg, tmp_path / "c")[0] != evaluated
+    everyone = _config(federation__rounds=2)  # 0, the default: every client
+    evaluated, summary = _evaluated(everyone, tmp_path / "d")
+    assert evaluated == [list(range(8))] * 2 and summary["personalized_clients_evaluated"] == 8
+
+
+def test_the_personalized_sample_costs_the_sample_not_the_population() -> None:
+    cfg = _config(eval__personalized_clients=1000)
+    cfg.partition.num_clients = 10**12  # Generator.choice(replace=False) would build [0, 10**12) here
+    started = time.perf_counter()
+    sample = personalized_sample(cfg, 7)
+    assert time.perf_counter() - started < 1.0
+    assert len(np.unique(sample)) == 1000 and 0 <= sample.min() and sample.max() < 10**12
+    assert np.array_equal(personalized_sample(cfg, 7), sample)
+    cfg.partition.num_clients, cfg.eval.personalized_clients = 4, 2  # uniform over the 6 pairs of 4 clients
+    pairs = [tuple(personalized_sample(cfg, step)) for step in range(3000)]
+    counts = [pairs.count(pair) for pair in sorted(set(pairs))]
+    assert len(counts) == 6 and all(abs(count / 3000 - 1 / 6) < 0.03 for count in counts)

@@ -146,7 +146,7 @@ def test_the_trainer_batches_and_measures_what_an_extra_client_costs(tmp_path, t
     cfg = small_config(tmp_path, "runtime.clients_per_batch=auto", "runtime.batch_memory_gb=0.1",
                        "partition.scheme=quantity")
     data = load_client_data(cfg)
-    trainer = ClientTrainer(cfg, tiny, data.splits.train, data.shards)
+    trainer = ClientTrainer(cfg, tiny, data)
     cost = trainer.extra_client_bytes
     adapter = sum(p.numel() * 4 for p in trainer.params.values())
     # weights, gradients, AdamW's two moments, and its step count (a float32 scalar per tensor)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import fedsim.engine.loop as loop_module
 from actors import worker as worker_module
 from actors.executor import RayExecutor
 from actors.runtime import run_ray
@@ -102,12 +103,40 @@ def test_rejected_updates_leave_client_state_untouched_on_ray(ray_cluster, tmp_p
     """Every update is over the norm bound, so no client may keep the personal adapter it trained: the
     personalized evaluation falls back to the initial adapter for all, and the digest covers no adapter."""
     cfg = small_config(tmp_path, "algorithm.server.name=local_only", "runtime.max_update_norm=1e-9",
-                       "federation.rounds=1", "runtime.num_workers=1")
+                       "federation.rounds=1", "runtime.num_workers=1", "eval.personalized_clients=4")
     summary = run_ray(cfg, tmp_path / "run")
     assert summary["rejected_by_reason"] == {"norm": 3} and summary["client_updates"] == 0
+    assert summary["personalized_clients_evaluated"] == 4
     # the mean over clients of the same metrics, up to the float rounding of that mean
     assert summary["final_metrics"] == pytest.approx(summary["zero_shot_metrics"])
     assert summary["adapter_sha256"] == adapter_sha256({})
+
+
+def test_scaffold_on_ray_resumes_from_the_stored_client_states_to_the_reference_adapter(ray_cluster, tmp_path,
+                                                                                        monkeypatch):
+    """The driver dies writing its round-2 checkpoint, after the aggregator actor stored round 2's client
+    states; resumed from the round-1 checkpoint (whose state files the store kept), the run ends with the
+    reference engine's adapter."""
+    overrides = (*SAME_THREADS, "algorithm.server.name=scaffold", "algorithm.client.name=scaffold",
+                 "training.optimizer=sgd", "training.lr=0.05", "federation.rounds=2", "checkpoint.every=1",
+                 "eval.every=2", "runtime.num_workers=1", "runtime.state_cache_mb=0")
+    reference = run_sequential(small_config(tmp_path / "seq", *overrides), tmp_path / "seq" / "run")
+    cfg, run = small_config(tmp_path / "ray", *overrides), tmp_path / "ray" / "run"
+    write = loop_module.write_checkpoint
+
+    def crash_at_round_2(run_dir, ckpt):
+        if ckpt.round == 2:
+            raise RuntimeError("killed")
+        write(run_dir, ckpt)
+
+    monkeypatch.setattr(loop_module, "write_checkpoint", crash_at_round_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_ray(cfg, run)
+    monkeypatch.undo()
+    summary = run_ray(cfg, run, resume=True)
+    assert summary["resumed_after_round"] == 1
+    assert summary["adapter_sha256"] == reference["adapter_sha256"]
+    assert summary["final_metrics"] == reference["final_metrics"]
 
 
 def test_a_client_that_raises_is_retried_on_another_worker_then_counted_as_its_dropout(ray_cluster, tmp_path):

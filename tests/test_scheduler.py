@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,6 +16,9 @@ from fedsim.scheduler import (
     AlwaysAvailable, AsyncPlanner, BernoulliAvailability, Clock, DeviceProfiles, SyncPlanner, TraceAvailability,
     build_availability, check_scheduler_config,
 )
+from fedsim.scheduler._common import TraceError
+from fedsim.scheduler.availability import FedScaleAvailability
+from fedsim.scheduler.fedscale import map_trace_clients
 
 
 def write_json(tmp_path: Path, obj, name: str = "trace.json") -> str:
@@ -469,3 +474,211 @@ def test_async_state_restores_to_the_same_future():
     assert advance(restored, [], 60)[0] == advance(original, [], 60)[0]
     with pytest.raises(RuntimeError, match="after start"):
         restored.restore(saved)
+
+
+# --- FedScale traces ---------------------------------------------------------------------------------------
+# tests/fixtures/fedscale/ holds hand-written traces in FedScale's formats. Each pickle (named as FedScale
+# names its files, no extension) is ``pickle.dump(d, f, protocol=2)`` of a plain dict literal; the .json
+# beside it is ``json.dump(d, f, indent=1)`` of the same dict. FEDSCALE_BEHAVE below is that dict for
+# client_behave_trace (with FedScale's unused "duration" and "model" fields left out of this copy).
+
+FEDSCALE = Path(__file__).parent / "fixtures" / "fedscale"
+FEDSCALE_BEHAVE = {  # trace id: (finish_time, active, inactive)
+    3: (100, [10, 50], [20, 60]),
+    7: (40, [0], [5]),
+    11: (1000, [100], [1200]),  # runs past finish_time: online from 100 to the end of each period
+    20: (60, [30], [30]),  # online at one instant per period
+    42: (50, [-10, 45], [5, 49]),  # starts before 0: online from each period's start
+    100: (10, [], []),  # never online
+}
+
+
+def fedscale_online(trace_id: int, t: float) -> bool:
+    """FedScale's ClientMetadata.is_active, read as intended: t mod finish_time in a closed interval."""
+    finish, active, inactive = FEDSCALE_BEHAVE[trace_id]
+    return any(on <= t % finish <= off for on, off in zip(active, inactive))
+
+
+def fedscale_availability(num_clients: int, seed: int = 0, name: str = "client_behave_trace"):
+    cfg = SchedulerConfig(availability="fedscale", availability_trace=str(FEDSCALE / name))
+    return build_availability(cfg, num_clients, seed)
+
+
+def write_pickle(tmp_path: Path, obj, name: str = "trace") -> str:
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps(obj))
+    return str(path)
+
+
+def test_fedscale_availability_follows_fedscale_semantics():
+    a = fedscale_availability(6, seed=4)
+    assert isinstance(a, FedScaleAvailability)
+    trace_ids = sorted(FEDSCALE_BEHAVE)
+    replays = [trace_ids[j] for j in map_trace_clients(4, 6, 6)]
+    assert sorted(replays) == trace_ids  # N == M: each trace client exactly once
+    client_of = {t: c for c, t in enumerate(replays)}
+    by_hand = {  # (trace id, time): online
+        (3, 10): True, (3, 20): True, (3, 20.5): False, (3, 110): True, (3, 155): True, (3, 161): False,
+        (7, 0): True, (7, 5): True, (7, 6): False, (7, 40): True, (7, 83): True,
+        (11, 99): False, (11, 100): True, (11, 999.9): True, (11, 1000): False, (11, 1100): True,
+        (20, 30): True, (20, 30.5): False, (20, 90): True,
+        (42, 0): True, (42, 5): True, (42, 6): False, (42, 45): True, (42, 50): True, (42, 49.5): False,
+        (100, 0): False, (100, 5): False,
+    }
+    for (trace_id, t), online in by_hand.items():
+        assert fedscale_online(trace_id, t) == online, (trace_id, t)
+        assert a.available([client_of[trace_id]], t, decision=0).tolist() == [online], (trace_id, t)
+    times = np.concatenate([np.arange(0, 2100, 0.5), np.random.default_rng(0).uniform(0, 1e5, 300)])
+    for t in np.random.default_rng(1).permutation(times):  # any query order
+        expected = [fedscale_online(trace_id, t) for trace_id in replays]
+        assert a.available(None, t, decision=0).tolist() == expected, t
+
+
+def test_fedscale_next_time_is_the_next_start():
+    a = fedscale_availability(6)
+    # starts: 10, 50 (period 100); 0 (40); 100 (1000); 30 (60); 0, 45 (50)
+    assert [a.next_time(t) for t in (0.0, 10.0, 30.0, 45.0, 99.5, 1999.0)] == [10.0, 30.0, 40.0, 50.0, 100.0, 2000.0]
+    for t in np.arange(0.0, 400.0, 0.25):  # someone comes online at next_time(t), nobody new before it
+        later = a.next_time(t)
+        assert a.available(None, later, 0).sum() > 0 and later > t
+        before = a.available(None, t, 0)
+        for u in np.arange(t + 0.25, later, 0.25):
+            assert not (a.available(None, u, 0) & ~before).any(), (t, u)
+
+
+def test_fedscale_json_matches_pickle():
+    a, b = fedscale_availability(20, seed=2), fedscale_availability(20, seed=2, name="client_behave_trace.json")
+    for t in np.arange(0.0, 1200.0, 7.5):
+        np.testing.assert_array_equal(a.available(None, t, 0), b.available(None, t, 0))
+        assert a.next_time(t) == b.next_time(t)
+    cfg = SchedulerConfig(device_trace_format="fedscale", device_trace=str(FEDSCALE / "client_device_capacity"))
+    d_pickle = DeviceProfiles.from_config(cfg, 20, seed=2)
+    cfg.device_trace = str(FEDSCALE / "client_device_capacity.json")
+    d_json = DeviceProfiles.from_config(cfg, 20, seed=2)
+    np.testing.assert_array_equal(d_pickle.speed, d_json.speed)
+    np.testing.assert_array_equal(d_pickle.bandwidth, d_json.bandwidth)
+
+
+def test_fedscale_mapping_by_seed():
+    m = 1000
+    a = map_trace_clients(7, m, m)
+    np.testing.assert_array_equal(np.sort(a), np.arange(m))  # N == M: a permutation
+    np.testing.assert_array_equal(map_trace_clients(7, m, m), a)
+    assert (map_trace_clients(8, m, m) != a).mean() > 0.9
+    assert len(np.unique(map_trace_clients(7, 600, m))) == 600  # N < M: no trace client twice
+    np.testing.assert_array_equal(map_trace_clients(7, 10, m), a[:10])  # a client's trace ignores N
+    big = map_trace_clients(7, 10_050, 100)  # N > M: every trace client 100 or 101 times
+    counts = np.bincount(big, minlength=100)
+    assert counts.min() == 100 and counts.max() == 101
+    assert not np.array_equal(big[:100], big[100:200])  # each block of M clients has its own permutation
+    np.testing.assert_array_equal(map_trace_clients(7, 5, 1), np.zeros(5))
+    assert map_trace_clients(7, 0, 3).shape == (0,)
+
+
+def test_fedscale_availability_at_a_million_clients(tmp_path):
+    trace = {str(j): {"active": [j], "inactive": [j + 500], "finish_time": 2000} for j in range(1000)}
+    cfg = SchedulerConfig(availability="fedscale", availability_trace=write_json(tmp_path, trace))
+    a = build_availability(cfg, 1_000_000, seed=0)
+    online = a.available(None, 700.0, decision=0)
+    assert online.shape == (1_000_000,) and online.dtype == bool
+    assert online.mean() == pytest.approx(501 / 1000)  # trace clients 200..700, each replayed 1000 times
+    assert a.next_time(700.0) == 701.0
+
+
+def test_fedscale_devices_convert_units():
+    cfg = SchedulerConfig(device_trace_format="fedscale", device_trace=str(FEDSCALE / "client_device_capacity"))
+    d = DeviceProfiles.from_config(cfg, 7, seed=1)
+    computation = np.array([162.0, 81.0, 324.0, 100.0, 50.0, 200.0, 120.0])  # ms per sample, median 120
+    communication = np.array([5648.109619499134, 1024.0, 2048.0, 800.0, 12000.0, 350.5, 4096.0])  # kbit/s
+    trace_of = map_trace_clients(1, 7, 7)
+    np.testing.assert_allclose(d.speed, computation[trace_of] / 120.0)
+    np.testing.assert_allclose(d.bandwidth, communication[trace_of] * 128.0)
+    # The time FedScale charges for a 1 MB update (in its kbit of 1024 bits) is what fedsim charges.
+    size_bytes = 1e6
+    np.testing.assert_allclose(size_bytes / d.bandwidth, size_bytes / 1024 * 8 / communication[trace_of])
+    many = DeviceProfiles.from_config(cfg, 7_000, seed=1)
+    assert np.median(many.speed) == 1.0 and set(many.speed) == set(computation / 120.0)
+
+
+def test_fedscale_pickle_with_code_is_refused_unrun(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    for obj in (Exploit(), {1: {"active": [0], "inactive": [1], "finish_time": Exploit()}}):
+        path = write_pickle(tmp_path, obj)
+        with pytest.raises(TraceError, match=r"scheduler.availability_trace.*refers to (posix|os|nt)\.system"):
+            build_availability(SchedulerConfig(availability="fedscale", availability_trace=path), 3, seed=0)
+    assert not marker.exists()
+    path = write_pickle(tmp_path, {1: {"computation": np.float64(1.0), "communication": 1.0}})
+    with pytest.raises(TraceError, match=r"scheduler.device_trace.*refers to numpy.*convert the file to JSON"):
+        DeviceProfiles.from_config(SchedulerConfig(device_trace_format="fedscale", device_trace=path), 3, seed=0)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ({1: {"active": [0], "inactive": [1]}}, "no 'finish_time' for client 1"),
+    ({1: {"finish_time": 10, "inactive": [1]}}, "no 'active' for client 1"),
+    ({1: {"finish_time": 10, "active": [0, 5], "inactive": [1]}}, "2 active and 1 inactive times for client 1"),
+    ({1: {"finish_time": 10, "active": [5], "inactive": [1]}}, "active <= inactive"),
+    ({1: {"finish_time": 0, "active": [0], "inactive": [1]}}, "finish_time=0 for client 1"),
+    ({1: {"finish_time": 10, "active": ["0"], "inactive": [1]}}, "active=['0'] for client 1"),
+    ({1: {"finish_time": 10, "active": 0, "inactive": 1}}, "active=0"),
+    ({1: {"finish_time": 10, "active": [float("nan")], "inactive": [1]}}, "active=[nan]"),
+    ({1: [0, 1]}, "expected a dict"),
+    ({"x": {"finish_time": 10, "active": [0], "inactive": [1]}}, "client id 'x'"),
+    ({1: {"finish_time": 10, "active": [0], "inactive": [1]},
+      "1": {"finish_time": 10, "active": [0], "inactive": [1]}}, "lists client 1 twice"),
+    ({}, "lists no clients"),
+    ([1, 2], "not a list"),
+    (b"garbage", "not a readable pickle"),
+])
+def test_fedscale_behave_trace_errors(tmp_path, content, problem):
+    if isinstance(content, bytes):
+        (tmp_path / "trace").write_bytes(content)
+        path = str(tmp_path / "trace")
+    else:
+        path = write_pickle(tmp_path, content)
+    with pytest.raises(TraceError) as err:
+        build_availability(SchedulerConfig(availability="fedscale", availability_trace=path), 3, seed=0)
+    assert "scheduler.availability_trace" in str(err.value) and path in str(err.value) and problem in str(err.value)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ({1: {"computation": 10.0}}, "no 'communication' for client 1"),
+    ({1: {"computation": 0.0, "communication": 1.0}}, "computation=0.0 for client 1"),
+    ({1: {"computation": True, "communication": 1.0}}, "computation=True"),
+    ({1: {"computation": 1.0, "communication": "fast"}}, "communication='fast'"),
+])
+def test_fedscale_device_trace_errors(tmp_path, content, problem):
+    path = write_pickle(tmp_path, content)
+    with pytest.raises(TraceError) as err:
+        DeviceProfiles.from_config(SchedulerConfig(device_trace_format="fedscale", device_trace=path), 3, seed=0)
+    assert "scheduler.device_trace" in str(err.value) and path in str(err.value) and problem in str(err.value)
+
+
+def test_fedscale_json_and_missing_file_errors(tmp_path):
+    path = write_json(tmp_path, '{"1": {"computation": 1, "communication": 2}, "1": {}}')
+    with pytest.raises(TraceError, match="twice"):
+        DeviceProfiles.from_config(SchedulerConfig(device_trace_format="fedscale", device_trace=path), 3, seed=0)
+    with pytest.raises(TraceError, match="scheduler.availability_trace.*could not be read"):
+        fedscale_availability(3, name="missing")
+
+
+@pytest.mark.parametrize("cfg, key", [
+    (SchedulerConfig(availability="fedscale"), "scheduler.availability_trace"),
+    (SchedulerConfig(device_trace_format="fedscale"), "scheduler.device_trace"),
+    (SchedulerConfig(device_trace_format="csv"), "scheduler.device_trace_format"),
+])
+def test_fedscale_config_checks(cfg, key):
+    with pytest.raises(ConfigError, match=key):
+        check_scheduler_config(cfg)
+
+
+def test_fedscale_trace_drives_the_sync_planner():
+    cfg = SchedulerConfig(availability="fedscale", availability_trace=str(FEDSCALE / "client_behave_trace"))
+    planner = SyncPlanner(cfg, 12, 2, seed=0)
+    s = planner.select_when_available(1, 6.0)  # nobody is online at 6 s; trace client 3 is from 10 s
+    replays_3 = np.flatnonzero(map_trace_clients(0, 12, 6) == sorted(FEDSCALE_BEHAVE).index(3))
+    assert s.start_s == 10.0 and sorted(s.dispatched) == replays_3.tolist()  # N = 2M: two clients replay it

@@ -205,7 +205,7 @@ def _keys(node, prefix=""):
     return {k for key, value in node.items() for k in _keys(value, f"{prefix}.{key}" if prefix else key)}
 
 
-@pytest.mark.parametrize("study", ["clients", "participation", "sync-vs-async"])
+@pytest.mark.parametrize("study", ["clients", "participation", "sync-vs-async", "million"])
 def test_studies_and_their_gpu_twins_differ_only_in_values(study):
     import yaml
 

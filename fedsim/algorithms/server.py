@@ -12,6 +12,7 @@ import math
 from fractions import Fraction
 from typing import ClassVar, Sequence
 
+import numpy as np
 import torch
 
 from fedsim.algorithms.fixedpoint import FixedPointSum, UpdateError
@@ -53,7 +54,8 @@ class ServerStrategy:
     def __init__(self, cfg: ServerAlgoConfig, num_clients: int, client_sizes: Sequence[int] | None = None) -> None:
         self.cfg = cfg
         self.num_clients = num_clients
-        self.client_sizes = list(client_sizes) if client_sizes is not None else None  # samples per client
+        # samples per client, an array: a million clients cost 8 MB, not a list of Python ints
+        self.client_sizes = np.asarray(client_sizes, dtype=np.int64) if client_sizes is not None else None
         self.lr = cfg.lr if cfg.lr is not None else self.default_lr
         self.weighting = self.default_weighting if cfg.weighting == "auto" else cfg.weighting
         if self.weighting not in WEIGHTINGS:
@@ -393,7 +395,7 @@ class Scaffold(ServerStrategy):
             if self.client_sizes is None or len(self.client_sizes) != num_clients:
                 raise ValueError("SCAFFOLD with algorithm.server.weighting=samples needs the sample count of "
                                  f"every one of the {num_clients} clients (client_sizes)")
-            self.population_weight = sum(self.client_sizes)
+            self.population_weight = int(self.client_sizes.sum())
         else:
             self.population_weight = num_clients
 

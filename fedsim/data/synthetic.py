@@ -277,6 +277,20 @@ def generate(task: str, num_samples: int, split: str, seed: int, image_size: int
     return datasets.Dataset.from_dict(columns, features=FEATURES)
 
 
+def client_sample(task: str, seed: int, client: int, row: int, image_size: int = 32, cues: Cues = Cues(),
+                  label: int | None = None) -> dict:
+    """Row ``row`` of client ``client``'s own training data (``data.samples_per_client``).
+
+    Its generator is seeded by (seed, task, client, row) alone, so any row of any client costs O(1) to
+    derive, on any worker, whatever the number of clients. With ``label``, the first draw from that generator
+    with that label: a sample from the task's distribution conditioned on the label (label skew)."""
+    rng = np.random.default_rng([seed, SPLIT_STREAMS["train"], list(GENERATORS).index(task), client, row])
+    while True:
+        sample = GENERATORS[task](rng, image_size, cues)
+        if label is None or sample["label"] == label:
+            return {**sample, "source": f"{SOURCE}/{task}"}
+
+
 def load_synthetic(task: str, num_train: int, num_test: int, image_size: int, seed: int,
                    cues: Cues = Cues()) -> DatasetSplits:
     return DatasetSplits(

@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedsim.client import ClientTrainer, split_state
+from fedsim.config import ExperimentConfig
 from fedsim.engine.batches import Batches
 from fedsim.engine.loop import ClientTaskFailed
 from fedsim.evaluation import Evaluator
 from fedsim.messages import ClientTask, ClientUpdate, NamedTensors, Published
-from fedsim.models.adapter import adapter_files, adapter_sha256, set_weights
+from fedsim.models.adapter import adapter_files, set_weights, update_digest
+from fedsim.statestore import ClientStateStore, StateManifest
 
 log = logging.getLogger(__name__)
 TASK_RETRIES = 1  # a client task that raises is run once more, alone (on Ray: on another worker), before it fails
 
-def personalized_adapters(states: dict[int, NamedTensors], num_clients: int) -> NamedTensors:
-    """Every client's own adapter under ``client<id>/``, for the run's digest."""
-    return {f"client{c}/{name}": tensor for c in range(num_clients)
-            for name, tensor in (split_state(states.get(c))[0] or {}).items()}
+def personalized_digest(states: ClientStateStore) -> str:
+    """The run's digest: ``adapter_sha256`` of every client's own adapter under ``client<id>/``, read one
+    client at a time (clients in the order of those names: by the decimal string of their ids)."""
+    clients = states.clients()
+    digest = hashlib.sha256()
+    for client in clients[np.argsort(np.char.add(clients.astype(str), "/"), kind="stable")].tolist():
+        update_digest(digest, split_state(states.get(client))[0] or {}, f"client{client}/")
+    return digest.hexdigest()
+
+
+def state_cache_bytes(cfg: ExperimentConfig) -> int:
+    return int(cfg.runtime.state_cache_mb * 2**20)
 
 
 def batching(trainer: ClientTrainer) -> dict[str, Any]:
@@ -51,7 +63,8 @@ class InProcessExecutor:
         self.pending: dict[ClientTask, Published] = {}  # submitted, not trained yet
         self.batch_of: dict[ClientTask, list[ClientTask]] = {}  # pending tasks whose batch has closed
         self.trained: dict[ClientTask, tuple[ClientUpdate, NamedTensors | None] | ClientTaskFailed] = {}
-        self.states: dict[int, NamedTensors] = {}  # committed: clients whose updates were accepted
+        self.cfg = trainer.cfg
+        self.states: ClientStateStore | None = None  # of accepted updates; open_client_states() opens it
         self.unsettled: dict[ClientTask, NamedTensors | None] = {}  # new states awaiting the aggregator's word
         self.tasks_done = 0
         self.busy_seconds = 0.0
@@ -106,7 +119,7 @@ class InProcessExecutor:
     def settle(self, task: ClientTask, accepted: bool) -> None:
         state = self.unsettled.pop(task)
         if accepted and state is not None:
-            self.states[task.client_id] = state
+            self.states.put(task.client_id, state)
 
     def discard(self, task: ClientTask) -> None:
         self.pending.pop(task, None)
@@ -121,11 +134,11 @@ class InProcessExecutor:
     def evaluate(self, handle: Published) -> dict[str, float]:
         return self._evaluate_weights(handle[0])
 
-    def evaluate_personalized(self, num_clients: int, fallback: Published) -> dict[str, float]:
-        """Mean over every client's own adapter; clients never trained hold the initial one."""
+    def evaluate_personalized(self, clients: np.ndarray, fallback: Published) -> dict[str, float]:
+        """Mean over the clients' own adapters; clients never trained hold the initial one."""
         fallback_metrics = None
         per_client = []
-        for client in range(num_clients):
+        for client in clients.tolist():
             adapter = split_state(self.states.get(client))[0]
             if adapter is None:
                 fallback_metrics = fallback_metrics or self.evaluate(fallback)
@@ -137,14 +150,18 @@ class InProcessExecutor:
     def adapter_files(self, handle: Published) -> dict[str, bytes]:
         return adapter_files(self.trainer.loaded.model, handle[0])
 
-    def client_states(self) -> dict[int, NamedTensors]:
-        return dict(self.states)
+    def open_client_states(self, directory: Path, checkpointed: StateManifest | None) -> None:
+        self.states = ClientStateStore(directory, self.cfg.partition.num_clients, state_cache_bytes(self.cfg),
+                                       checkpointed)
 
-    def restore_client_states(self, states: dict[int, NamedTensors]) -> None:
-        self.states.update(states)
+    def client_states(self) -> StateManifest:
+        return self.states.pin()
 
-    def personalized_digest(self, num_clients: int) -> str:
-        return adapter_sha256(personalized_adapters(self.states, num_clients))
+    def client_states_saved(self) -> None:
+        self.states.release()
+
+    def personalized_digest(self) -> str:
+        return personalized_digest(self.states)
 
     def fetch(self, handle: Published) -> Published:
         return handle

@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -30,6 +30,8 @@ from fedsim.config import ExperimentConfig, to_yaml
 from fedsim.messages import ClientTask, NamedTensors, Published
 from fedsim.output import RunWriter, library_versions
 from fedsim.scheduler import AsyncPlanner, Clock, DeviceProfiles, SyncPlanner, build_availability
+from fedsim.seeding import rng_for, sample_without_replacement
+from fedsim.statestore import STATES_DIR, StateManifest
 from fedsim.training import round_lr, samples_per_task
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,12 @@ class Executor(Protocol):
     elsewhere if its worker died) or raises ``ClientTaskFailed``; ``settle`` then stores the client's new
     state (SCAFFOLD's c_i, a personal adapter) if the aggregator accepted its update, and forgets it
     otherwise, so that rejected, late, dropped and too-stale updates leave a client's stored state as it
-    was. ``stats`` may give each worker's ``busy_seconds`` (time in client tasks)."""
+    was. ``stats`` may give each worker's ``busy_seconds`` (time in client tasks).
+
+    Client states live in a ``fedsim.statestore.ClientStateStore`` that ``open_client_states`` opens before
+    the first task, with a checkpoint's states when resuming; ``client_states`` gives the manifest a
+    checkpoint records (the store keeps its files from then on) and ``client_states_saved`` says that the
+    checkpoint is written (the files only the one before referred to may go)."""
 
     def publish(self, version: int, handle: Any) -> None: ...
     def submit(self, task: ClientTask) -> None: ...
@@ -57,11 +64,12 @@ class Executor(Protocol):
     def settle(self, task: ClientTask, accepted: bool) -> None: ...
     def discard(self, task: ClientTask) -> None: ...
     def evaluate(self, handle: Any) -> dict[str, float]: ...
-    def evaluate_personalized(self, num_clients: int, fallback: Any) -> dict[str, float]: ...
+    def evaluate_personalized(self, clients: np.ndarray, fallback: Any) -> dict[str, float]: ...
     def adapter_files(self, handle: Any) -> dict[str, bytes]: ...
-    def client_states(self) -> dict[int, NamedTensors]: ...
-    def restore_client_states(self, states: dict[int, NamedTensors]) -> None: ...
-    def personalized_digest(self, num_clients: int) -> str: ...
+    def open_client_states(self, directory: Path, checkpointed: StateManifest | None) -> None: ...
+    def client_states(self) -> StateManifest: ...
+    def client_states_saved(self) -> None: ...
+    def personalized_digest(self) -> str: ...
     def fetch(self, handle: Any) -> Published: ...
     def share(self, published: Published) -> Any: ...
     def stats(self) -> dict[str, Any]: ...
@@ -113,6 +121,16 @@ class InFlight:
         return task, handle
 
 
+def personalized_sample(cfg: ExperimentConfig, step: int) -> np.ndarray:
+    """The clients whose own adapters the evaluation after ``step`` scores, ascending: all of them, or
+    ``eval.personalized_clients`` drawn from the seed and the step (in O(k) time, whatever the number of
+    clients)."""
+    n, k = cfg.partition.num_clients, cfg.eval.personalized_clients
+    if k in (0, n):
+        return np.arange(n)
+    return np.sort(sample_without_replacement(rng_for(cfg.seed, "personalized_eval", step), n, k))
+
+
 def mean(values: Iterable[float]) -> float:
     values = list(values)
     return float(np.mean(values)) if values else float("nan")
@@ -120,7 +138,7 @@ def mean(values: Iterable[float]) -> float:
 
 class FederationLoop:
     def __init__(self, cfg: ExperimentConfig, writer: RunWriter, executor: Executor, aggregator: AggregatorLike,
-                 shard_sizes: list[int], adapter_bytes: int, personalized: bool, asynchronous: bool):
+                 shard_sizes: Sequence[int], adapter_bytes: int, personalized: bool, asynchronous: bool):
         self.cfg = cfg
         self.writer = writer
         self.executor = executor
@@ -156,11 +174,12 @@ class FederationLoop:
             published = {v: self.executor.fetch(handle) for v, handle in in_flight.handles.items()}
         write_checkpoint(self.writer.dir, Checkpoint(round_idx, tensors, self.executor.client_states(), state,
                                                      published))
+        self.executor.client_states_saved()
 
     def restore(self, ckpt: Checkpoint) -> None:
-        """Continue after round ``ckpt.round``: server, client states, counters and metrics as they were."""
+        """Continue after round ``ckpt.round``: server, counters and metrics as they were (client states:
+        ``run_federation`` opens the store with the checkpoint's)."""
         self.aggregator.restore(ckpt.server, ckpt.state["aggregator"])
-        self.executor.restore_client_states(ckpt.clients)
         self.tally = Tally(**ckpt.state["tally"])
         self.metrics = ckpt.state["metrics"]
         self.zero_shot = ckpt.state["zero_shot"]
@@ -188,13 +207,13 @@ class FederationLoop:
 
     def modeled_duration(self, client: int) -> float:
         down, up = self.bytes_per_task()
-        samples = samples_per_task(self.shard_sizes[client], self.cfg.training)
+        samples = samples_per_task(int(self.shard_sizes[client]), self.cfg.training)
         return self.clock.task_duration(client, samples, down, up).total_s
 
     def largest_first(self, clients: Iterable[int]) -> list[int]:
         """Hand-out order of a round's tasks: most samples first (ties by id), so no worker is left with a
         long task at the end of the round while the others idle."""
-        return sorted(clients, key=lambda c: (-samples_per_task(self.shard_sizes[c], self.cfg.training), c))
+        return sorted(clients, key=lambda c: (-samples_per_task(int(self.shard_sizes[c]), self.cfg.training), c))
 
     def count_failure(self, failure: ClientTaskFailed) -> None:
         log.warning("%s; counted as the client's dropout", failure)
@@ -212,14 +231,14 @@ class FederationLoop:
         self.executor.publish(version, handle)
         return handle
 
-    def evaluate(self, handle: Any) -> dict[str, float]:
+    def evaluate(self, handle: Any, step: int) -> dict[str, float]:
         if self.personalized:
-            return self.executor.evaluate_personalized(self.cfg.partition.num_clients, self.initial_handle)
+            return self.executor.evaluate_personalized(personalized_sample(self.cfg, step), self.initial_handle)
         return self.executor.evaluate(handle)
 
     def log_step(self, step: int, total: int, handle: Any, record: dict[str, Any]) -> None:
         if step % self.cfg.eval.every == 0 or step == total:
-            self.metrics = record["eval"] = self.evaluate(handle)
+            self.metrics = record["eval"] = self.evaluate(handle, step)
         record["simulated_seconds"] = self.tally.simulated_s
         self.writer.log_round(record)
         log.info("round %d/%d: loss %.4f, simulated %.1fs%s", step, total, record.get("train_loss", float("nan")),
@@ -399,7 +418,7 @@ def busy_fractions(stats: dict[str, Any], rounds_wall_s: float) -> dict[str, Any
 
 
 def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: Executor,
-                   aggregator: AggregatorLike, shard_sizes: list[int], adapter_bytes: int,
+                   aggregator: AggregatorLike, shard_sizes: Sequence[int], adapter_bytes: int,
                    personalized: bool, asynchronous: bool, trains: bool, resume: bool = False, *,
                    headline_metric: str) -> dict[str, Any]:
     """Run every round of ``cfg`` (with ``resume``: those after the run directory's checkpoint) and write
@@ -409,6 +428,7 @@ def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: 
     ckpt = read_checkpoint(run_dir) if resume else None
     writer = RunWriter(run_dir, resume_round=ckpt.round if ckpt else None)
     writer.write_config(to_yaml(cfg))
+    executor.open_client_states(writer.dir / STATES_DIR, ckpt.clients if ckpt else None)
     loop = FederationLoop(cfg, writer, executor, aggregator, shard_sizes, adapter_bytes, personalized, asynchronous)
     if ckpt is not None:
         loop.restore(ckpt)
@@ -433,6 +453,9 @@ def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: 
         "client_updates": tally.updates,
         "headline_metric": headline_metric,
         "final_metrics": loop.metrics,
+        # personalized runs: how many clients' own adapters each evaluation scored (eval.personalized_clients)
+        "personalized_clients_evaluated": ((cfg.eval.personalized_clients or cfg.partition.num_clients)
+                                           if personalized else None),
         "zero_shot_metrics": loop.zero_shot or {},
         "wall_seconds": time.perf_counter() - started,
         "train_seconds": tally.train_seconds,
@@ -449,7 +472,7 @@ def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: 
         "rejected_by_reason": agg_stats["rejected_by_reason"],
         "stale_updates": agg_stats["stale_updates"],
         "staleness": {"histogram": agg_stats["staleness_histogram"], "mean": agg_stats["mean_staleness"]},
-        "adapter_sha256": (executor.personalized_digest(cfg.partition.num_clients) if personalized
+        "adapter_sha256": (executor.personalized_digest() if personalized
                            else agg_stats["adapter_sha256"]),
         **busy_fractions(executor.stats(), loop.rounds_wall_s),
         "resumed_after_round": ckpt.round if ckpt else None,

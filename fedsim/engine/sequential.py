@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedsim.aggregator import Aggregator
@@ -34,7 +35,7 @@ class SequentialParts:
     executor: InProcessExecutor
     aggregator: Aggregator
     strategy: ServerStrategy
-    shard_sizes: list[int]
+    shard_sizes: np.ndarray
     adapter_bytes: int
     headline_metric: str  # the metric the data's benchmark reports (DatasetSplits.metric)
 
@@ -44,16 +45,16 @@ def build_sequential(cfg: ExperimentConfig, loaded: LoadedModel | None = None) -
     global weights), trainer, evaluator and aggregator of one in-process run."""
     data = load_client_data(cfg)
     loaded = loaded or load_model(cfg.model, derive_seed(cfg.seed, "lora_init"))
-    shard_sizes = [len(s) for s in data.shards]
+    shard_sizes = data.shard_sizes()
     strategy = build_server_strategy(cfg.algorithm.server, cfg.partition.num_clients, shard_sizes)
-    trainer = ClientTrainer(cfg, loaded, data.splits.train, data.shards, strategy.personalized)
-    evaluator = Evaluator(loaded.processor, data.splits.test, cfg.eval, cfg.data.max_length, loaded.device,
+    trainer = ClientTrainer(cfg, loaded, data, strategy.personalized)
+    evaluator = Evaluator(loaded.processor, data.test, cfg.eval, cfg.data.max_length, loaded.device,
                           cfg.seed, cfg.data.prompt)
     initial = get_weights(loaded.model)
     aggregator = Aggregator(strategy, UpdateGuard(cfg.runtime.max_update_norm))
     aggregator.init(initial)
     return SequentialParts(InProcessExecutor(trainer, evaluator), aggregator, strategy, shard_sizes, nbytes(initial),
-                           data.splits.metric)
+                           data.metric)
 
 
 def run_sequential(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:

@@ -37,12 +37,18 @@ def set_weights(model: torch.nn.Module, weights: NamedTensors) -> None:
 def adapter_sha256(weights: NamedTensors) -> str:
     """SHA-256 over (name, shape, float32 bytes) in sorted name order: equal digests mean equal adapters."""
     digest = hashlib.sha256()
+    update_digest(digest, weights)
+    return digest.hexdigest()
+
+
+def update_digest(digest: hashlib._Hash, weights: NamedTensors, prefix: str = "") -> None:
+    """Feed ``weights`` to ``digest`` as ``adapter_sha256`` does, each name under ``prefix``: adapters fed one
+    after another, in the sorted order of their prefixed names, give the digest of them all in one dict."""
     for name in sorted(weights):
         tensor = weights[name].detach().to("cpu", torch.float32).contiguous()
-        digest.update(name.encode())
+        digest.update((prefix + name).encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
 
 
 def save_adapter(model: torch.nn.Module, weights: NamedTensors, out_dir: str | Path) -> None:

@@ -47,16 +47,28 @@ def _no_duplicates(key: str, path: str | Path):
     return hook
 
 
-def load_client_json(key: str, path: str | Path, num_clients: int) -> dict[int, Any]:
-    """Read a JSON object keyed by client id ("0".."N-1") into {client: value}, with errors naming ``key``."""
+def read_bytes(key: str, path: str | Path) -> bytes:
     try:
-        text = Path(path).read_text()
+        return Path(path).read_bytes()
     except OSError as err:
         raise trace_error(key, path, f"could not be read: {err.strerror or err}") from None
+
+
+def read_json(key: str, path: str | Path) -> Any:
+    """The JSON value in ``path``; an object naming a key twice is an error, not a silent last-one-wins."""
     try:
-        loaded = json.loads(text, object_pairs_hook=_no_duplicates(key, path))
+        text = read_bytes(key, path).decode()
+    except UnicodeDecodeError as err:
+        raise trace_error(key, path, f"is not valid JSON: {err}") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates(key, path))
     except json.JSONDecodeError as err:
         raise trace_error(key, path, f"is not valid JSON: {err}") from None
+
+
+def load_client_json(key: str, path: str | Path, num_clients: int) -> dict[int, Any]:
+    """Read a JSON object keyed by client id ("0".."N-1") into {client: value}, with errors naming ``key``."""
+    loaded = read_json(key, path)
     if not isinstance(loaded, dict):
         raise trace_error(key, path, f"must hold a JSON object keyed by client id, not a {type(loaded).__name__}")
     out: dict[int, Any] = {}

@@ -16,6 +16,7 @@ import numpy as np
 
 from fedsim.config import SchedulerConfig
 from fedsim.scheduler._common import fail, hashed_uniforms, is_number, load_client_json, trace_error
+from fedsim.scheduler.fedscale import BehaveTrace, map_trace_clients, read_behave_trace
 from fedsim.seeding import derive_seed
 
 # Bernoulli availability: after a decision found nobody, the planner retries this many simulated seconds later.
@@ -134,6 +135,53 @@ class TraceAvailability(Availability):
         return float(self._starts[i]) if i < len(self._starts) else None
 
 
+class FedScaleAvailability(Availability):
+    """FedScale's client_behave_trace replayed by N clients: client c is online at t iff its trace client
+    ``map_trace_clients(seed, N, M)[c]`` is, i.e. t mod finish_time lies in one of its closed intervals
+    [active[i], inactive[i]] (FedScale's ClientMetadata.is_active, without its one-step index cursor).
+
+    Only the trace clients someone replays are kept, so memory and a query cost O(N + their intervals).
+    """
+
+    def __init__(self, num_clients: int, trace: BehaveTrace, seed: int) -> None:
+        self.num_clients = num_clients
+        used, self._trace_of = np.unique(map_trace_clients(seed, num_clients, trace.num_clients),
+                                         return_inverse=True)
+        kept = np.isin(trace.owner, used)
+        self._period = trace.period[used]
+        self._start, self._end = trace.start[kept], trace.end[kept]
+        self._owner = np.searchsorted(used, trace.owner[kept])
+        self._online_at: tuple[float, np.ndarray] = (math.nan, np.zeros(0, dtype=bool))
+
+    @classmethod
+    def from_file(cls, path: str, num_clients: int, seed: int) -> "FedScaleAvailability":
+        return cls(num_clients, read_behave_trace("availability_trace", path), seed)
+
+    def _trace_online(self, time_s: float) -> np.ndarray:
+        # The async planner asks about one instant many times: keep the last answer.
+        if self._online_at[0] != time_s:
+            phase = np.mod(time_s, self._period)[self._owner]
+            inside = (self._start <= phase) & (phase <= self._end)
+            online = np.zeros(len(self._period), dtype=bool)
+            online[self._owner[inside]] = True
+            self._online_at = (time_s, online)
+        return self._online_at[1]
+
+    def available(self, clients, time_s, decision, attempt=0):
+        trace_of = self._trace_of if clients is None else self._trace_of[_ids(clients, self.num_clients)]
+        return self._trace_online(float(time_s))[trace_of]
+
+    def next_time(self, time_s):
+        if not len(self._start):
+            return None
+        phase = np.mod(time_s, self._period)
+        cycle = (time_s - phase)[self._owner]
+        phase = phase[self._owner]
+        later = cycle + np.where(self._start > phase, self._start, self._start + self._period[self._owner])
+        # Rounding in t - (t mod period) must not hand back a time <= t: the planner would spin.
+        return max(float(later.min()), float(np.nextafter(time_s, math.inf)))
+
+
 def load_availability_trace(path: str, num_clients: int) -> dict[int, list[tuple[float, float]]]:
     """Read and check ``{"<client id>": [[start_s, end_s], ...]}``: sorted, non-overlapping, start < end."""
     out: dict[int, list[tuple[float, float]]] = {}
@@ -166,6 +214,7 @@ AVAILABILITY: dict[str, AvailabilityBuilder] = {
     "always": lambda cfg, n, seed: AlwaysAvailable(n),
     "bernoulli": lambda cfg, n, seed: BernoulliAvailability(n, cfg.availability_p, seed),
     "trace": lambda cfg, n, seed: TraceAvailability.from_file(cfg.availability_trace, n),
+    "fedscale": lambda cfg, n, seed: FedScaleAvailability.from_file(cfg.availability_trace, n, seed),
 }
 
 
@@ -174,9 +223,9 @@ def check_availability_config(cfg: SchedulerConfig) -> None:
         fail("availability", cfg.availability, "one of " + ", ".join(sorted(AVAILABILITY)))
     if not 0 <= cfg.availability_p <= 1:
         fail("availability_p", cfg.availability_p, "a value in [0, 1]")
-    if cfg.availability == "trace" and not cfg.availability_trace:
+    if cfg.availability in ("trace", "fedscale") and not cfg.availability_trace:
         fail("availability_trace", cfg.availability_trace,
-             "a path to a JSON trace file when scheduler.availability is 'trace'")
+             f"a path to a trace file when scheduler.availability is {cfg.availability!r}")
 
 
 def build_availability(cfg: SchedulerConfig, num_clients: int, seed: int) -> Availability:

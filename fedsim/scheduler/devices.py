@@ -10,12 +10,15 @@ import numpy as np
 
 from fedsim.config import SchedulerConfig
 from fedsim.scheduler._common import fail, is_number, load_client_json, trace_error
+from fedsim.scheduler.fedscale import BYTES_PER_S_PER_FEDSCALE_KBPS, map_trace_clients, read_device_capacity
 from fedsim.seeding import rng_for
 
 # Speeds are slowdown factors (compute seconds are multiplied by them); a floor keeps them positive.
 MIN_SPEED = 1e-3
 BITS_PER_BYTE = 8
 _TRACE_FIELDS = ("speed", "bandwidth_mbps")
+# fedsim: per-client overrides of the drawn devices; fedscale: every client replays a FedScale device.
+DEVICE_TRACE_FORMATS = ("fedsim", "fedscale")
 
 SpeedModel = Callable[[SchedulerConfig, np.random.Generator, int], np.ndarray]
 
@@ -41,6 +44,11 @@ def check_device_config(cfg: SchedulerConfig) -> None:
         fail("bandwidth_mbps", cfg.bandwidth_mbps, "a finite value > 0")
     if not cfg.bandwidth_sigma >= 0:
         fail("bandwidth_sigma", cfg.bandwidth_sigma, "a value >= 0")
+    if cfg.device_trace_format not in DEVICE_TRACE_FORMATS:
+        fail("device_trace_format", cfg.device_trace_format, "one of " + ", ".join(DEVICE_TRACE_FORMATS))
+    if cfg.device_trace_format == "fedscale" and not cfg.device_trace:
+        fail("device_trace", cfg.device_trace, "a path to a client_device_capacity file when "
+             "scheduler.device_trace_format is 'fedscale'")
 
 
 def mbps_to_bytes_per_s(mbps: float | np.ndarray) -> float | np.ndarray:
@@ -69,8 +77,11 @@ class DeviceProfiles:
 
     @classmethod
     def from_config(cls, cfg: SchedulerConfig, num_clients: int, seed: int) -> "DeviceProfiles":
-        """Draw every client's device from (seed, "device"), then apply ``cfg.device_trace`` overrides."""
+        """Draw every client's device from (seed, "device"), then apply ``cfg.device_trace`` overrides; or,
+        with ``device_trace_format: fedscale``, give every client a device of FedScale's trace."""
         check_device_config(cfg)
+        if cfg.device_trace_format == "fedscale":
+            return cls.from_fedscale(cfg.device_trace, num_clients, seed)
         speed = np.maximum(SPEED_MODELS[cfg.speed](cfg, rng_for(seed, "device", 0), num_clients), MIN_SPEED)
         spread = (rng_for(seed, "device", 1).lognormal(0.0, cfg.bandwidth_sigma, num_clients)
                   if cfg.bandwidth_sigma > 0 else np.ones(num_clients))
@@ -82,6 +93,19 @@ class DeviceProfiles:
                 if "bandwidth_mbps" in entry:
                     bandwidth[client] = mbps_to_bytes_per_s(entry["bandwidth_mbps"])
         return cls(speed=speed, bandwidth=bandwidth)
+
+    @classmethod
+    def from_fedscale(cls, path: str, num_clients: int, seed: int) -> "DeviceProfiles":
+        """Client c gets trace device ``map_trace_clients(seed, N, M)[c]`` of a client_device_capacity file.
+
+        Speed is its computation (ms per sample) over the median of the trace's M devices, so the median
+        device runs at scheduler.seconds_per_sample whatever N is; bandwidth is its communication in
+        FedScale's kbit/s (1024 bits), so a transfer takes as long as FedScale charges for it.
+        """
+        computation, communication = read_device_capacity("device_trace", path)
+        trace_of = map_trace_clients(seed, num_clients, len(computation))
+        return cls(speed=computation[trace_of] / np.median(computation),
+                   bandwidth=communication[trace_of] * BYTES_PER_S_PER_FEDSCALE_KBPS)
 
 
 def load_device_trace(path: str, num_clients: int) -> dict[int, dict[str, float]]:

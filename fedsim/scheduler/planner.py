@@ -18,7 +18,7 @@ import numpy as np
 
 from fedsim.config import SchedulerConfig
 from fedsim.scheduler._common import ceil_count, fail, hashed_uniforms
-from fedsim.scheduler.availability import Availability, build_availability
+from fedsim.scheduler.availability import AlwaysAvailable, Availability, build_availability
 from fedsim.scheduler.clock import Clock
 from fedsim.scheduler.devices import DeviceProfiles
 from fedsim.seeding import derive_seed, rng_for
@@ -106,10 +106,15 @@ class SyncPlanner:
         An empty selection means nobody is available: retry at ``retry_time(now_s)`` with ``attempt + 1``
         (or call ``select_when_available``).
         """
-        ids = self.availability.available_ids(now_s, round_idx, attempt)
-        size = min(self.dispatch_size, len(ids))
         coords = (round_idx,) if attempt == 0 else (round_idx, attempt)
-        picked = ids[rng_for(self.seed, "cohort", *coords).choice(len(ids), size=size, replace=False)]
+        rng = rng_for(self.seed, "cohort", *coords)
+        if isinstance(self.availability, AlwaysAvailable):
+            # Everyone is online: the same draw as over the list of ids 0..N-1, without building it. numpy
+            # samples k of N without replacement in O(k), so a round costs the same at any N.
+            picked = rng.choice(self.num_clients, size=min(self.dispatch_size, self.num_clients), replace=False)
+        else:
+            ids = self.availability.available_ids(now_s, round_idx, attempt)
+            picked = ids[rng.choice(len(ids), size=min(self.dispatch_size, len(ids)), replace=False)]
         dispatched = sorted(int(c) for c in picked)
         failed: set[int] = set()
         if self.cfg.dropout > 0 and dispatched:
