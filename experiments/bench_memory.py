@@ -1,8 +1,8 @@
 """Peak memory of the Ray runtime against the number of registered clients, at a fixed cohort size.
 
 Runs the same workload (fixed data size, K clients per round, 2 workers) with N=100 and N=1000 registered
-clients and samples the resident memory of every process of the run (driver, workers, aggregator, state
-store) twice a second. Prints the peaks and the growth per registered client.
+clients and samples the resident memory of every process of the run (driver, workers, aggregator) twice
+a second. Prints the peaks and the growth per registered client.
 
     python experiments/bench_memory.py --per-round 50 --rounds 3
 """

@@ -194,11 +194,13 @@ def plot_scaling(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[
             groups.setdefault(rest, []).append((x, run))
         fig, axs = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), dpi=110)
         short = short_key(key)
+        # Values spanning decades (N = 10^3 .. 10^6) would crowd all but the largest into one corner.
+        xscale = "log" if min(xs) > 0 and max(xs) / min(xs) >= 100 else "linear"
         for ax, (ylabel, value_of) in zip(axs, panels):
             for rest, members in groups.items():
                 members.sort(key=lambda item: item[0])
                 ax.plot([x for x, _ in members], [value_of(r) for _, r in members], marker="o", label=rest or None)
-            ax.set(title=f"{ylabel} vs {short}", xlabel=key, ylabel=ylabel)
+            ax.set(title=f"{ylabel} vs {short}", xlabel=key, ylabel=ylabel, xscale=xscale)
             if "seconds" in ylabel:  # durations from zero, so a small difference does not look like a large one
                 ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)

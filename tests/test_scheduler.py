@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -612,9 +613,21 @@ def test_fedscale_pickle_with_code_is_refused_unrun(tmp_path):
         with pytest.raises(TraceError, match=r"scheduler.availability_trace.*refers to (posix|os|nt)\.system"):
             build_availability(SchedulerConfig(availability="fedscale", availability_trace=path), 3, seed=0)
     assert not marker.exists()
-    path = write_pickle(tmp_path, {1: {"computation": np.float64(1.0), "communication": 1.0}})
-    with pytest.raises(TraceError, match=r"scheduler.device_trace.*refers to numpy.*convert the file to JSON"):
+    path = write_pickle(tmp_path, {1: {"computation": Fraction(1), "communication": 1.0}})
+    with pytest.raises(TraceError, match=r"scheduler.device_trace.*refers to fractions.Fraction.*convert the file "
+                                         r"to JSON"):
         DeviceProfiles.from_config(SchedulerConfig(device_trace_format="fedscale", device_trace=path), 3, seed=0)
+
+
+def test_fedscale_pickle_of_numpy_scalars_reads_as_plain_numbers(tmp_path):
+    plain = {3: {"computation": 2.5, "communication": 800}, 7: {"computation": 10.0, "communication": 60}}
+    as_numpy = {np.int64(k): {"computation": np.float32(v["computation"]),
+                              "communication": np.int32(v["communication"])} for k, v in plain.items()}
+    cfg = SchedulerConfig(device_trace_format="fedscale")
+    read = [DeviceProfiles.from_config(replace(cfg, device_trace=write_pickle(tmp_path, content, name)), 5, seed=0)
+            for name, content in (("plain", plain), ("numpy", as_numpy))]
+    np.testing.assert_array_equal(read[0].speed, read[1].speed)
+    np.testing.assert_array_equal(read[0].bandwidth, read[1].bandwidth)
 
 
 @pytest.mark.parametrize("content, problem", [

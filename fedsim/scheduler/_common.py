@@ -25,7 +25,7 @@ def ceil_count(fraction: float, k: int) -> int:
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 class TraceError(ConfigError):

@@ -35,8 +35,16 @@ BYTES_PER_S_PER_FEDSCALE_KBPS = 1024 / 8
 _MAPPING_COORDINATE = 2
 
 
+# The globals a pickle of numpy scalars (np.float64(1.5), np.int64(3)) needs: the dtype and the scalar
+# constructor, which build a number from a dtype and its bytes and run nothing else (torch's weights_only
+# loader allows the same).
+_SCALAR = np.float64(0).__reduce__()[0]  # numpy's private scalar constructor, wherever this numpy keeps it
+_NUMPY_SCALAR_GLOBALS = {("numpy", "dtype"): np.dtype, ("numpy.core.multiarray", "scalar"): _SCALAR,
+                         ("numpy._core.multiarray", "scalar"): _SCALAR}
+
+
 class _PlainUnpickler(pickle.Unpickler):
-    """Builds only what pickle's own opcodes build: dicts, lists, tuples, strings, numbers.
+    """Builds only what pickle's own opcodes build (dicts, lists, tuples, strings, numbers) and numpy scalars.
 
     Every other object (a class instance, a function such as os.system) needs a global, and find_class
     refuses each one before importing anything, so no code from the file runs.
@@ -48,8 +56,10 @@ class _PlainUnpickler(pickle.Unpickler):
         self.key, self.path = key, path
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _NUMPY_SCALAR_GLOBALS:
+            return _NUMPY_SCALAR_GLOBALS[module, name]
         raise trace_error(self.key, self.path, f"is a pickle that refers to {module}.{name}: only plain dicts, "
-                          f"lists, numbers and strings are read (or convert the file to JSON, named *.json)")
+                          f"lists, strings and numbers (numpy scalars too) are read (or convert the file to JSON, named *.json)")
 
 
 def read_trace_file(key: str, path: str) -> dict[int, Any]:
@@ -75,8 +85,8 @@ def _by_integer_id(key: str, path: str, loaded: dict) -> dict[int, Any]:
     """Entries sorted by id, so a pickle and its JSON conversion map the same trace clients to fedsim's."""
     out: dict[int, Any] = {}
     for name, entry in loaded.items():
-        if isinstance(name, int) and not isinstance(name, bool):
-            ident = name
+        if isinstance(name, (int, np.integer)) and not isinstance(name, bool):
+            ident = int(name)
         elif isinstance(name, str) and name.isascii() and name.isdigit():
             ident = int(name)
         else:
