@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedsim.config import TrainingConfig
-from fedsim.output import RunWriter, atomic_write_text, read_metrics
+from fedsim.output import RunWriter, atomic_write_bytes, atomic_write_text, read_metrics
 from fedsim.seeding import STREAMS, derive_seed, rng_for
 from fedsim.training import batch_indices, round_lr
 
@@ -181,7 +181,7 @@ def test_atomic_write_keeps_old_file_when_write_fails(tmp_path):
     path = tmp_path / "summary.json"
     atomic_write_text(path, "old\n")
     with pytest.raises(TypeError):
-        atomic_write_text(path, 123)  # fails inside f.write, after the temp file exists
+        atomic_write_bytes(path, 123)  # fails inside f.write, after the temp file exists
     assert path.read_text() == "old\n"
     assert os.listdir(tmp_path) == ["summary.json"]
 
@@ -189,7 +189,7 @@ def test_atomic_write_keeps_old_file_when_write_fails(tmp_path):
 def test_atomic_write_failure_without_previous_file(tmp_path):
     path = tmp_path / "config.yaml"
     with pytest.raises(TypeError):
-        atomic_write_text(path, None)
+        atomic_write_bytes(path, None)  # fails inside f.write
     assert os.listdir(tmp_path) == []
 
 
