@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import fedsim.engine.loop as loop_module
 from fedsim.config import ExperimentConfig
 from fedsim.models.tiny import tiny_model_path
 from fedsim.validation import load_config
@@ -51,3 +52,19 @@ def adamw_steps(model, batch: dict, steps: int = 3, lr: float = 1e-2) -> list[fl
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def run_killed_while_checkpointing(monkeypatch, at_round: int, run, *args) -> None:
+    """``run(*args)`` with the loop dying as it writes round ``at_round``'s checkpoint (after that round's client
+    states were stored, before the checkpoint that names them exists)."""
+    write = loop_module.write_checkpoint
+
+    def crash(run_dir, ckpt):
+        if ckpt.round == at_round:
+            raise RuntimeError("killed")
+        write(run_dir, ckpt)
+
+    monkeypatch.setattr(loop_module, "write_checkpoint", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(*args)
+    monkeypatch.undo()

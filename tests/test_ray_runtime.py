@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import fedsim.engine.loop as loop_module
 from actors import worker as worker_module
 from actors.executor import RayExecutor
 from actors.runtime import run_ray
@@ -21,7 +20,7 @@ from fedsim.models.adapter import adapter_sha256
 from fedsim.models.loading import load_model
 from fedsim.output import read_metrics
 
-from conftest import small_config
+from conftest import run_killed_while_checkpointing, small_config
 
 pytestmark = pytest.mark.slow
 
@@ -122,17 +121,7 @@ def test_scaffold_on_ray_resumes_from_the_stored_client_states_to_the_reference_
                  "eval.every=2", "runtime.num_workers=1", "runtime.state_cache_mb=0")
     reference = run_sequential(small_config(tmp_path / "seq", *overrides), tmp_path / "seq" / "run")
     cfg, run = small_config(tmp_path / "ray", *overrides), tmp_path / "ray" / "run"
-    write = loop_module.write_checkpoint
-
-    def crash_at_round_2(run_dir, ckpt):
-        if ckpt.round == 2:
-            raise RuntimeError("killed")
-        write(run_dir, ckpt)
-
-    monkeypatch.setattr(loop_module, "write_checkpoint", crash_at_round_2)
-    with pytest.raises(RuntimeError, match="killed"):
-        run_ray(cfg, run)
-    monkeypatch.undo()
+    run_killed_while_checkpointing(monkeypatch, 2, run_ray, cfg, run)
     summary = run_ray(cfg, run, resume=True)
     assert summary["resumed_after_round"] == 1
     assert summary["adapter_sha256"] == reference["adapter_sha256"]

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import fedsim.engine.loop as loop_module
 from fedsim.checkpoint import read_checkpoint
 from fedsim.engine import run_sequential
 from fedsim.messages import NamedTensors, nbytes
 from fedsim.statestore import STATES_DIR, ClientStateStore, StateManifest
 
-from conftest import small_config
+from conftest import run_killed_while_checkpointing, small_config
 
 
 def state(value: int) -> NamedTensors:
@@ -119,17 +118,7 @@ def test_scaffold_resumes_from_files_a_crash_left_past_the_checkpoint(tmp_path, 
     whole = run_sequential(small_config(tmp_path / "whole", *overrides), tmp_path / "whole" / "run")
 
     cfg, run = small_config(tmp_path / "cut", *overrides), tmp_path / "cut" / "run"
-    write = loop_module.write_checkpoint
-
-    def crash_at_round_2(run_dir, ckpt):
-        if ckpt.round == 2:
-            raise RuntimeError("killed")
-        write(run_dir, ckpt)
-
-    monkeypatch.setattr(loop_module, "write_checkpoint", crash_at_round_2)
-    with pytest.raises(RuntimeError, match="killed"):
-        run_sequential(cfg, run)
-    monkeypatch.undo()
+    run_killed_while_checkpointing(monkeypatch, 2, run_sequential, cfg, run)
     ckpt = read_checkpoint(run)
     assert ckpt.round == 1 and len(ckpt.clients.clients) == 3
     on_disk = set(files(run / STATES_DIR))
