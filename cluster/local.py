@@ -17,9 +17,9 @@ Each cluster keeps its Ray session files in a temp dir of its own (``--temp-dir`
 ``/tmp/fedsim-ray-<port>``), so that a job submitted to it joins it and not the last cluster started on the
 machine (Ray's jobs find their cluster through ``<temp dir>/ray_current_cluster``).
 
-Secure defaults: token authentication is on (``RAY_AUTH_MODE=token``; the token is read from
-``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``, generated there if absent, and every client of the cluster
-needs the same). Every port of the cluster binds to 127.0.0.1 when ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+Secure defaults: token authentication is on (``RAY_AUTH_MODE=token``; any other mode is refused; the token
+is read from ``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``, generated there if absent, and every client of the
+cluster needs the same). Every port of the cluster binds to 127.0.0.1 when ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
 is set here and in every client: Ray 2.60 binds its servers to loopback only when a node's IP is literally
 127.0.0.1, and ``ray start`` (like ``ray.init(address="127.0.0.1:...")`` in a client) swaps a loopback
 address for the machine's interface address unless that variable is 0. Without it the cluster advertises
@@ -67,9 +67,15 @@ def ray_cli() -> str:
 
 
 def auth_env() -> dict[str, str]:
-    """The environment every node and client shares: token authentication on, with a token on disk."""
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
-    if env["RAY_AUTH_MODE"] == "token" and not env.get("RAY_AUTH_TOKEN"):
+    """The environment every node and client shares: token authentication on, with a token on disk.
+
+    Exits if RAY_AUTH_MODE asks for another mode: a cluster anyone who reaches its ports may use."""
+    mode = os.environ.get("RAY_AUTH_MODE", "token")
+    if mode.lower() != "token":
+        raise SystemExit(f"local.py: RAY_AUTH_MODE={mode!r}, but this script starts clusters with token "
+                         "authentication only; export RAY_AUTH_MODE=token (or unset it) and try again")
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    if not env.get("RAY_AUTH_TOKEN"):
         subprocess.run([ray_cli(), "get-auth-token", "--generate"], env=env, check=True,
                        stdout=subprocess.DEVNULL)
     return env

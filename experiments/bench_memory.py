@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import ray
 
+from actors.local_ray import start_local_ray
 from actors.runtime import run_ray
 from fedsim.validation import load_config
 
@@ -64,7 +65,7 @@ def measure(num_clients: int, args: argparse.Namespace, out: Path) -> tuple[floa
         f"federation.rounds={args.rounds}", "training.local_steps=2", "partition.scheme=iid",
         "data.num_train=2000", "data.num_test=32", "eval.zero_shot=false", f"eval.every={args.rounds}",
         "runtime.engine=ray", "runtime.num_workers=2", "output.progress=never", f"output.dir={out}"])
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, log_to_driver=False)
     try:
         with PeakMemory() as peak:
             summary = run_ray(cfg, out)

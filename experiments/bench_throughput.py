@@ -36,6 +36,7 @@ from pathlib import Path
 import psutil
 import ray
 
+from actors.local_ray import start_local_ray
 from actors.runtime import run_ray
 from fedsim.engine import run_sequential
 from fedsim.validation import load_config
@@ -140,8 +141,7 @@ def main() -> None:
                                f"runtime.cpus_per_worker={args.threads}", per_batch)
                 monitor = Monitor(out)
                 # A fresh instance per run: its timeline holds this run's tasks only.
-                ray.init(address="local", num_cpus=max(2, workers * args.threads), include_dashboard=False,
-                         log_to_driver=False)
+                start_local_ray(num_cpus=max(2, workers * args.threads), log_to_driver=False)
                 try:
                     summary = run_ray(cfg, out)
                     busy = timeline_busy_seconds()

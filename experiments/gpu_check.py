@@ -262,8 +262,9 @@ def connect(gpu: bool, report: Report) -> bool:
 
         fedsim_connect(ExperimentConfig())
     else:  # room for 4 one-CPU workers on a small machine
-        ray.init(address="local", num_cpus=max(WORKERS, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=True)
+        from actors.local_ray import start_local_ray
+
+        start_local_ray(num_cpus=max(WORKERS, os.cpu_count() or 1), log_to_driver=True)
     gpus = ray.cluster_resources().get("GPU", 0)
     if not gpu:
         return True
