@@ -1,7 +1,8 @@
 """A run directory: resolved config, per-round metrics, summary and adapter, all crash-safe.
 
 ``metrics.jsonl`` is appended one flushed, fsynced line per round, so a crash leaves every finished round
-readable; every other file is written to a temporary name and renamed into place.
+readable; every other file is written to a temporary name, fsynced and renamed into place, and the folder
+is fsynced after the rename, so that a power loss cannot undo it either.
 """
 
 from __future__ import annotations
@@ -23,37 +24,108 @@ def _umask() -> int:
     return current
 
 
+STAGED = "~"  # atomic_dir(target)'s staging and set-aside folders are named .<target>~<random>[.old]
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (files created, renamed or deleted in it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """``fsync_path`` every file and folder under ``folder``, deepest first, ``folder`` last."""
+    for root, _, names in os.walk(folder, topdown=False):
+        for name in names:
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` whose new folders survive a power loss: the parent of each one created is fsynced."""
+    if not path.is_dir():
+        make_dirs(path.parent)
+        path.mkdir(exist_ok=True)
+        fsync_path(path.parent)
+
+
+def _write_synced(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Create (or truncate) ``path`` with ``data``, fsynced: for files in a folder that is renamed into place
+    as a whole (``atomic_dir``)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        _write_synced(fd, data)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``, durably."""
     atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path`` and fsync the folder."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            _write_synced(fd, data)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
+
+
+def staged_dirs(target: Path) -> list[Path]:
+    """The staging and set-aside folders of ``atomic_dir(target)`` on disk: one in use, or those a crash left."""
+    prefix = f".{target.name}{STAGED}"
+    if not target.parent.is_dir():
+        return []
+    return sorted(p for p in target.parent.iterdir()
+                  if p.name.startswith(prefix) and STAGED not in p.name[len(prefix):] and p.is_dir())
+
+
+def _replace(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+    fsync_path(dst.parent)
 
 
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a staging folder beside ``target``; on success it replaces ``target`` in one rename."""
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    """Yield a staging folder beside ``target``; on success it replaces ``target`` so that a crash or power loss
+    at any moment leaves one of them whole on disk: the staging folder is fsynced, ``target`` renamed aside,
+    the staging folder renamed in, the parent fsynced after each rename, and only then is the old one
+    deleted, with any folders that earlier crashes left (``staged_dirs``)."""
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}{STAGED}"))
+    aside = staging.with_name(staging.name + ".old")
     try:
         yield staging
+        sync_tree(staging)
+        fsync_path(target.parent)  # the staging folder's own entry: a finished one must outlive a power loss
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
+            _replace(target, aside)
+        _replace(staging, target)
+    except BaseException:
+        if aside.exists() and not target.exists():  # failed between the two renames: the old one goes back
+            os.replace(aside, target)
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for leftover in staged_dirs(target):
+        shutil.rmtree(leftover)
 
 
 # Libraries whose versions change a run's numbers (kernels, tokenizers, quantization), recorded in its summary.
@@ -90,7 +162,7 @@ class RunWriter:
             if self.metrics_path.exists():
                 raise FileExistsError(f"output.dir {str(self.dir)!r} already holds a run; choose another "
                                       "output.dir, or continue it with fedsim run --resume")
-            self.dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.dir)
         else:
             kept = [r for r in read_metrics(self.dir) if r["round"] <= resume_round]
             atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))

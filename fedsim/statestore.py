@@ -14,9 +14,14 @@ most recently used states up to ``cache_bytes``.
 Files are immutable: storing a client's state writes the next generation to a temporary name and renames
 it into place, so a crash at any moment leaves every stored state readable. The superseded file is deleted
 at once, unless a checkpoint refers to it (copy-on-write): ``pin()`` gives the manifest a checkpoint
-records (clients and generations) and keeps its files; ``release()``, once that checkpoint is written,
-deletes those that only the checkpoint before it referred to. A store opened from a manifest
-(``fedsim run --resume``) holds exactly the checkpoint's states; files written after it are deleted then.
+records (clients and generations) and keeps its files; ``release()``, once that checkpoint is durable on
+disk, deletes those that only the checkpoint before it referred to, so that whichever of the two a crash
+leaves complete finds its states. A store opened from a manifest (``fedsim run --resume``) holds exactly
+the checkpoint's states; files written after it are deleted then. Files and the folders they are renamed
+into are fsynced.
+
+A state file that cannot be read (missing, or not safetensors) raises ``StateStoreError`` naming it: the
+run stops there, since going on without the state would silently change the client's training.
 
 Where it lives: in the process that keeps client states (the sequential engine's; on Ray, the aggregator
 actor, which runs on the driver's node), on that node's disk, in the run directory the driver writes. On a
@@ -34,14 +39,29 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from fedsim.messages import NamedTensors, nbytes
-from fedsim.output import atomic_write_bytes
+from fedsim.output import atomic_write_bytes, make_dirs
 
 STATES_DIR = "client_states"  # in the run directory
 CLIENTS_PER_FOLDER = 1000
 SUFFIX = ".safetensors"
+
+
+class StateStoreError(Exception):
+    """A client state file the store refers to cannot be read: not a client's failure to count as its dropout,
+    but damage to the run directory that stops the run."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(str(path), reason)  # both in args: the error pickles (across Ray) as it was raised
+        self.path = Path(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (f"client state file {self.path} cannot be read ({self.reason}): the run cannot go on without "
+                f"that client's state (was the run directory's {STATES_DIR}/ folder changed or damaged?)")
 
 
 @dataclass(frozen=True)
@@ -131,14 +151,18 @@ class ClientStateStore:
         if state is not None:
             self.cache.move_to_end(client)
             return state
-        state = load_file(str(self.path(client, generation)))
+        path = self.path(client, generation)
+        try:
+            state = load_file(str(path))
+        except (OSError, SafetensorError) as err:
+            raise StateStoreError(path, str(err)) from err
         self._cache(client, state)
         return state
 
     def put(self, client: int, state: NamedTensors) -> None:
         old = int(self.generation[client])
         path = self.path(client, old + 1)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         atomic_write_bytes(path, save({name: t.contiguous() for name, t in state.items()}))
         self.generation[client] = old + 1
         if old and not self._referenced(client, old):
@@ -171,7 +195,8 @@ class ClientStateStore:
         return StateManifest(clients.astype(np.int64), self.pinned[clients].astype(np.int64))
 
     def release(self) -> None:
-        """The checkpoint of the last ``pin()`` is written: delete the files only the one before referred to."""
+        """The checkpoint of the last ``pin()`` is durable (its predecessor deleted): delete the files only that
+        predecessor referred to."""
         if self.pinned is None:
             raise RuntimeError("release() without pin(): no checkpoint is being written")
         stale = np.flatnonzero((self.kept != 0) & (self.kept != self.pinned) & (self.kept != self.generation))

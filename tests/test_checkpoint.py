@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fedsim.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from fedsim.checkpoint import FILES, Checkpoint, check_checkpoint, read_checkpoint, write_checkpoint
 from fedsim.cli import main
+from fedsim.engine import run_sequential
 from fedsim.output import read_metrics
-from fedsim.statestore import StateManifest
+from fedsim.statestore import STATES_DIR, StateManifest
 
-from conftest import REPO
+from conftest import REPO, FsSteps, one_model_for_every_run, record_crashes_while_checkpointing, small_config
 
 SMALL = ["data.num_train=240", "data.num_test=40", "partition.num_clients=6", "federation.clients_per_round=3",
          "federation.rounds=4", "training.local_epochs=1", "eval.every=2", "eval.zero_shot=true",
@@ -26,17 +29,21 @@ SMALL = ["data.num_train=240", "data.num_test=40", "partition.num_clients=6", "f
 QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")
 
 
-def test_checkpoint_round_trip_is_safetensors_and_json(tmp_path):
-    ckpt = Checkpoint(3, {"global/w": torch.arange(4.0), "version": torch.tensor(3)},
-                      StateManifest(np.array([0, 5]), np.array([2, 7])),
+def checkpoint(round_idx: int) -> Checkpoint:
+    return Checkpoint(round_idx, {"global/w": torch.arange(4.0) + round_idx, "version": torch.tensor(round_idx)},
+                      StateManifest(np.array([0, 5]), np.array([2, round_idx])),
                       {"tally": {"updates": 9}, "metrics": {"accuracy": 0.5}},
                       {2: ({"a.lora_A": torch.ones(3)}, {}), 3: ({"a.lora_A": torch.zeros(3)}, {"c/a": torch.ones(1)})})
+
+
+def test_checkpoint_round_trip_is_safetensors_and_json(tmp_path, monkeypatch):
+    ckpt = checkpoint(3)
     write_checkpoint(tmp_path, ckpt)
     files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
-    assert files == ["clients.safetensors", "published.safetensors", "server.safetensors", "state.json"]
+    assert files == ["COMPLETE", "clients.safetensors", "published.safetensors", "server.safetensors", "state.json"]
     back = read_checkpoint(tmp_path)
     assert back.round == 3 and back.state == ckpt.state
-    assert back.clients.clients.tolist() == [0, 5] and back.clients.generations.tolist() == [2, 7]
+    assert back.clients.clients.tolist() == [0, 5] and back.clients.generations.tolist() == [2, 3]
     assert torch.equal(back.server["global/w"], ckpt.server["global/w"])
     assert set(back.published) == {2, 3} and back.published[2][1] == {}
     assert torch.equal(back.published[3][0]["a.lora_A"], torch.zeros(3))
@@ -45,10 +52,50 @@ def test_checkpoint_round_trip_is_safetensors_and_json(tmp_path):
     assert read_checkpoint(tmp_path).round == 4 and len(read_checkpoint(tmp_path).clients.clients) == 0
     assert read_checkpoint(tmp_path).published == {}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
-    state = tmp_path / "checkpoint" / "state.json"
-    state.write_text(json.dumps({**json.loads(state.read_text()), "format": 2}))
-    with pytest.raises(ValueError, match="not a fedsim checkpoint of format 3 \\(it says 2\\)"):
+    server = tmp_path / "checkpoint" / "server.safetensors"
+    damaged = bytearray(server.read_bytes())
+    damaged[-1] ^= 1  # same size: complete by its seal, but not what was written
+    server.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=f"{server} does not match the sha256"):
         read_checkpoint(tmp_path)
+    monkeypatch.setattr("fedsim.checkpoint.FORMAT", 2)
+    write_checkpoint(tmp_path, ckpt)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="not a fedsim checkpoint of format 4 \\(it says 2\\)"):
+        read_checkpoint(tmp_path)
+
+
+def test_a_crash_at_any_step_of_replacing_a_checkpoint_leaves_a_complete_one(tmp_path, monkeypatch):
+    """Killed before any filesystem step of writing round 4's checkpoint over round 3's, the run directory holds
+    round 3's until round 4's is sealed, then round 4's; the next checkpoint clears what the crash left."""
+    run = tmp_path / "run"
+    run.mkdir()
+    write_checkpoint(run, checkpoint(3))
+    fs = FsSteps(monkeypatch, tmp_path / "crashes")
+    with fs.recording(run):
+        write_checkpoint(run, checkpoint(4))
+    monkeypatch.undo()
+    rounds = [read_checkpoint(s).round for s in fs.snapshots()]
+    assert rounds == sorted(rounds) and rounds[0] == 3 and rounds[-1] == 4
+    assert [p.name for p in run.iterdir()] == ["checkpoint"] and read_checkpoint(run).round == 4
+
+    # The order that makes it so on a power loss too: every file fsynced before the seal is written, the
+    # staging folder synced before the renames, the run directory fsynced after each, the old one deleted last.
+    steps, parent = fs.steps, str(run.resolve())
+    seal = steps.index(next(s for s in steps if s[0] == "write" and s[1].endswith("/COMPLETE")))
+    staged = os.path.dirname(steps[seal][1])
+    assert {("fsync", f"{staged}/{name}") for name in FILES} <= set(steps[:seal])
+    renames = [i for i, s in enumerate(steps) if s[0] == "replace"]
+    assert [steps[i][1:] for i in renames] == [(f"{parent}/checkpoint", f"{staged}.old"),
+                                               (staged, f"{parent}/checkpoint")]
+    assert all(steps[i + 1] == ("fsync", parent) for i in renames)
+    assert ("fsync", staged) in steps[seal:renames[0]]
+    deletes = [i for i, s in enumerate(steps) if s[0] in ("unlink", "rmdir")]
+    assert deletes and min(deletes) > renames[-1] + 1 and steps[-1] == ("rmdir", f"{staged}.old")
+
+    for snapshot in fs.snapshots():  # whatever a crash left, the next checkpoint leaves just itself
+        write_checkpoint(snapshot, checkpoint(5))
+        assert [p.name for p in snapshot.iterdir()] == ["checkpoint"] and read_checkpoint(snapshot).round == 5
 
 
 def test_resume_without_a_checkpoint_names_the_folder(tmp_path, capsys):
@@ -102,3 +149,42 @@ def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, algo):
     assert [r["round"] for r in read_metrics(cut)] == [1, 2, 3, 4]
     assert [r["eval"] for r in read_metrics(cut) if "eval" in r] == \
         [r["eval"] for r in read_metrics(whole) if "eval" in r]
+
+
+def distinct(snapshots: list[Path]) -> list[Path]:
+    """The snapshots whose trees (names and contents) differ: a kill before an fsync leaves what a kill before the
+    step ahead of it leaves (a killed process's writes are in the page cache)."""
+    seen = {}
+    for snapshot in snapshots:
+        digest = hashlib.sha256()
+        for path in sorted(snapshot.rglob("*")):
+            digest.update(str(path.relative_to(snapshot)).encode() + b"\0")
+            digest.update(path.read_bytes() if path.is_file() else b"/")
+        seen.setdefault(digest.hexdigest(), snapshot)
+    return list(seen.values())
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_any_step_of_checkpointing_resumes_to_the_same_adapter(tmp_path, monkeypatch):
+    """SCAFFOLD (client states in the store): the run directory as a kill before each filesystem step of round 2's
+    checkpoint leaves it (its files, the old one's removal, the release of the client states only the old
+    one named), resumed, ends with the uninterrupted run's adapter, from round 1's or round 2's checkpoint."""
+    cfg = small_config(tmp_path, "algorithm.server.name=scaffold", "algorithm.client.name=scaffold",
+                       "training.optimizer=sgd", "training.lr=0.05", "federation.rounds=2", "checkpoint.every=1",
+                       "data.num_train=60", "data.num_test=8", "training.local_steps=1", "training.batch_size=4",
+                       "eval.zero_shot=false", "eval.every=2",
+                       "runtime.engine=sequential", "runtime.num_threads=1", "runtime.state_cache_mb=0")
+    one_model_for_every_run(monkeypatch, cfg)
+    with monkeypatch.context() as patch:
+        fs = record_crashes_while_checkpointing(patch, 2, tmp_path / "crashes")
+        whole = run_sequential(cfg, tmp_path / "run")  # recording changes nothing it does
+    assert {step[0] for step in fs.steps} >= {"mkdir", "write", "fsync", "replace", "unlink", "rmdir"}
+    assert any(step[0] == "unlink" and f"/{STATES_DIR}/" in step[1] for step in fs.steps)  # round 1's states
+    resumed_after, resumed_from = set(), set()
+    for snapshot in distinct(fs.snapshots()):
+        resumed_from.add(check_checkpoint(snapshot).name.split("~")[0])  # checkpoint, or .checkpoint: staged
+        summary = run_sequential(cfg, snapshot, resume=True)
+        assert summary["adapter_sha256"] == whole["adapter_sha256"], snapshot.name
+        assert summary["final_metrics"] == whole["final_metrics"], snapshot.name
+        resumed_after.add(summary["resumed_after_round"])
+    assert resumed_after == {1, 2} and resumed_from == {"checkpoint", ".checkpoint"}

@@ -5,6 +5,8 @@ from such a checkpoint after states were written past it."""
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,10 @@ import torch
 from fedsim.checkpoint import read_checkpoint
 from fedsim.engine import run_sequential
 from fedsim.messages import NamedTensors, nbytes
-from fedsim.statestore import STATES_DIR, ClientStateStore, StateManifest
+from fedsim.output import read_metrics
+from fedsim.statestore import STATES_DIR, ClientStateStore, StateManifest, StateStoreError
 
-from conftest import run_killed_while_checkpointing, small_config
+from conftest import FsSteps, one_model_for_every_run, run_killed_while_checkpointing, small_config
 
 
 def state(value: int) -> NamedTensors:
@@ -83,6 +86,32 @@ def test_a_write_cut_short_leaves_the_previous_state_readable(tmp_path, monkeypa
     assert same(reopened.get(3), state(1)) and files(tmp_path) == ["0000/3.1.safetensors"]
 
 
+def test_a_stored_state_and_the_folders_it_is_renamed_into_are_fsynced(tmp_path, monkeypatch):
+    fs = FsSteps(monkeypatch)
+    store = ClientStateStore(tmp_path / "states", 10, cache_bytes=0)
+    with fs.recording():
+        store.put(3, state(1))
+    root, folder = str((tmp_path / "states").resolve()), str((tmp_path / "states" / "0000").resolve())
+    tmp = fs.steps[-3][1]  # the temporary name it is written under
+    assert fs.steps == [("mkdir", root), ("fsync", str(tmp_path.resolve())), ("mkdir", folder), ("fsync", root),
+                        ("write", tmp), ("fsync", tmp), ("replace", tmp, f"{folder}/3.1.safetensors"),
+                        ("fsync", folder)]
+
+
+def test_a_state_file_that_cannot_be_read_is_an_error_naming_it(tmp_path):
+    store = ClientStateStore(tmp_path, 10, cache_bytes=0)
+    store.put(1, state(1))
+    store.put(2, state(2))
+    store.path(1, 1).write_bytes(store.path(1, 1).read_bytes()[:-7])  # cut short
+    store.path(2, 1).unlink()
+    for client in (1, 2):
+        with pytest.raises(StateStoreError, match=f"client state file {re.escape(str(store.path(client, 1)))} "
+                                                  "cannot be read") as error:
+            store.get(client)
+        again = pickle.loads(pickle.dumps(error.value))  # as it crosses from a Ray actor
+        assert again.path == store.path(client, 1) and str(again) == str(error.value)
+
+
 def test_a_checkpoint_keeps_its_files_until_the_next_one_is_written(tmp_path):
     store = ClientStateStore(tmp_path, 10, cache_bytes=0)
     store.put(1, state(1))
@@ -114,7 +143,7 @@ def test_scaffold_resumes_from_files_a_crash_left_past_the_checkpoint(tmp_path, 
     round-1 checkpoint, whose states are still on disk, it ends with the uninterrupted run's adapter."""
     overrides = ("algorithm.server.name=scaffold", "algorithm.client.name=scaffold", "training.optimizer=sgd",
                  "training.lr=0.05", "federation.rounds=2", "checkpoint.every=1", "eval.zero_shot=false",
-                 "eval.every=2", "runtime.engine=sequential", "runtime.state_cache_mb=0")
+                 "eval.every=2", "runtime.engine=sequential", "runtime.state_cache_mb=0", "runtime.num_threads=1")
     whole = run_sequential(small_config(tmp_path / "whole", *overrides), tmp_path / "whole" / "run")
 
     cfg, run = small_config(tmp_path / "cut", *overrides), tmp_path / "cut" / "run"
@@ -132,3 +161,26 @@ def test_scaffold_resumes_from_files_a_crash_left_past_the_checkpoint(tmp_path, 
     final = read_checkpoint(run).clients
     assert set(files(run / STATES_DIR)) == {f"{c // 1000:04d}/{c}.{g}.safetensors"
                                             for c, g in zip(final.clients.tolist(), final.generations.tolist())}
+
+
+@pytest.mark.slow
+def test_a_damaged_state_file_stops_the_run_naming_it(tmp_path, monkeypatch):
+    """A state file the checkpoint names, cut short after the run was killed: the resumed run stops with an error
+    naming it when a client drawn again needs it, instead of counting that client's dropout and going on."""
+    cfg = small_config(tmp_path, "algorithm.server.name=scaffold", "algorithm.client.name=scaffold",
+                       "training.optimizer=sgd", "training.lr=0.05", "federation.clients_per_round=5",
+                       "training.local_steps=1", "training.batch_size=4", "data.num_test=8", "checkpoint.every=1",
+                       "eval.zero_shot=false", "eval.every=2", "runtime.engine=sequential", "runtime.num_threads=1",
+                       "runtime.state_cache_mb=0")
+    run = tmp_path / "run"
+    one_model_for_every_run(monkeypatch, cfg)
+    run_killed_while_checkpointing(monkeypatch, 2, run_sequential, cfg, run)
+    stored = read_checkpoint(run).clients  # round 1's
+    again = read_metrics(run)[1]["clients"]  # round 2's, drawn again when it resumes; 5 of 6: some of round 1's
+    client, generation = next((c, g) for c, g in zip(stored.clients.tolist(), stored.generations.tolist())
+                              if c in again)
+    damaged = run / STATES_DIR / f"{client // 1000:04d}" / f"{client}.{generation}.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(StateStoreError, match=re.escape(str(damaged))):
+        run_sequential(cfg, run, resume=True)
+    assert not (run / "summary.json").exists()

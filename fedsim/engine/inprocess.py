@@ -93,21 +93,23 @@ class InProcessExecutor:
         return update, {**update.metrics, "num_samples": update.num_samples, "worker": 0}
 
     def _train(self, tasks: list[ClientTask]) -> None:
-        """Train ``tasks`` together; if that raises, each once more alone (TASK_RETRIES)."""
+        """Train ``tasks`` together; if that raises, each once more alone (TASK_RETRIES). Their states are read
+        first: a state that cannot be read (``StateStoreError``) stops the run, it is no client's dropout."""
         weights, extras = self.pending[tasks[0]]
         for task in tasks:
             del self.pending[task]
             del self.batch_of[task]
+        states = [self.states.get(t.client_id) for t in tasks]
         started = time.perf_counter()
         try:
-            results = self.trainer.train_batch(tasks, weights, extras, [self.states.get(t.client_id) for t in tasks])
+            results = self.trainer.train_batch(tasks, weights, extras, states)
             self.trained.update(zip(tasks, results))
         except Exception as err:
             log.warning("clients %s (tasks %s) raised %r; each runs once more, alone",
                         [t.client_id for t in tasks], [t.seed_round for t in tasks], err)
-            for task in tasks:
+            for task, state in zip(tasks, states):
                 try:
-                    self.trained[task] = self.trainer.train(task, weights, extras, self.states.get(task.client_id))
+                    self.trained[task] = self.trainer.train(task, weights, extras, state)
                 except Exception as again:
                     log.warning("client %d (task %d) raised again: %r", task.client_id, task.seed_round, again)
                     failed = ClientTaskFailed(task, failure_reason(again))

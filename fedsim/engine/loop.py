@@ -174,6 +174,7 @@ class FederationLoop:
             published = {v: self.executor.fetch(handle) for v, handle in in_flight.handles.items()}
         write_checkpoint(self.writer.dir, Checkpoint(round_idx, tensors, self.executor.client_states(), state,
                                                      published))
+        # Only now, the new checkpoint durable and the old one gone, may the old one's state files go.
         self.executor.client_states_saved()
 
     def restore(self, ckpt: Checkpoint) -> None:
