@@ -14,6 +14,8 @@ import datasets
 from fedsim.checkpoint import check_checkpoint
 from fedsim.config import ConfigError, ExperimentConfig
 from fedsim.output import default_run_dir
+from fedsim.runlock import DirectoryInUse, run_lock
+from fedsim.statestore import StateStoreError
 from fedsim.validation import load_config
 
 log = logging.getLogger("fedsim")
@@ -34,47 +36,66 @@ def _load(args: argparse.Namespace):
     return load_config(*_split_config_args(args.config))  # every config error surfaces here, before any work
 
 
-TRUST_KEY = "model.trust_remote_code"
+TRUST_KEY, ADDRESS_KEY = "model.trust_remote_code", "runtime.address"
 
 
 def _resume_config(run_dir: Path, items: list[str]) -> ExperimentConfig:
     """The config a run saved, refused when it turns on remote code that ``items`` (the command line after
-    ``--resume RUN_DIR``) does not confirm with ``model.trust_remote_code=true``.
+    ``--resume RUN_DIR``) does not confirm with ``model.trust_remote_code=true``, and without its
+    ``runtime.address`` unless ``items`` gives one.
 
-    A run directory may come from someone else, and with remote code on, loading the model runs the Python
-    files that come with it.
+    A run directory may come from someone else: with remote code on, loading the model runs the Python
+    files that come with it, and a saved address points the driver at someone else's cluster.
     """
-    if any(not item.startswith(f"{TRUST_KEY}=") for item in items):
+    if any(item.split("=", 1)[0] not in (TRUST_KEY, ADDRESS_KEY) for item in items):
         raise ConfigError(f"fedsim run --resume RUN_DIR takes no config files or overrides (got {' '.join(items)}): "
                           f"the run continues with the config.yaml it saved; only {TRUST_KEY}=true may follow, "
-                          "to confirm a saved config that runs the model's own code")
+                          f"to confirm a saved config that runs the model's own code, and {ADDRESS_KEY}=..., "
+                          "the Ray cluster to join")
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(saved)
-    confirmed = bool(items) and load_config(saved, items).model.trust_remote_code
-    if cfg.model.trust_remote_code and not confirmed:
+    given = {item.split("=", 1)[0] for item in items}
+    confirmed = load_config(saved, items)  # the command line's values, parsed as any override is
+    trusted = TRUST_KEY in given and confirmed.model.trust_remote_code
+    if cfg.model.trust_remote_code and not trusted:
         raise ConfigError(
             f"{saved} sets {TRUST_KEY}=true: resuming would run the Python code that comes with model "
             f"{cfg.model.name!r} on this machine and on every worker. A run directory may come from someone "
             f"else; if you trust this config and that model, say so: fedsim run --resume {run_dir} {TRUST_KEY}=true")
-    if confirmed and not cfg.model.trust_remote_code:
+    if trusted and not cfg.model.trust_remote_code:
         log.warning("%s=true on the command line changes nothing: %s does not run remote code", TRUST_KEY, saved)
+    if cfg.runtime.address and ADDRESS_KEY not in given:
+        log.warning("%s sets %s=%s: ignored, since a run directory may come from someone else (this run joins "
+                    "RAY_ADDRESS or a local instance); to resume on that cluster, say so: fedsim run --resume %s "
+                    "%s=%s", saved, ADDRESS_KEY, cfg.runtime.address, run_dir, ADDRESS_KEY, cfg.runtime.address)
+    cfg.runtime.address = confirmed.runtime.address if ADDRESS_KEY in given else None
     return cfg
+
+
+def resume_overrides(cfg: ExperimentConfig) -> list[str]:
+    """What ``fedsim run --resume`` needs after RUN_DIR to continue a run of ``cfg`` as ``cfg`` asks: the
+    confirmations of the saved values it does not trust on its own."""
+    return ([f"{TRUST_KEY}=true"] if cfg.model.trust_remote_code else []) + \
+        ([f"{ADDRESS_KEY}={cfg.runtime.address}"] if cfg.runtime.address else [])
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         cfg = _resume_config(run_dir, args.config)
-        check_checkpoint(run_dir)  # before any work
     else:
         cfg = _load(args)
         run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.name)
+        run_dir.mkdir(parents=True, exist_ok=True)  # to hold the lock
     cfg.output.dir = str(run_dir)
-    from fedsim.engine import ENGINES
+    with run_lock(run_dir):  # one writer per run directory, refused here, before any work
+        if args.resume:
+            check_checkpoint(run_dir)
+        from fedsim.engine import ENGINES
 
-    summary = ENGINES[cfg.runtime.engine](cfg, run_dir, resume=bool(args.resume))
+        summary = ENGINES[cfg.runtime.engine](cfg, run_dir, resume=bool(args.resume))
     print(json.dumps({k: summary[k] for k in ("run_dir", "rounds", "client_updates", "final_metrics",
                                               "zero_shot_metrics", "wall_seconds", "adapter_sha256")}, indent=2))
     return 0
@@ -129,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoint (RUN_DIR/checkpoint/) with the "
                           f"config it saved; a config with {TRUST_KEY}=true resumes only with that override "
-                          "repeated after RUN_DIR")
+                          "repeated after RUN_DIR, and a saved runtime.address is ignored unless given again "
+                          "after RUN_DIR (runtime.address=...)")
     run.set_defaults(func=_run)
     part = sub.add_parser("partition", help="show what each client holds (samples, labels, modalities) and plot it")
     part.add_argument("config", nargs="+", metavar="CONFIG", help=CONFIG_HELP)
@@ -168,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, DirectoryInUse, StateStoreError) as err:
         print(f"fedsim: error: {err}", file=sys.stderr)
         return 2
 

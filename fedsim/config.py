@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -47,10 +48,13 @@ class ModelConfig:
     device: str = "auto"  # auto: CUDA when a device is visible, else CPU
     prepare_kbit_training: bool = False
     gradient_checkpointing: bool = False
+    # Runs the model repository's own Python code: a hub model then needs ``revision`` pinned to a full commit.
     trust_remote_code: bool = False
     # A hub model's branch, tag or commit; pin a commit so that every node and every rerun loads the same
     # weights (None: the default branch as it is today).
     revision: Optional[str] = None
+    # Weights load from safetensors only; true also accepts pickled ones (.bin), which can run code when loaded.
+    allow_pickle_weights: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -241,6 +245,10 @@ class RuntimeConfig:
     # A run that asks for more CPUs/GPUs than the cluster has requests them from the autoscaler and waits up
     # to this long for nodes to join (a GPU node boots in minutes); 0: fail at once, naming what is missing.
     resource_timeout_s: float = 1800.0
+    # A worker call (a batch of client tasks, an evaluation shard) that makes no progress for this long is
+    # taken for hung: its worker is restarted and the call runs again, with the same seeds, elsewhere.
+    # 0: derived from the calls measured so far (20x the longest, at least 300 s; 1800 s before the first).
+    task_timeout_s: float = 0.0
     max_update_norm: float = 0.0  # reject updates whose L2 norm exceeds this (0: no bound)
     # Client states (SCAFFOLD's c_i, personal adapters) live in files under RUN_DIR/client_states/; the most
     # recently used ones are also kept in memory, up to this many MiB (0: read every state from disk).
@@ -326,7 +334,7 @@ NON_NEGATIVE = (
     "algorithm.client.weight", "algorithm.server.tau", "eval.max_samples",
     "runtime.num_threads", "partition.min_samples", "runtime.cpus_per_worker", "runtime.gpus_per_worker",
     "runtime.queue_per_worker", "runtime.max_update_norm", "runtime.batch_memory_gb", "algorithm.server.staleness_exponent",
-    "algorithm.server.max_staleness", "checkpoint.every", "runtime.resource_timeout_s", "runtime.state_cache_mb",
+    "algorithm.server.max_staleness", "checkpoint.every", "runtime.resource_timeout_s", "runtime.task_timeout_s", "runtime.state_cache_mb",
 )
 UNIT_INTERVAL = ("model.lora.dropout", "federation.fraction", "training.beta1", "training.beta2",
                  "algorithm.server.beta1", "algorithm.server.beta2", "algorithm.server.mixing",
@@ -457,12 +465,31 @@ def _schema_error(err: OmegaConfBaseException, source: str, key_hint: str = "") 
     return ConfigError(f"invalid config in {source}: {detail}")
 
 
+def refuse_interpolation(value: Any, key: str, source: str) -> None:
+    """ConfigError naming the key of any string in ``value`` (a YAML mapping, list or scalar) holding '${'.
+    OmegaConf resolves '${oc.env:VAR}' from the environment and '${other.key}' from another key when it
+    builds the config: a config (perhaps from someone else's run directory) must mean what it says."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            refuse_interpolation(item, f"{key}.{name}" if key else str(name), source)
+    elif isinstance(value, list):
+        for item in value:
+            refuse_interpolation(item, key, source)
+    elif isinstance(value, str) and "${" in value:
+        fail(key, value, f"a plain value, not an OmegaConf interpolation (in {source}: a '${{' in a value is "
+                         "refused, since OmegaConf would resolve it)")
+
+
 def _load_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
+        # checked before OmegaConf reads it: it would resolve (or fail to parse) a '${' in a value
+        refuse_interpolation(yaml.safe_load(path.read_text()), "", f"config file {path}")
         loaded = OmegaConf.load(path)
-    except (OmegaConfBaseException, OSError, ValueError) as err:
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, OSError, ValueError, yaml.YAMLError) as err:
         raise ConfigError(f"config file {path} could not be read as a YAML mapping of config keys: {err}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping of config keys at its top level, "
@@ -497,11 +524,15 @@ def merge_config(path: str | Path | Sequence[str | Path] | None = None,
     paths = [] if path is None else [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
     layers = [(_load_yaml(layer), str(layer), "") for layer in paths]
     if paths and not any("name" in loaded for loaded, _, _ in layers):
-        layers.append((OmegaConf.create({"name": "-".join(p.stem for p in paths)}), "the files' stems", "name"))
+        stems = "-".join(p.stem for p in paths)
+        refuse_interpolation(stems, "name", "the files' stems")
+        layers.append((OmegaConf.create({"name": stems}), "the files' stems", "name"))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}", item.split("=", 1)[0]))
+        key, value = item.split("=", 1)
+        refuse_interpolation(value, key, f"override {item!r}")
+        layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}", key))
     merged = _merge(_schema(), layers)
     try:
         return OmegaConf.to_object(merged)

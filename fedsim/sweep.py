@@ -4,34 +4,41 @@ A sweep directory holds ``sweep.json`` (the base config and the grid), one run d
 after its values, and ``sweep.csv`` with one row per point. Each run is a ``fedsim run`` child process,
 so runs are isolated, several can share a Ray cluster (``RAY_ADDRESS``) at once, and an interrupted sweep
 loses only the runs in flight: running the same command again skips finished runs, resumes those that
-left a checkpoint and restarts the rest.
+left a checkpoint and restarts the rest (their directories set aside, never deleted). The runs die with the
+sweep, however it dies.
 """
 
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import itertools
 import json
 import logging
+import os
 import re
-import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from fedsim.checkpoint import check_checkpoint
+from fedsim.cli import resume_overrides
 from fedsim.config import ConfigError, ExperimentConfig, to_yaml
-from fedsim.validation import load_config
 from fedsim.output import atomic_write_text
+from fedsim.runlock import run_lock
+from fedsim.validation import load_config
 
 log = logging.getLogger(__name__)
 
 MANIFEST, TABLE = "sweep.json", "sweep.csv"
 DONE, FAILED, PENDING = "done", "failed", "pending"
+STOP_GRACE_S = 30  # a run told to stop gets this long to exit before it is killed
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # Summary fields copied into sweep.csv after the grid values and final metrics.
 SUMMARY_COLUMNS = ("rounds", "client_updates", "simulated_seconds", "wall_seconds", "train_seconds",
                    "bytes_up", "bytes_down", "stale_updates", "dropped_updates")
@@ -131,26 +138,31 @@ class Sweep:
 
     # ------------------------------------------------------------------------------------------ running
     def command(self, point: Point) -> list[str]:
+        """The ``fedsim run`` that continues ``point``: a resume from its checkpoint, else a fresh run (an
+        earlier directory without a checkpoint set aside first)."""
         run_dir = self.dir / point.label
         cli = [sys.executable, "-m", "fedsim.cli", "run"]
         try:
             check_checkpoint(run_dir)
-            point_cfg = load_config(self.configs, self.overrides + point.overrides())
-            # --resume refuses a saved config that runs remote code unless told again: this sweep's own asked for it
-            trusted = ["model.trust_remote_code=true"] if point_cfg.model.trust_remote_code else []
-            return cli + ["--resume", str(run_dir), *trusted]
         except FileNotFoundError:
-            if run_dir.exists():  # interrupted before its first checkpoint: start it again
-                shutil.rmtree(run_dir)
+            if run_dir.exists():  # interrupted or failed before its first checkpoint
+                set_aside(run_dir)
             return cli + [*self.configs, *self.overrides, *point.overrides(), f"output.dir={run_dir}",
                           "output.progress=never"]
+        # --resume trusts some saved values only when told again: this sweep's own config tells it
+        point_cfg = load_config(self.configs, self.overrides + point.overrides())
+        return cli + ["--resume", str(run_dir), *resume_overrides(point_cfg)]
 
     def run(self, parallel: int = 1) -> list[Point]:
         """Run every unfinished point, ``parallel`` at a time; returns the points that failed."""
         if parallel < 1:
             raise ConfigError(f"--parallel must be >= 1, got {parallel}")
-        self.check_manifest()
         self.dir.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.dir):  # one sweep per sweep directory
+            return self._run_points(parallel)
+
+    def _run_points(self, parallel: int) -> list[Point]:
+        self.check_manifest()
         self.write_manifest()
         self.write_table()
         todo = [p for p in self.points() if status(self.dir / p.label) != DONE]
@@ -164,7 +176,8 @@ class Sweep:
                     point = todo.pop(0)
                     log_path = self.dir / f"{point.label}.log"
                     with open(log_path, "a") as log_file:
-                        proc = subprocess.Popen(self.command(point), stdout=log_file, stderr=subprocess.STDOUT)
+                        proc = subprocess.Popen(self.command(point), stdout=log_file, stderr=subprocess.STDOUT,
+                                                preexec_fn=die_with_parent())
                     running[point.label] = (point, proc)
                     log.info("started %s (log: %s)", point.label, log_path)
                 for label, (point, proc) in list(running.items()):
@@ -179,10 +192,7 @@ class Sweep:
                     self.write_table(failed)
                 time.sleep(0.2)
         finally:  # interrupted: stop the runs in flight, they continue from their checkpoint next time
-            for _, proc in running.values():
-                proc.terminate()
-            for _, proc in running.values():
-                proc.wait()
+            stop([proc for _, proc in running.values()])
         self.write_table(failed)
         return failed
 
@@ -216,3 +226,42 @@ class Sweep:
 
 def status(run_dir: Path) -> str:
     return DONE if (run_dir / "summary.json").exists() else PENDING
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Rename a run directory out of its point's way (``<label>.failed-<time>``), never deleting it: it may
+    hold the metrics of finished rounds. Refused (DirectoryInUse) while a process runs in it."""
+    aside = run_dir.with_name(f"{run_dir.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+    with run_lock(run_dir):
+        run_dir.rename(aside)  # onto a non-empty namesake: OSError, nothing lost
+    log.warning("%s has no checkpoint to resume from: moved to %s, and the run starts again", run_dir, aside)
+    return aside
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` after which the kernel sends the child SIGTERM when this process dies, even by SIGKILL
+    (Linux; elsewhere None: a child outlives a killed sweep)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()  # looked up before the fork
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the sweep died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def stop(procs: Sequence[subprocess.Popen]) -> None:
+    """SIGTERM each process, then SIGKILL those still running after STOP_GRACE_S."""
+    for proc in procs:
+        proc.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

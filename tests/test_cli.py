@@ -1,11 +1,13 @@
 """The ``fedsim`` command line, as a user calls it."""
 
 import json
+import os
 
 import pytest
 
-from fedsim.cli import main
+from fedsim.cli import _resume_config, main
 from fedsim.config import to_yaml
+from fedsim.runlock import run_lock
 from fedsim.validation import load_config
 
 from conftest import REPO
@@ -101,3 +103,35 @@ def test_resume_takes_no_other_override(tmp_path, capsys, no_model_loading):
         assert "takes no config files or overrides" in err and "model.trust_remote_code=true" in err
     assert main(["run", "--resume", str(run)]) == 2  # without remote code: straight to the checkpoint check
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_a_run_directory_in_use_is_refused_naming_its_holder(tmp_path, capsys, no_model_loading):
+    run = _saved_run(tmp_path)
+    with run_lock(run):  # a run alive in it
+        for argv in (["run", "--resume", str(run)], ["run", QUICKSTART, f"output.dir={run}"]):
+            assert main(argv) == 2
+            assert f"fedsim: error: {run} is in use by process {os.getpid()} (started " in capsys.readouterr().err
+
+
+def test_resume_drops_a_saved_cluster_address_unless_the_command_line_gives_it(tmp_path, caplog):
+    elsewhere = "ray://someone-else:10001"
+    run = _saved_run(tmp_path, f"runtime.address={elsewhere}")
+    assert _resume_config(run, []).runtime.address is None
+    assert f"runtime.address={elsewhere}: ignored" in caplog.text
+    assert f"fedsim run --resume {run} runtime.address={elsewhere}" in caplog.text  # how to keep it
+    caplog.clear()
+    assert _resume_config(run, [f"runtime.address={elsewhere}"]).runtime.address == elsewhere
+    assert "ignored" not in caplog.text
+    # confirming remote code does not confirm the address
+    (tmp_path / "trusted").mkdir()
+    run = _saved_run(tmp_path / "trusted", "model.trust_remote_code=true", f"runtime.address={elsewhere}")
+    trusted = _resume_config(run, ["model.trust_remote_code=true"])
+    assert trusted.model.trust_remote_code and trusted.runtime.address is None
+
+
+def test_resume_refuses_a_saved_config_with_an_interpolation(tmp_path, capsys, no_model_loading):
+    run = _saved_run(tmp_path)
+    saved = run / "config.yaml"
+    saved.write_text(saved.read_text().replace("name: tiny", "name: ${oc.env:HOME}"))
+    assert main(["run", "--resume", str(run)]) == 2
+    assert f"config key 'model.name' has invalid value '${{oc.env:HOME}}'" in capsys.readouterr().err

@@ -341,6 +341,32 @@ def test_cli_takes_yaml_layers_before_overrides(tmp_path, capsys):
     assert "before key=value overrides" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("yaml_text, key, value", [
+    ("model:\n  name: ${oc.env:HOME}\n", "model.name", "${oc.env:HOME}"),  # would read the environment
+    ("name: a\nmodel:\n  name: ${name}\n", "model.name", "${name}"),  # would copy another key
+    ("model:\n  lora:\n    target_modules: [q_proj, 'x${']\n", "model.lora.target_modules", "x${"),
+    ("sweep:\n  grid:\n    training.lr: [0.1, '${oc.env:LR}']\n", "sweep.grid.training.lr", "${oc.env:LR}"),
+])
+def test_an_interpolation_in_a_yaml_file_is_refused_naming_the_key(tmp_path, yaml_text, key, value):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml_text)
+    msg = _error([], path)
+    assert msg.startswith(f"config key '{key}' has invalid value {value!r}: expected") and str(path) in msg
+
+
+@pytest.mark.parametrize("override", ["model.name=${oc.env:HOME}", "seed=${federation.rounds}",
+                                      "model.lora.target_modules=[q_proj,${x}]", "name=literal${"])
+def test_an_interpolation_in_an_override_is_refused_naming_the_key(override):
+    key, value = override.split("=", 1)
+    assert _error([override]).startswith(f"config key '{key}' has invalid value {value!r}: expected")
+
+
+def test_an_interpolation_in_a_file_name_is_refused(tmp_path):
+    path = tmp_path / "${oc.env:HOME}.yaml"
+    path.write_text("seed: 1\n")
+    assert _error([], path).startswith("config key 'name' has invalid value '${oc.env:HOME}'")
+
+
 def test_config_module_imports_no_registry():
     """fedsim.config is pure data: the registries import it, so it must not import them (not even lazily)."""
     import ast

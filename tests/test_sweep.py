@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -10,11 +11,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from fedsim.cli import main
 from fedsim.config import ConfigError
+from fedsim.runlock import DirectoryInUse, run_lock
 from fedsim.sweep import Sweep, parse_grid_arg
 
 from conftest import REPO
@@ -72,20 +75,96 @@ def test_a_sweep_dir_continues_only_its_own_sweep(tmp_path):
     Sweep.plan([QUICKSTART], TINY, ["seed=1,2,3"], str(tmp_path)).check_manifest()  # a grown grid is fine
 
 
-def test_a_sweep_resumes_its_remote_code_runs_with_the_consent_resume_asks_for(tmp_path):
-    """``fedsim run --resume`` refuses a saved config with model.trust_remote_code unless the command line repeats
-    it; a sweep whose own config set it must repeat it when it resumes an interrupted point."""
-    from fedsim.checkpoint import CHECKPOINT, FILES
+def stand_in_checkpoint(run_dir):
+    """A complete (if meaningless) checkpoint in ``run_dir``, as the loop writes one."""
+    import torch
 
-    for trust, expected in ((["model.trust_remote_code=true"], ["model.trust_remote_code=true"]), ([], [])):
-        sweep = Sweep.plan([QUICKSTART], TINY + trust, ["seed=1"], str(tmp_path / str(bool(trust))))
+    from fedsim.checkpoint import Checkpoint, write_checkpoint
+    from fedsim.statestore import StateManifest
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(run_dir, Checkpoint(round=1, server={"w": torch.zeros(1)}, clients=StateManifest(), state={}))
+
+
+def test_a_sweep_resumes_its_runs_with_the_consent_resume_asks_for(tmp_path):
+    """``fedsim run --resume`` refuses a saved config with model.trust_remote_code, and drops a saved
+    runtime.address, unless the command line repeats them; a sweep whose own config set them must repeat
+    them when it resumes an interrupted point."""
+    asked = ["model.trust_remote_code=true", "runtime.address=ray://head:10001"]
+    for given, expected in ((asked, asked), ([], [])):
+        sweep = Sweep.plan([QUICKSTART], TINY + given, ["seed=1"], str(tmp_path / str(bool(given))))
         point = sweep.points()[0]
-        folder = sweep.dir / point.label / CHECKPOINT
-        folder.mkdir(parents=True)
-        for name in FILES:
-            (folder / name).touch()
+        stand_in_checkpoint(sweep.dir / point.label)
         command = sweep.command(point)
         assert command[command.index("--resume"):] == ["--resume", str(sweep.dir / point.label), *expected]
+
+
+def test_a_sweep_sets_aside_a_run_without_checkpoint_and_never_deletes_it(tmp_path):
+    sweep = Sweep.plan([QUICKSTART], TINY, ["seed=1"], str(tmp_path))
+    point = sweep.points()[0]
+    run_dir = sweep.dir / point.label
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"round": 1}\n')  # a finished round, no checkpoint yet
+    with run_lock(run_dir):  # a run alive in it: left alone
+        with pytest.raises(DirectoryInUse):
+            sweep.command(point)
+    assert (run_dir / "metrics.jsonl").exists()
+    command = sweep.command(point)
+    assert "--resume" not in command and f"output.dir={run_dir}" in command  # a fresh run...
+    assert not run_dir.exists()
+    [aside] = tmp_path.glob(f"{point.label}.failed-*")  # ...beside the old one, kept whole
+    assert (aside / "metrics.jsonl").read_text() == '{"round": 1}\n'
+
+
+def test_a_sweep_directory_in_use_is_refused_naming_its_holder(tmp_path, capsys):
+    with run_lock(tmp_path):
+        assert main(["sweep", QUICKSTART, "--grid", "seed=1", *TINY, "--out", str(tmp_path)]) == 2
+    assert f"fedsim: error: {tmp_path} is in use by process {os.getpid()} (started " in capsys.readouterr().err
+    assert not (tmp_path / "sweep.json").exists()  # refused before any work
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:  # ended while we looked
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, not gone nor a zombie (an orphan's zombie lingers where nothing reaps it, as in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow  # a real sweep process: ~5-15 s, most of it its imports
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_sweep_killed_by_sigkill_takes_its_run_with_it(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "sweep", QUICKSTART, "--grid", "seed=1", *TINY,
+                             "--out", str(tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run := children(proc.pid)) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert run, "the sweep started no run"
+        proc.kill()  # no handler, no finally: only the kernel can stop its run now
+        proc.wait()
+        deadline = time.time() + 10
+        while alive(run[0]) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not alive(run[0]), "the sweep's run outlived it"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the sweep's session
+        proc.wait()
 
 
 def test_interrupted_sweep_restarts_without_repeating_and_reports(tmp_path):
