@@ -8,6 +8,7 @@ Every bad value surfaces here as a ConfigError naming the key, before any model 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +38,7 @@ def validate(cfg: ExperimentConfig) -> None:
     check_choice("data.dataset", cfg.data.dataset, list(DATASETS))
     check_scheduler_config(cfg.scheduler)
     _check_algorithm(cfg)
+    _check_model(cfg)
     check_data(cfg)
 
 
@@ -50,6 +52,24 @@ def check_data(cfg: ExperimentConfig) -> None:
         check_scenarios(cfg.data.test_scenarios, "data.test_scenarios", 1, cfg.data)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _check_model(cfg: ExperimentConfig) -> None:
+    """``model.trust_remote_code`` runs the repository's Python code on every node: a hub model must name the
+    exact commit that was reviewed, since a branch or tag can move to other code. A local folder is fetched
+    from nowhere, so there is nothing to pin."""
+    model = cfg.model
+    if not model.trust_remote_code or FULL_COMMIT.fullmatch(model.revision or ""):
+        return
+    from fedsim.models.loading import is_local_model  # transformers and peft: imported for this case only
+
+    if not is_local_model(model):
+        fail("model.revision", model.revision, "a full 40-hex commit hash with model.trust_remote_code=true: the "
+             "model's own code runs on every node, and a branch or tag can move to other code (a local model "
+             "folder needs none: nothing is fetched)")
 
 
 def _check_algorithm(cfg: ExperimentConfig) -> None:

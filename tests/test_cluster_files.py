@@ -320,6 +320,196 @@ def test_the_networkpolicy_rules_refuse_a_wider_policy(path, value, expected):
     assert any(expected in p for p in problems), problems
 
 
+
+# The user of rayproject/ray images, which the fedsim image keeps (cluster/Dockerfile: COPY --chown=ray:users).
+IMAGE_USER, IMAGE_GROUP = 1000, 100  # ray, users
+SA_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def pod_specs(rayjob: dict) -> list[tuple[str, dict]]:
+    """(pod, spec) of every pod template the RayJob defines: head, worker groups, the submitter if given."""
+    spec = rayjob["spec"]
+    cluster = spec["rayClusterSpec"]
+    pods = [("head", cluster["headGroupSpec"]["template"]["spec"])]
+    pods += [(g["groupName"], g["template"]["spec"]) for g in cluster["workerGroupSpecs"]]
+    if "submitterPodTemplate" in spec:
+        pods.append(("submitter", spec["submitterPodTemplate"]["spec"]))
+    return pods
+
+
+def container_problems(where: str, container: dict, pod_context: dict) -> list[str]:
+    """No privilege escalation, no capabilities, the runtime's default seccomp profile (here or on the pod)."""
+    context = container.get("securityContext") or {}
+    problems = []
+    if context.get("allowPrivilegeEscalation") is not False:
+        problems.append(f"{where}: securityContext.allowPrivilegeEscalation must be false")
+    if "ALL" not in (context.get("capabilities") or {}).get("drop", []):
+        problems.append(f"{where}: securityContext.capabilities must drop [ALL]")
+    if (context.get("seccompProfile") or pod_context.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        problems.append(f"{where}: securityContext.seccompProfile must be RuntimeDefault")
+    if context.get("privileged") or context.get("runAsUser") == 0 or context.get("runAsNonRoot") is False:
+        problems.append(f"{where}: the container overrides the pod's non-root user")
+    return problems
+
+
+def writes_a_claim(spec: dict) -> bool:
+    claims = {v["name"] for v in spec.get("volumes", [])
+              if "persistentVolumeClaim" in v and not v["persistentVolumeClaim"].get("readOnly")}
+    return any(m["name"] in claims and not m.get("readOnly") for c in spec["containers"]
+               for m in c.get("volumeMounts", []))
+
+
+def pod_security_problems(rayjob: dict) -> list[str]:
+    """Every pod runs as the image's non-root user with hardened containers and no ServiceAccount token; the
+    head's autoscaler, the one container that needs the Kubernetes API, gets a projected token of its own."""
+    problems = []
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    autoscaler = cluster.get("autoscalerOptions") or {}
+    autoscaling = bool(cluster.get("enableInTreeAutoscaling"))
+    for pod, spec in pod_specs(rayjob):
+        context = spec.get("securityContext") or {}
+        if context.get("runAsNonRoot") is not True:
+            problems.append(f"{pod}: securityContext.runAsNonRoot must be true")
+        if (context.get("runAsUser"), context.get("runAsGroup")) != (IMAGE_USER, IMAGE_GROUP):
+            problems.append(f"{pod}: securityContext runAsUser/runAsGroup must be the image's ray/users "
+                            f"({IMAGE_USER}/{IMAGE_GROUP}), not {context.get('runAsUser')}/{context.get('runAsGroup')}")
+        if writes_a_claim(spec) and context.get("fsGroup") != IMAGE_GROUP:
+            problems.append(f"{pod}: securityContext.fsGroup must be {IMAGE_GROUP}: the claim it writes to is "
+                            "not writable by the pod's user otherwise")
+        if spec.get("automountServiceAccountToken") is not False:
+            problems.append(f"{pod}: automountServiceAccountToken must be false: job code would hold a "
+                            "Kubernetes API token")
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            problems += container_problems(f"{pod}/{container['name']}", container, context)
+        if pod == "head" and autoscaling:
+            problems += container_problems("head/autoscaler (autoscalerOptions)", autoscaler, context)
+            problems += autoscaler_token_problems(spec, autoscaler)
+    return problems
+
+
+def autoscaler_token_problems(head: dict, autoscaler: dict) -> list[str]:
+    """With no token automounted, the autoscaler needs a projected one at the path Ray's KubeRay node provider
+    reads, and no other container of the head may mount it."""
+    if head.get("automountServiceAccountToken") is not False:
+        return []
+    problems = []
+    volumes = {v["name"]: v for v in head.get("volumes", [])}
+    mounted = [m["name"] for m in autoscaler.get("volumeMounts", []) if m["mountPath"].rstrip("/") == SA_TOKEN_DIR]
+    sources = [s for name in mounted for s in volumes.get(name, {}).get("projected", {}).get("sources", [])]
+    if not any("serviceAccountToken" in s for s in sources):
+        problems.append(f"the autoscaler has no ServiceAccount token at {SA_TOKEN_DIR}: it cannot scale the "
+                        "worker group")
+    for container in head["containers"]:
+        if any(m["mountPath"].rstrip("/") == SA_TOKEN_DIR for m in container.get("volumeMounts", [])):
+            problems.append(f"head/{container['name']} mounts the API token: job code could use it")
+    return problems
+
+
+def test_rayjob_pods_are_hardened():
+    rayjob, _ = shipped_rayjob()
+    assert {pod for pod, _ in pod_specs(rayjob)} == {"head", "gpu", "submitter"}
+    assert pod_security_problems(rayjob) == []
+
+
+HEAD_POD = f"{CLUSTER_SPEC}.headGroupSpec.template.spec"
+GPU_POD = f"{CLUSTER_SPEC}.workerGroupSpecs[0].template.spec"
+SUBMITTER_POD = "spec.submitterPodTemplate.spec"
+POD_SECURITY_BREAKS = {
+    "head may run as root": (f"{HEAD_POD}.securityContext.runAsNonRoot", None, "head: securityContext.runAsNonRoot"),
+    "worker as root": (f"{GPU_POD}.securityContext.runAsUser", 0, "gpu: securityContext runAsUser/runAsGroup"),
+    "submitter in another group": (f"{SUBMITTER_POD}.securityContext.runAsGroup", 0, "submitter: securityContext"),
+    "results not writable": (f"{HEAD_POD}.securityContext.fsGroup", None, "head: securityContext.fsGroup"),
+    "worker holds a token": (f"{GPU_POD}.automountServiceAccountToken", None, "gpu: automountServiceAccountToken"),
+    "submitter holds a token": (f"{SUBMITTER_POD}.automountServiceAccountToken", True,
+                                "submitter: automountServiceAccountToken"),
+    "head escalates": (f"{HEAD_POD}.containers[0].securityContext.allowPrivilegeEscalation", True,
+                       "head/ray-head: securityContext.allowPrivilegeEscalation"),
+    "worker keeps capabilities": (f"{GPU_POD}.containers[0].securityContext.capabilities", {"drop": ["NET_RAW"]},
+                                  "gpu/ray-worker: securityContext.capabilities"),
+    "submitter unconfined": (f"{SUBMITTER_POD}.containers[0].securityContext.seccompProfile",
+                             {"type": "Unconfined"}, "submitter/ray-job-submitter: securityContext.seccompProfile"),
+    "worker container as root": (f"{GPU_POD}.containers[0].securityContext.runAsUser", 0, "overrides the pod's"),
+    "autoscaler not hardened": (f"{CLUSTER_SPEC}.autoscalerOptions.securityContext", None, "head/autoscaler"),
+    "autoscaler without token": (f"{CLUSTER_SPEC}.autoscalerOptions.volumeMounts", None, "cannot scale"),
+    "token for job code": (f"{HEAD_POD}.containers[0].volumeMounts", [
+        {"name": "results", "mountPath": "/results"},
+        {"name": "autoscaler-api-token", "mountPath": SA_TOKEN_DIR, "readOnly": True}], "job code could use it"),
+}
+
+
+@pytest.mark.parametrize("path, value, expected", POD_SECURITY_BREAKS.values(), ids=POD_SECURITY_BREAKS.keys())
+def test_the_pod_security_rules_refuse_a_weaker_rayjob(path, value, expected):
+    rayjob, _ = shipped_rayjob()
+    broken = _set(rayjob, path, value)
+    assert schema_errors(broken) == []  # a manifest the API server takes: only the rules stand in the way
+    problems = pod_security_problems(broken)
+    assert any(expected in p for p in problems), problems
+
+
+# The cloud instance metadata service (AWS, GCP, Azure, ...; AWS's IPv6 endpoint): it hands the node's cloud
+# credentials to any process that asks.
+METADATA = [ipaddress.ip_network("169.254.169.254/32"), ipaddress.ip_network("fd00:ec2::254/128")]
+
+
+def egress_problems(policy: dict) -> list[str]:
+    """The policy limits egress: no rule reaches the metadata service; the cluster's own pods (every port),
+    DNS and HTTPS (model hub, Kubernetes API) are reachable."""
+    spec = policy["spec"]
+    if "Egress" not in spec.get("policyTypes", []):
+        return ["policyTypes lacks Egress: the pods may connect anywhere, the metadata service included"]
+    problems = []
+    selector = spec["podSelector"].get("matchLabels", {})
+    cluster_reached, reached = False, set()
+    for rule in spec.get("egress", []):
+        peers = rule.get("to")
+        ports = {(p.get("protocol", "TCP"), p.get("port")) for p in rule.get("ports", [])}
+        if not peers:
+            problems.append("an egress rule without `to` reaches every address, the metadata service included")
+            continue
+        for peer in peers:
+            if "ipBlock" in peer:
+                problems += [f"ipBlock {peer['ipBlock']['cidr']} reaches the metadata service {meta}"
+                             for meta in metadata_in(peer["ipBlock"])]
+                reached |= ports
+            elif (peer.get("podSelector") or {}).get("matchLabels") == selector and "namespaceSelector" not in peer:
+                cluster_reached = cluster_reached or not ports
+    if not cluster_reached:
+        problems.append("the cluster's own pods are not reachable on every port")
+    if not {("UDP", 53), ("TCP", 53)} <= reached:
+        problems.append("DNS (UDP and TCP 53) is not reachable: no host name resolves")
+    if ("TCP", 443) not in reached:
+        problems.append("HTTPS (TCP 443) is not reachable: no model from the hub, no autoscaling")
+    return problems
+
+
+def metadata_in(block: dict) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The metadata addresses an ipBlock reaches: inside its cidr and not in an except."""
+    network = ipaddress.ip_network(block["cidr"])
+    excepted = [ipaddress.ip_network(e) for e in block.get("except", [])]
+    return [meta for meta in METADATA if meta.version == network.version and meta.subnet_of(network)
+            and not any(meta.version == e.version and meta.subnet_of(e) for e in excepted)]
+
+
+def test_the_networkpolicy_keeps_the_pods_from_the_metadata_service():
+    _, policy = shipped_rayjob()
+    assert egress_problems(policy) == []
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    ("spec.policyTypes", ["Ingress"], "lacks Egress"),
+    ("spec.egress[1].to[0].ipBlock.except", None, "169.254.169.254/32"),
+    ("spec.egress[1].to[1].ipBlock.except", ["fd00::/64"], "fd00:ec2::254/128"),
+    ("spec.egress[1].to", None, "without `to`"),
+    ("spec.egress[1].ports", [{"protocol": "TCP", "port": 443}], "DNS"),
+    ("spec.egress[1].ports", [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}], "HTTPS"),
+    ("spec.egress[0].ports", [{"protocol": "TCP", "port": 6379}], "own pods"),
+])
+def test_the_egress_rules_refuse_a_wider_or_broken_policy(path, value, expected):
+    _, policy = shipped_rayjob()
+    problems = egress_problems(_set(policy, path, value))
+    assert any(expected in p for p in problems), problems
+
+
 # --- Ray autoscaler -----------------------------------------------------------------------------------------
 
 def ray_validate(config: dict) -> None:
@@ -430,10 +620,8 @@ def test_the_image_ray_the_manifests_and_constraints_agree():
     assert dockerfile_problems(text) == []
     images = {shipped_autoscaler()["docker"]["image"]}
     rayjob, _ = shipped_rayjob()
-    cluster = rayjob["spec"]["rayClusterSpec"]
-    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
-        images |= {c["image"] for c in group["template"]["spec"]["containers"]}
-    assert len(images) == 1, f"one image on every node, in both manifests: {images}"
+    images |= {c["image"] for _, spec in pod_specs(rayjob) for c in spec["containers"]}
+    assert len(images) == 1, f"one image on every node and the submitter, in both manifests: {images}"
     assert f"fedsim:0.1.0-ray{pinned_ray()}" in (CLUSTER / "Dockerfile").read_text()
 
 
@@ -486,12 +674,13 @@ def ignored(rules: list[tuple[re.Pattern, bool]], path: str) -> bool:
     return verdict
 
 
+SECRETS = [".ray/auth_token", "auth_token", "cluster/auth_token", ".env", "cluster/.env.local", "id_rsa",
+           "deploy/tls.key", "deploy/cert.pem", ".aws/credentials", ".kube/config", "kubeconfig.yaml",
+           "secrets/token.txt", "experiments/my_secret.yaml"]
 MUST_LEAVE_OUT = [
     "runs/quickstart-20260101/summary.json", "experiments/runs/x/metrics.jsonl", "data/hateful_memes/img/01.png",
     ".venv/bin/python", ".venv-gpu/lib/site.py", "venv/bin/python", ".git/config", ".pytest_cache/v/x",
-    "fedsim/__pycache__/config.cpython-311.pyc", "fedsim.egg-info/PKG-INFO", ".ray/auth_token", "auth_token",
-    "cluster/auth_token", ".env", "cluster/.env.local", "id_rsa", "deploy/tls.key", "deploy/cert.pem",
-    ".aws/credentials", ".kube/config", "kubeconfig.yaml", "secrets/token.txt",
+    "fedsim/__pycache__/config.cpython-311.pyc", "fedsim.egg-info/PKG-INFO", *SECRETS,
 ]
 MUST_KEEP = ["fedsim/config.py", "fedsim/data/real/base.py", "fedsim/checkpoint.py",
              "fedsim/models/tiny_preset/model.safetensors", "actors/executor.py", "experiments/quickstart.yaml",
@@ -523,6 +712,39 @@ def test_dockerignore_rules_refuse_a_leaky_file():
     assert any(p.startswith("runs/") for p in problems) and any("auth_token" in p for p in problems)
     assert any("fedsim/config.py" in p for p in dockerignore_problems(text + "\n**/*.py\n"))
     assert not ignored(dockerignore_rules("runs\n!runs/keep.txt\n"), "runs/keep.txt")
+
+
+def secret_patterns(dockerignore: str) -> list[str]:
+    """The patterns of .dockerignore's secrets section (from its '# Secrets' comment to the next blank line)."""
+    section = dockerignore.split("\n# Secrets", 1)[1].split("\n\n", 1)[0]
+    return [line.strip() for line in section.splitlines()[1:] if line.strip() and not line.startswith("#")]
+
+
+def uploaded_by_ray(root: Path) -> set[str]:
+    """The files under ``root`` that `ray job submit --working-dir root` uploads: Ray's own walk of the folder
+    with its .rayignore (and .gitignore) files applied."""
+    from ray._private.runtime_env.packaging import _dir_travel
+
+    files: set[str] = set()
+    _dir_travel(root, [], lambda p: p.is_file() and files.add(p.relative_to(root).as_posix()), include_gitignore=True)
+    return files
+
+
+def test_rayignore_keeps_the_secrets_dockerignore_keeps_out_of_the_job_upload(tmp_path):
+    """The working directory ships to the cluster (into the GCS, readable by every job): the secrets the image
+    build leaves out stay out of it too, by the same patterns, as Ray reads them."""
+    patterns = secret_patterns((REPO / ".dockerignore").read_text())
+    rayignore = (REPO / ".rayignore").read_text()
+    assert "**/auth_token" in patterns
+    assert set(patterns) <= {line.strip() for line in rayignore.splitlines()}
+    left_out = SECRETS + ["data/hateful_memes/img/01.png", "experiments/hateful_memes.zip"]
+    for path in left_out + MUST_KEEP:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x")
+    (tmp_path / ".rayignore").write_text(rayignore)
+    uploaded = uploaded_by_ray(tmp_path)
+    assert not uploaded & set(left_out), uploaded & set(left_out)
+    assert set(MUST_KEEP) <= uploaded  # fedsim/data/ included: the job imports fedsim from the upload
 
 
 def test_gpu_configs_read_data_from_an_absolute_path():
@@ -732,3 +954,14 @@ def test_without_the_variable_the_cluster_listens_as_a_real_clusters_nodes(tmp_p
             check_listeners(rows, info, node_ip, "interface")
         finally:
             driver.kill()
+
+
+def test_the_local_cluster_refuses_to_start_without_token_authentication(tmp_path):
+    """RAY_AUTH_MODE=disabled is refused with a message naming it, before any node starts."""
+    state = tmp_path / "state.json"
+    env = {**os.environ, "FEDSIM_LOCAL_CLUSTER": str(state), "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run([sys.executable, str(LOCAL), "start", "--workers=0", "--port=7400"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "RAY_AUTH_MODE='disabled'" in done.stderr and "token authentication only" in done.stderr
+    assert not state.exists()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import shutil
 import stat
 import zipfile
@@ -23,6 +25,7 @@ from fedsim.data.real import base as real_base
 from fedsim.data.real.crisismmd import OPTIONS as CRISIS_OPTIONS, class_index
 from fedsim.data.real.slake import Slake
 from fedsim.data.schema import FEATURES, OPTION_LETTERS
+from fedsim.output import staged_dirs
 from real_fixtures import (COLOURS, CRISIS_ALL_TRAIN, CRISIS_TRAIN, SCIENCEQA_PROBLEMS, make_crisismmd,
                            make_crisismmd_all, make_hateful_memes, make_hateful_memes_test_seen, make_medalpaca,
                            make_scienceqa, make_slake, make_vqa_rad, write_image, write_json)
@@ -588,3 +591,36 @@ def test_slake_from_the_hub_refuses_a_malicious_image_archive(tmp_path, monkeypa
     with pytest.raises(ValueError, match="'../../escape.py' would be written outside"):
         REAL_DATASETS["slake"].load(_cfg("slake", hub="BoKelvin/SLAKE"), seed=0)
     assert not list(tmp_path.rglob("escape.py"))
+
+
+def _unpack_and_read(archive: Path, target: Path, start, results) -> None:
+    """One worker of a node: unpack the shared archive (once), then read every file of the folder."""
+    start.wait()
+    try:
+        real_base.unpack_once(archive, target)
+        files = sorted((p.relative_to(target).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest())
+                       for p in target.rglob("*") if p.is_file())
+        results.put((target.stat().st_ino, files))
+    except Exception as err:  # reported to the test, which fails on it
+        results.put((None, repr(err)))
+
+
+def test_processes_unpacking_one_archive_at_once_all_read_one_finished_folder(tmp_path):
+    """Workers on one node share the cache folder: started together, one unpacks under the lock and the others
+    wait, then read its folder (the same inode, every file), with no staging folder left behind."""
+    members = {f"imgs/{i:03d}/source.jpg": bytes([i % 256]) * 4096 for i in range(300)}
+    archive = _zip(tmp_path / "imgs.zip", members)
+    target = tmp_path / "cache" / "imgs"
+    context = multiprocessing.get_context("fork")  # the children need no imports of their own
+    start, results = context.Barrier(4), context.Queue()
+    workers = [context.Process(target=_unpack_and_read, args=(archive, target, start, results)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    seen = [results.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+    expected = sorted([(name, hashlib.sha256(data).hexdigest()) for name, data in members.items()]
+                      + [(real_base.UNPACKED_MARK, hashlib.sha256(b"").hexdigest())])
+    assert [files for _, files in seen] == [expected] * 4
+    assert {inode for inode, _ in seen} == {target.stat().st_ino}  # one unpack, not one per process
+    assert staged_dirs(target) == []

@@ -111,6 +111,24 @@ def resolved_commit(cfg: ModelConfig) -> str | None:
     return Path(cached).parent.name
 
 
+# Weight files that torch.load unpickles (transformers: pytorch_model.bin and its shards; .pt/.pth/.ckpt elsewhere).
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+PICKLE_HINT = ("fedsim loads safetensors weights only, since unpickling a file can run code; convert them "
+               "(save_pretrained(..., safe_serialization=True)) or, if you trust where they come from, set "
+               "model.allow_pickle_weights=true")
+
+
+def check_weight_format(path: str, cfg: ModelConfig) -> None:
+    """Refuse a local model folder whose weights are pickles only, unless ``model.allow_pickle_weights``; a hub
+    repository is refused by ``from_pretrained(use_safetensors=True)`` before any weight is fetched."""
+    folder = Path(path)
+    if cfg.allow_pickle_weights or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted({p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern)})
+    if pickles:
+        raise ConfigError(f"model.name={cfg.name!r} has pickled weights only ({', '.join(pickles)}): {PICKLE_HINT}")
+
+
 @functools.cache
 def without_video_processor(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """``processor_class`` with its video processor left out (images and text only).
@@ -158,8 +176,17 @@ def load_backbone(cfg: ModelConfig) -> tuple[torch.nn.Module, Any, torch.device]
                                           bnb_4bit_use_double_quant=cfg.double_quant,
                                           bnb_4bit_compute_dtype=dtype)
     kwargs = pretrained_kwargs(cfg)
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, quantization_config=quantization, dtype=dtype, device_map={"": device}, **kwargs)
+    check_weight_format(path, cfg)
+    try:
+        # None: safetensors where the model has them, else the pickled weights.
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, quantization_config=quantization, dtype=dtype, device_map={"": device},
+            use_safetensors=None if cfg.allow_pickle_weights else True, **kwargs)
+    except OSError as err:
+        # transformers says "... cannot be loaded with `safetensors`" for a hub repository without them.
+        if cfg.allow_pickle_weights or "safetensors" not in str(err):
+            raise
+        raise ConfigError(f"{err}\nmodel.name={cfg.name!r} has no safetensors weights here: {PICKLE_HINT}") from err
     processor = load_processor(path, model.config, **kwargs)
     model.requires_grad_(False)
     # Stay in train mode: on CPUs with AVX512-BF16 an eval-mode no-grad forward repacks bitsandbytes 4-bit

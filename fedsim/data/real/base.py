@@ -5,12 +5,14 @@ either a local folder in the source's own format (``data.path``) or a Hugging Fa
 pinned to ``data.revision`` when set; a local folder ignores it, with a warning) and returns rows; this module
 subsamples them, gives VQA answers their labels and builds the ``datasets``. Local images are stored as file
 paths, so they are decoded only when a row is read. Image archives a hub dataset ships are unpacked through
-``unpack_archive``, which refuses members that leave the target folder and bounds the unpacked size.
+``unpack_archive``, which refuses members that leave the target folder and bounds the unpacked size, once per
+node (``unpack_once`` locks the cache folder against the node's other workers).
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import inspect
 import json
 import logging
@@ -306,9 +308,7 @@ def unpack_hub_archive(hub: str, filename: str, revision: Optional[str] = None) 
     archive = Path(hf_hub_download(hub, filename, repo_type="dataset", revision=revision))
     folder = Path(filename).stem + (f"@{revision.replace('/', '__')}" if revision else "")
     target = Path(datasets.config.HF_DATASETS_CACHE) / "fedsim" / hub.replace("/", "__") / folder
-    if not (target / UNPACKED_MARK).exists():
-        log.info("unpacking %s of hub dataset %s into %s", filename, hub, target)
-        unpack_archive(archive, target)
+    unpack_once(archive, target)
     return target
 
 
@@ -365,6 +365,25 @@ def check_archive(zf: zipfile.ZipFile, what: str, max_bytes: int = MAX_UNPACKED_
                              f"uncompressed (the limit; reached at member {info.filename!r}){fix}")
         checked.append((info, path))
     return checked
+
+
+def unpack_once(archive: Path, target: Path) -> None:
+    """Unpack ``archive`` into ``target`` unless a finished copy is there.
+
+    Every worker on a node shares the cache folder and may ask for the same archive at once. Unlocked, each
+    would unpack its own copy and the renames would pull the folder from under the others' readers (and
+    ``atomic_dir`` would sweep away their staging folders as crash leftovers). An exclusive ``flock`` on a file
+    beside ``target`` lets one unpack while the others wait, then find the mark and read its folder; the kernel
+    releases the lock when its holder exits, crashed or not.
+    """
+    if (target / UNPACKED_MARK).exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / UNPACKED_MARK).exists():  # another process may have finished while this one waited
+            log.info("unpacking %s into %s", archive, target)
+            unpack_archive(archive, target)
 
 
 def unpack_archive(archive: Path, target: Path, max_bytes: int = MAX_UNPACKED_BYTES,
