@@ -12,13 +12,22 @@ clock's order. ``ray.wait`` also fetches a finished task's update and state to t
 aggregator actor lives, so a worker node lost after that costs nothing. Evaluation is sharded:
 each worker scores a slice of the test split's batches and the driver pools the per-sample scores.
 
+Bounded memory. A task's stored client state is fetched when the task is sent to a worker, not when it is
+submitted, and no new batch is sent while ``RESULTS_WAITING`` x the workers' capacity of finished results
+wait for the loop (the batch the loop waits for always goes): the driver's node holds a few batches' worth
+of updates and states, whatever the cohort.
+
 Faults. A worker whose process or node died is restarted by Ray in its placement bundle (which Ray moves to
 a live node), or replaced when Ray cannot restart it. Every task whose result was lost with it, whether it
 was running, queued on that worker, or finished but not yet consumed (read by the aggregator actor only
 after the node went), runs again from the same version and client state with the same seeds, in the same
-batch, so the run ends with the adapter it would have had without the fault. A task that raises (its whole
-batch does) is retried once alone on another worker, then reported failed (``ClientTaskFailed``), which the
-loop counts as the client's dropout.
+batch, so the run ends with the adapter it would have had without the fault. A worker that makes no
+progress for ``runtime.task_timeout_s`` is taken for hung and restarted, with the same effect. Evaluation
+shards and personalized-evaluation chunks lost with a worker run again on a live one. A task that raises
+(its whole batch does) is retried once alone on another worker, then reported failed (``ClientTaskFailed``),
+which the loop counts as the client's dropout. Waits for workers to come back are bounded by
+``runtime.resource_timeout_s``. When the aggregator actor itself dies, calls raise ``ServerLost``, and
+``actors.runtime`` recreates the server from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -29,24 +38,25 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import ray
 from ray.exceptions import (ActorUnavailableError, GetTimeoutError, NodeDiedError, ObjectLostError,
                             OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError)
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from actors.aggregator import AggregatorActor
+from actors.placement import PLACEMENT_GRACE_S, reserve_workers
 from actors.worker import ClientWorker
 from fedsim.config import ExperimentConfig
 from fedsim.engine.batches import Batches
 from fedsim.engine.inprocess import TASK_RETRIES, failure_reason, mean_metrics, state_cache_bytes
 from fedsim.engine.loop import ClientTaskFailed
-from fedsim.evaluation import BatchScores, combine
+from fedsim.evaluation import combine
 from fedsim.messages import ClientTask, NamedTensors, Published
-from fedsim.statestore import ClientSet, StateManifest
+from fedsim.statestore import ClientSet, StateManifest, StateStoreError
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +65,42 @@ log = logging.getLogger(__name__)
 LOST = (RayActorError, ObjectLostError, WorkerCrashedError, NodeDiedError, OutOfMemoryError)
 LOST_ATTEMPTS = 4  # a task lost this often (one that kills its worker, say) fails as "worker_lost"
 REPLACEMENTS = 8  # per worker, for workers Ray could not restart
-PLACEMENT_GRACE_S = 5.0  # runtime.resource_timeout_s=0 still gives free resources this long to be placed
 WAIT_REPORT_S = 60.0  # while only restarting workers are awaited, say so this often
 UNREACHABLE_RETRIES = 10  # the aggregator lives on the driver's node: unreachable for long, it is gone
 PERSONALIZED_CHUNK = 8  # clients per personalized evaluation call: their states travel together
+RESULTS_WAITING = 2  # finished results waiting for the loop, in multiples of what the workers hold at once
+SERVER_TIMEOUT_S = 600.0  # a call to the aggregator actor unanswered this long: the server is taken for lost
+FIRST_CALL_TIMEOUT_S = 1800.0  # runtime.task_timeout_s=0 before any call was measured (a GPU warms up)
+MIN_CALL_TIMEOUT_S = 300.0
+CALL_TIMEOUT_FACTOR = 20.0  # runtime.task_timeout_s=0: this many times the longest call measured
+
+
+class ServerLost(RuntimeError):
+    """The aggregator actor died (or stopped answering): the run continues from its last checkpoint."""
+
+
+def from_server(ref: ray.ObjectRef) -> Any:
+    """``ray.get`` of a call to the aggregator actor, bounded; its death raises ``ServerLost``.
+
+    ``ActorUnavailableError`` (unreachable for a moment, perhaps alive) is left to the caller to retry."""
+    try:
+        return ray.get(ref, timeout=SERVER_TIMEOUT_S)
+    except ActorUnavailableError:
+        raise
+    except RayActorError as err:
+        raise ServerLost(f"the aggregator actor died: {str(err).strip().splitlines()[0][:300]}") from err
+    except GetTimeoutError as err:
+        raise ServerLost(f"the aggregator actor did not answer within {SERVER_TIMEOUT_S:g} s") from err
+
+
+def call_timeout(configured: float, longest: float | None) -> float:
+    """How long a worker call may go without a result before its worker is taken for hung:
+    ``runtime.task_timeout_s`` if set, else generous against the longest call of its kind measured so far."""
+    if configured > 0:
+        return configured
+    if longest is None:
+        return FIRST_CALL_TIMEOUT_S
+    return max(MIN_CALL_TIMEOUT_S, CALL_TIMEOUT_FACTOR * longest)
 
 
 def on_driver_node() -> NodeAffinitySchedulingStrategy:
@@ -74,12 +116,14 @@ class WorkerSlot:
     busy: int = 0  # tasks sent to this actor whose results are not in yet
     tasks: int = 0  # tasks it finished
     failures: int = 0  # tasks that raised on it
-    restarts: int = 0  # times it came back in a new process (restarted by Ray, or replaced)
+    restarts: int = 0  # times it was lost (or restarted when hung) and brought back, by Ray or replaced
     replacements: int = 0
     busy_seconds: float = 0.0  # time in client tasks
     placement: dict[str, Any] = field(default_factory=dict)
     revival: ray.ObjectRef | None = None  # placement() of a restarting or new actor: no task until it answers
     stale: bool = False  # restarted unseen (a new pid in a task's metrics): placement to be read again
+    progress_at: float = 0.0  # when a training call last came back from it, or was sent to it while idle
+    hung: int = 0  # times it was restarted for making no progress within the call timeout
 
 
 @dataclass(eq=False)
@@ -88,7 +132,8 @@ class Job:
 
     task: ClientTask
     published: ray.ObjectRef  # the version it trains from, also when run again
-    state_in: ray.ObjectRef | None  # the client's stored state when it was submitted
+    has_state: bool  # the aggregator actor holds a state for the client
+    state_in: ray.ObjectRef | None = None  # that state, fetched when the task is first sent to a worker
     slot: WorkerSlot | None = None  # the current try's worker, and the actor it went to
     actor: Any = None
     update: ray.ObjectRef | None = None
@@ -123,7 +168,7 @@ class RemoteAggregator:
 
     def __init__(self, actor: Any, cfg: ExperimentConfig, initial: NamedTensors, client_sizes: Sequence[int]):
         self.actor = actor
-        self.version = ray.get(self.actor.start.remote(cfg, initial, client_sizes))
+        self.version = from_server(self.actor.start.remote(cfg, initial, client_sizes))
         self.submitted = 0
 
     def submit(self, update: UpdateRef, base: ray.ObjectRef | None = None) -> str:
@@ -131,37 +176,37 @@ class RemoteAggregator:
         unreachable = 0
         while True:
             try:
-                outcome, self.version = ray.get(self.actor.submit.remote(update.ref, [base], self.submitted))
+                outcome, self.version = from_server(self.actor.submit.remote(update.ref, [base], self.submitted))
                 return outcome
             except ObjectLostError as err:  # the update died with its node before the aggregator read it
                 update.ref = update.executor.rerun_lost(update.task, err)
             except ActorUnavailableError as err:  # the call may have run: repeated, it is not applied twice
                 unreachable += 1
                 if unreachable > UNREACHABLE_RETRIES:
-                    raise
+                    raise ServerLost(f"the aggregator actor stayed unreachable: {err}") from err
                 log.warning("the aggregator did not answer (%s); asking again", str(err).splitlines()[0][:200])
                 time.sleep(1.0)
 
     def close_round(self) -> int:
-        self.version = ray.get(self.actor.close_round.remote())
+        self.version = from_server(self.actor.close_round.remote())
         return self.version
 
     def flush(self) -> int:
-        self.version = ray.get(self.actor.flush.remote())
+        self.version = from_server(self.actor.flush.remote())
         return self.version
 
     def snapshot(self) -> tuple[int, ray.ObjectRef]:
-        self.version, (ref,) = ray.get(self.actor.snapshot.remote())
+        self.version, (ref,) = from_server(self.actor.snapshot.remote())
         return self.version, ref
 
     def state(self) -> tuple[NamedTensors, dict[str, Any]]:
-        return ray.get(self.actor.state.remote())
+        return from_server(self.actor.state.remote())
 
     def restore(self, tensors: NamedTensors, counts: dict[str, Any]) -> None:
-        self.version = ray.get(self.actor.restore.remote(tensors, counts))
+        self.version = from_server(self.actor.restore.remote(tensors, counts))
 
     def stats(self) -> dict[str, Any]:
-        return ray.get(self.actor.stats.remote())
+        return from_server(self.actor.stats.remote())
 
 
 class RayExecutor:
@@ -179,10 +224,11 @@ class RayExecutor:
         self.cfg_ref = ray.put(cfg)
         self.group: PlacementGroup | None = None
         self.server = None
+        self.server_restarts = 0
         self.slots: list[WorkerSlot] = []
         try:
-            self.group = self._placement_group()
-            self.server = AggregatorActor.options(num_cpus=0, scheduling_strategy=on_driver_node()).remote()
+            self.group = reserve_workers(cfg, f"fedsim:{self.run_id}")
+            self.server = self._server()
             self.slots = [WorkerSlot(i, self._actor(i)) for i in range(cfg.runtime.num_workers)]
             for slot, placement in zip(self.slots, ray.get([s.actor.placement.remote() for s in self.slots])):
                 slot.placement = placement
@@ -197,33 +243,41 @@ class RayExecutor:
         self.queue: deque[list[Job]] = deque()  # batches waiting for a worker with room
         self.waiting_on: dict[ray.ObjectRef, Job] = {}  # results of tries in flight (discarded ones too)
         self.revivals: dict[ray.ObjectRef, WorkerSlot] = {}
+        self.reviving_since: dict[int, float] = {}  # worker index -> when it was lost
+        self.finished_waiting: set[Job] = set()  # finished, not yet handed to the loop
+        self.results_bound = RESULTS_WAITING * self.capacity_per_worker * self.batch_size * len(self.slots)
+        self.peak_waiting = {"results": 0, "states": 0}  # the most held on the driver's node at once
         self.with_state = ClientSet(cfg.partition.num_clients)  # clients the aggregator actor holds a state for
         self.reruns = {"unfinished": 0, "finished": 0}  # tries lost before / after they finished
+        self.longest = {"train": None, "eval": None}  # the longest call of each kind, in seconds
+
+    def _server(self):
+        # Named so that users (and tests) can find a run's server: ray.util.list_named_actors().
+        name = f"fedsim:{self.run_id}:server:{self.server_restarts}"
+        return AggregatorActor.options(num_cpus=0, name=name, scheduling_strategy=on_driver_node()).remote()
+
+    def replace_server(self) -> None:
+        """After ``ServerLost``: a new aggregator actor, and nothing of the old one's tasks kept. Tries still in
+        flight run out and their results are dropped; the loop starts again from the last checkpoint."""
+        log.warning("starting a new aggregator actor; the run continues from its last checkpoint")
+        ray.kill(self.server, no_restart=True)  # it may hang rather than be dead
+        for job in self.jobs.values():
+            job.discarded = True
+        self.jobs.clear()
+        self.queue.clear()
+        self.finished_waiting.clear()
+        self.batches = Batches(self.batch_size)
+        self.published = None
+        self.with_state = ClientSet(self.cfg.partition.num_clients)
+        self.server_restarts += 1
+        self.server = self._server()
+
+    def _check_server(self) -> None:
+        """Raise ``ServerLost`` if the aggregator actor is gone: a call that lost an argument may have lost it
+        with the server (a published version lives in its object store), not with a worker."""
+        from_server(self.server.version.remote())
 
     # ------------------------------------------------------------------------------- workers
-    def _placement_group(self) -> PlacementGroup | None:
-        """One bundle per worker, packed or spread over nodes (None when workers reserve no resources)."""
-        runtime = self.cfg.runtime
-        bundle = {k: v for k, v in (("CPU", runtime.cpus_per_worker), ("GPU", runtime.gpus_per_worker)) if v}
-        if not bundle:
-            return None
-        group = placement_group([dict(bundle) for _ in range(runtime.num_workers)],
-                                strategy=runtime.placement.upper(), name=f"fedsim:{self.run_id}")
-        timeout = max(runtime.resource_timeout_s, PLACEMENT_GRACE_S)
-        try:
-            ray.get(group.ready(), timeout=timeout)
-        except GetTimeoutError:
-            remove_placement_group(group)
-            free = ray.available_resources()
-            short = ", ".join(f"{need * runtime.num_workers:g} {r} ({free.get(r, 0):g} free)"
-                              for r, need in bundle.items())
-            raise RuntimeError(f"Ray could not place {runtime.num_workers} workers of {bundle} ({runtime.placement}) "
-                               f"within {timeout:g} s (runtime.resource_timeout_s={runtime.resource_timeout_s:g}): "
-                               f"they need {short}; other runs may hold them, or no node has a bundle's worth "
-                               "free. Wait for those runs, lower the request, or raise runtime.resource_timeout_s"
-                               ) from None
-        return group
-
     def _actor(self, index: int):
         runtime = self.cfg.runtime
         # Named per run so that users (and tests) can find a run's workers: ray.util.list_named_actors().
@@ -235,16 +289,21 @@ class RayExecutor:
                                     name=name, scheduling_strategy=strategy
                                     ).remote(self.cfg_ref, self.personalized, index)
 
-    def _worker_lost(self, slot: WorkerSlot, actor: Any, err: BaseException) -> None:
-        """A call to ``actor`` failed as if it died: take no task there until it answers again."""
+    def _lost(self, slot: WorkerSlot, actor: Any, err: BaseException) -> None:
+        """A call to ``actor`` failed as if it died: unless the server is what died (``ServerLost``), take no
+        task there until it answers again."""
+        self._check_server()
         if actor is not slot.actor or slot.revival is not None:
             return
         log.warning("worker %d lost (%s); its tasks run again, and Ray restarts it", slot.index, type(err).__name__)
+        if not isinstance(err, ObjectLostError):  # an argument or result lost elsewhere: perhaps alive, asked
+            slot.restarts += 1
         self._await_revival(slot)
 
     def _await_revival(self, slot: WorkerSlot) -> None:
-        slot.revival = slot.actor.placement.remote()  # calls other than train wait through a restart
+        slot.revival = slot.actor.placement.remote()  # waits through a restart
         self.revivals[slot.revival] = slot
+        self.reviving_since.setdefault(slot.index, time.monotonic())
 
     def _revived(self, slot: WorkerSlot) -> None:
         ref, slot.revival = slot.revival, None
@@ -255,21 +314,17 @@ class RayExecutor:
             log.warning("worker %d did not come back: %s", slot.index, str(err).strip().splitlines()[0][:300])
             self._replace(slot)
             return
+        self.reviving_since.pop(slot.index, None)
+        slot.progress_at = time.monotonic()
         if placement["pid"] != slot.placement.get("pid"):
-            slot.restarts += 1
             log.warning("worker %d is back, on node %s", slot.index, placement["node_id"][:8])
         slot.placement = placement
-
-    def _revive_now(self, slot: WorkerSlot) -> None:
-        while slot.revival is not None:
-            ray.wait([slot.revival])
-            self._revived(slot)
 
     def _replace(self, slot: WorkerSlot) -> None:
         slot.replacements += 1
         if slot.replacements > REPLACEMENTS:
             raise RuntimeError(f"worker {slot.index} could not be replaced in {REPLACEMENTS} attempts; the cluster "
-                               "may have lost the resources it needs")
+                               f"may have lost the resources it needs; continue later with: {self._resume_hint()}")
         if slot.replacements > 1:
             # A replacement may land in a bundle whose node is dead but not yet declared so (Ray notices by
             # missed heartbeats); it then dies too, and the next one goes where Ray moved the bundle.
@@ -280,13 +335,38 @@ class RayExecutor:
         slot.busy = 0
         self._await_revival(slot)
 
+    def _restart_hung(self, slot: WorkerSlot, waited_s: float) -> None:
+        """Kill a worker that made no progress for its call timeout; Ray restarts it, and its calls fail and
+        run again (a hung call cannot be cancelled: only its process can go)."""
+        slot.hung += 1
+        slot.restarts += 1
+        log.warning("worker %d made no progress for %.0f s (runtime.task_timeout_s=%g, 0: derived); restarting it "
+                    "and running its calls again", slot.index, waited_s, self.cfg.runtime.task_timeout_s)
+        ray.kill(slot.actor, no_restart=False)
+        self._await_revival(slot)
+
+    def _resume_hint(self) -> str:
+        return f"fedsim run --resume {self.cfg.output.dir or 'RUN_DIR'}"
+
+    def _check_revivals(self) -> None:
+        """Fail, rather than wait forever, when no worker has been live for ``runtime.resource_timeout_s``."""
+        if any(s.revival is None for s in self.slots) or not self.reviving_since:
+            return
+        bound = max(self.cfg.runtime.resource_timeout_s, PLACEMENT_GRACE_S)
+        waited = time.monotonic() - max(self.reviving_since.values())
+        if waited > bound:
+            raise RuntimeError(f"no worker came back within runtime.resource_timeout_s={bound:g} s (Ray could not "
+                               f"place them: the cluster lost the resources they need); continue later with: "
+                               f"{self._resume_hint()}")
+        log.warning("waiting for %d worker(s) to come back (Ray restarts them once their placement bundles fit on "
+                    "a live node; %.0f s left)", len(self.revivals), bound - waited)
+
     # ------------------------------------------------------------------------------- tasks
     def publish(self, version: int, handle: ray.ObjectRef) -> None:
         self.published = handle
 
     def submit(self, task: ClientTask) -> None:
-        state = self.server.get_state.remote(task.client_id) if task.client_id in self.with_state else None
-        job = Job(task, self.published, state)
+        job = Job(task, self.published, task.client_id in self.with_state)
         self.jobs[task] = job
         self._enqueue(self.batches.add(job, self.published))
 
@@ -297,10 +377,14 @@ class RayExecutor:
             self.queue.append(batch)
         self._pump()
 
-    def _pump(self) -> None:
+    def _pump(self, awaited: Job | None = None) -> None:
         """Hand waiting batches, in order, to the least busy workers with room (lowest index among equals); a
-        retry skips the worker it raised on."""
+        retry skips the worker it raised on. While finished results waiting for the loop and tasks on their way
+        add up to ``results_bound``, only the batch of the task the loop waits for (``awaited``) goes."""
         for batch in list(self.queue):
+            held = len(self.finished_waiting) + sum(s.busy for s in self.slots)
+            if held + len(batch) > self.results_bound and awaited not in batch:
+                continue
             free = [s for s in self.slots if s.revival is None
                     and s.busy + len(batch) <= self.capacity_per_worker * self.batch_size]
             if not free:
@@ -316,6 +400,9 @@ class RayExecutor:
 
     def _send(self, jobs: list[Job], slot: WorkerSlot) -> None:
         """One call trains the batch; each task's update, state and metrics come back as refs of their own."""
+        for job in jobs:  # fetched now, not at submit: only tasks on their way hold a state on this node
+            if job.has_state and job.state_in is None:
+                job.state_in = self.server.get_state.remote(job.task.client_id)
         refs = slot.actor.train_batch.options(num_returns=3 * len(jobs)).remote(
             [job.task for job in jobs], jobs[0].published, *(job.state_in for job in jobs))
         for i, job in enumerate(jobs):
@@ -324,25 +411,44 @@ class RayExecutor:
             job.outstanding = {job.update, job.state}
             for ref in job.outstanding:
                 self.waiting_on[ref] = job
+        if not slot.busy:
+            slot.progress_at = time.monotonic()
         slot.busy += len(jobs)
+        states = sum(1 for j in self.jobs.values() if j.state_in is not None and j not in self.finished_waiting)
+        self.peak_waiting["states"] = max(self.peak_waiting["states"], states)
+
+    def _hang_deadline(self, slot: WorkerSlot) -> float:
+        return slot.progress_at + call_timeout(self.cfg.runtime.task_timeout_s, self.longest["train"])
 
     def _wait(self) -> None:
-        """Take in everything finished by now, blocking until something is: results, workers back."""
-        refs = [*self.waiting_on, *self.revivals]
-        if not refs:
-            raise RuntimeError(f"{len(self.queue)} task(s) wait for a worker, but no worker is running anything")
+        """Take in everything finished by now, blocking until something is: results, workers back. Workers
+        that made no progress within their call timeout are restarted meanwhile."""
         first: list = []
         while not first:
-            first, _ = ray.wait(refs, num_returns=1, fetch_local=True, timeout=WAIT_REPORT_S)
-            if not first and not self.waiting_on:
-                log.warning("waiting for %d worker(s) to come back (Ray restarts them once their placement bundles "
-                            "fit on a live node)", len(self.revivals))
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=True)
+            refs = [*self.waiting_on, *self.revivals]
+            if not refs:
+                raise RuntimeError(f"{len(self.queue)} task(s) wait for a worker, but no worker is running anything")
+            busy = [s for s in self.slots if s.busy and s.revival is None]
+            now = time.monotonic()
+            tick = min([WAIT_REPORT_S, *(self._hang_deadline(s) - now for s in busy)])
+            first, _ = ray.wait(refs, num_returns=1, fetch_local=True, timeout=max(tick, 0.5))
+            if first:
+                break
+            now = time.monotonic()
+            for slot in busy:
+                if now > self._hang_deadline(slot):
+                    self._restart_hung(slot, now - slot.progress_at)
+            if not self.waiting_on:
+                self._check_revivals()
+        done, _ = ray.wait([*self.waiting_on, *self.revivals], num_returns=len(self.waiting_on) + len(self.revivals),
+                           timeout=0, fetch_local=True)
         for ref in dict.fromkeys([*first, *done]):
             if ref in self.revivals:
                 self._revived(self.revivals[ref])
                 continue
-            job = self.waiting_on.pop(ref)
+            job = self.waiting_on.pop(ref, None)
+            if job is None:
+                continue
             job.outstanding.discard(ref)
             if not job.outstanding:
                 self._finished(job)
@@ -351,10 +457,11 @@ class RayExecutor:
         slot = job.slot
         if job.actor is slot.actor:
             slot.busy -= 1
+            slot.progress_at = time.monotonic()
         try:
             metrics = ray.get(job.metrics_ref)
         except LOST as err:
-            self._worker_lost(slot, job.actor, err)
+            self._lost(slot, job.actor, err)
             if not job.discarded:
                 self._again(job, finished=False)
             return
@@ -365,14 +472,21 @@ class RayExecutor:
             return
         slot.tasks += 1
         slot.busy_seconds += metrics.get("task_seconds", 0.0)
+        call_s = metrics.get("task_seconds", 0.0) * len(job.batch)
+        self.longest["train"] = max(self.longest["train"] or 0.0, call_s)
         if job.actor is slot.actor and metrics.get("pid", slot.placement.get("pid")) != slot.placement.get("pid"):
             slot.restarts += 1  # restarted between tasks: its node (placement) is read again for stats
             slot.placement["pid"], slot.stale = metrics["pid"], True
         if not job.discarded:
             job.metrics = metrics
+            self.finished_waiting.add(job)
+            self.peak_waiting["results"] = max(self.peak_waiting["results"], len(self.finished_waiting))
 
     def _raised(self, job: Job, err: RayTaskError) -> None:
-        reason = failure_reason(err.cause if err.cause is not None else err)
+        cause = err.cause if err.cause is not None else err
+        if isinstance(cause, StateStoreError):  # a client's stored state cannot be read: stop, naming the file
+            raise cause
+        reason = failure_reason(cause)
         job.failures += 1
         message = str(err).strip().splitlines()[-1]
         if job.failures > TASK_RETRIES:
@@ -390,6 +504,7 @@ class RayExecutor:
         same bits), unless the task has been lost too often."""
         job.lost += 1
         job.metrics = None
+        self.finished_waiting.discard(job)
         if job.lost >= LOST_ATTEMPTS:
             log.error("client %d (task %d) lost its worker %d times; counted as failed", job.task.client_id,
                       job.task.seed_round, job.lost)
@@ -403,8 +518,9 @@ class RayExecutor:
     def _until_done(self, job: Job) -> None:
         self._enqueue(self.batches.close())
         while not job.done:
-            self._pump()
+            self._pump(awaited=job)
             self._wait()
+        self.finished_waiting.discard(job)
         self._pump()  # refill before the driver goes off to the aggregator
         if job.failure is not None:
             self.jobs.pop(job.task, None)
@@ -420,7 +536,7 @@ class RayExecutor:
         job = self.jobs[task]
         log.warning("the result of client %d (task %d) was lost with its node (%s); running the task again",
                     task.client_id, task.seed_round, type(err).__name__)
-        self._worker_lost(job.slot, job.actor, err)
+        self._lost(job.slot, job.actor, err)
         self._again(job, finished=True)
         self._until_done(job)
         return job.update
@@ -431,7 +547,7 @@ class RayExecutor:
         try:
             while accepted and job.metrics.get("has_state", True):
                 try:
-                    ray.get(self.server.put_state.remote(task.client_id, job.state))
+                    from_server(self.server.put_state.remote(task.client_id, job.state))
                     self.with_state.add(task.client_id)
                     break
                 except LOST as err:
@@ -444,87 +560,110 @@ class RayExecutor:
         if job is None:
             return
         job.discarded = True  # its batch still trains it, if it has not yet: the batches stay as on any engine
+        self.finished_waiting.discard(job)
         # A try in flight runs out and its result is dropped when it comes. Not ray.cancel: cancelling a call
         # queued on an actor leaves a gap in the actor's call sequence, and the actor's next call (an
         # evaluation) then times out waiting for it.
 
-    # ------------------------------------------------------------------------------- evaluation
-    def _any_worker(self) -> WorkerSlot:
-        """The least busy worker (lowest index among equals)."""
-        return min(self.slots, key=lambda s: (s.revival is not None, s.busy, s.index))
+    # ------------------------------------------------------------------------------- calls on live workers
+    def _scatter(self, calls: Sequence[Callable[[Any], ray.ObjectRef]], per_worker: int) -> list[Any]:
+        """``ray.get`` of each call (a function of a worker actor) made on a live worker, at most ``per_worker``
+        at once on each, the least loaded first; a call lost with its worker, or that outlives its timeout
+        (behind the training calls queued on that worker), runs again on a live one. Results in call order."""
+        results: list[Any] = [None] * len(calls)
+        todo = deque(range(len(calls)))
+        lost = [0] * len(calls)
+        out: dict[ray.ObjectRef, tuple[int, WorkerSlot, Any, float]] = {}
+        train_s = call_timeout(self.cfg.runtime.task_timeout_s, self.longest["train"])
+
+        def deadline(slot: WorkerSlot, sent: float) -> float:
+            queued = -(-slot.busy // self.batch_size)  # training calls ahead of it on that worker
+            return sent + call_timeout(self.cfg.runtime.task_timeout_s, self.longest["eval"]) + queued * train_s
+
+        while todo or out:
+            while todo:
+                load = {s.index: 0 for s in self.slots if s.revival is None}
+                for _, slot, _, _ in out.values():
+                    load[slot.index] = load.get(slot.index, 0) + 1
+                live = [s for s in self.slots if s.revival is None and load[s.index] < per_worker]
+                if not live:
+                    break
+                slot = min(live, key=lambda s: (load[s.index], s.busy, s.index))
+                index = todo.popleft()
+                out[calls[index](slot.actor)] = (index, slot, slot.actor, time.monotonic())
+            refs = [*out, *self.revivals]
+            if not refs:
+                raise RuntimeError("no worker is live and none is coming back")
+            now = time.monotonic()
+            tick = min([WAIT_REPORT_S, *(deadline(slot, sent) - now for _, slot, _, sent in out.values())])
+            ready, _ = ray.wait(refs, num_returns=1, timeout=max(tick, 0.5))
+            if not ready:
+                now = time.monotonic()
+                for index, slot, actor, sent in list(out.values()):
+                    if now > deadline(slot, sent) and actor is slot.actor and slot.revival is None:
+                        self._restart_hung(slot, now - sent)
+                if not out:
+                    self._check_revivals()
+                continue
+            (ref,) = ready
+            if ref in self.revivals:
+                self._revived(self.revivals[ref])
+                continue
+            index, slot, actor, sent = out.pop(ref)
+            try:
+                results[index] = ray.get(ref)
+                self.longest["eval"] = max(self.longest["eval"] or 0.0, time.monotonic() - sent)
+            except LOST as err:
+                self._lost(slot, actor, err)
+                lost[index] += 1
+                if lost[index] >= LOST_ATTEMPTS:
+                    raise RuntimeError(f"a call was lost with its worker {lost[index]} times; the run stops; "
+                                       f"continue it later with: {self._resume_hint()}") from err
+                todo.appendleft(index)
+        return results
 
     def evaluate(self, handle: ray.ObjectRef) -> dict[str, float]:
         """Each worker scores a shard of the test split's batches; the pooled scores give the metrics one
-        worker would have computed over the whole split (fedsim.evaluation.combine)."""
+        worker would have computed over the whole split (fedsim.evaluation.combine). A shard whose worker is
+        lost is scored by another."""
         count = len(self.slots)
-        calls: dict[ray.ObjectRef, tuple[int, WorkerSlot, Any]] = {}
-        parts: dict[int, list[BatchScores]] = {}
-
-        def send(index: int, slot: WorkerSlot) -> None:
-            calls[slot.actor.evaluate_shard.remote(handle, index, count)] = (index, slot, slot.actor)
-
-        for index, slot in enumerate(self.slots):
-            send(index, slot)
-        while calls:
-            ready, _ = ray.wait(list(calls), num_returns=1)
-            index, slot, actor = calls.pop(ready[0])
-            try:
-                parts[index] = ray.get(ready[0])
-            except LOST as err:
-                self._worker_lost(slot, actor, err)
-                self._revive_now(slot)
-                send(index, slot)
-        return combine([scores for index in range(count) for scores in parts[index]])
+        shards = self._scatter([lambda actor, i=i: actor.evaluate_shard.remote(handle, i, count)
+                                for i in range(count)], per_worker=count)
+        return combine([scores for shard in shards for scores in shard])
 
     def evaluate_personalized(self, clients: np.ndarray, fallback: ray.ObjectRef) -> dict[str, float]:
-        """Workers score the clients' own adapters, PERSONALIZED_CHUNK clients a call, in turn; each call's
-        states go from the aggregator actor to its worker, never through the driver, and at most two calls a
-        worker are out at once, so that the object store holds a few chunks of states, not every client's."""
+        """Workers score the clients' own adapters, PERSONALIZED_CHUNK clients a call; each call's states go
+        from the aggregator actor to its worker when the call is made, never through the driver, and at most
+        two calls a worker are out at once, so that the object store holds a few chunks of states, not every
+        client's."""
         chunks = [clients[i:i + PERSONALIZED_CHUNK].tolist() for i in range(0, len(clients), PERSONALIZED_CHUNK)]
-        parts: list[list[dict[str, float]]] = [[] for _ in chunks]
-        calls: dict[ray.ObjectRef, int] = {}
-
-        def take_one() -> None:
-            (ready,), _ = ray.wait(list(calls), num_returns=1)
-            parts[calls.pop(ready)] = ray.get(ready)
-
-        for index, chunk in enumerate(chunks):
-            if len(calls) >= 2 * len(self.slots):
-                take_one()
-            slot = self.slots[index % len(self.slots)]
-            calls[slot.actor.evaluate_states.remote(self.server.get_states.remote(chunk), fallback)] = index
-        while calls:
-            take_one()
+        parts = self._scatter([lambda actor, c=chunk: actor.evaluate_states.remote(self.server.get_states.remote(c),
+                                                                                     fallback)
+                               for chunk in chunks], per_worker=2)
         return mean_metrics([m for part in parts for m in part])
 
     def adapter_files(self, handle: ray.ObjectRef) -> dict[str, bytes]:
-        while True:
-            slot = self._any_worker()
-            actor = slot.actor
-            try:
-                return ray.get(actor.adapter_files.remote(handle))
-            except LOST as err:
-                self._worker_lost(slot, actor, err)
-                self._revive_now(slot)
+        return self._scatter([lambda actor: actor.adapter_files.remote(handle)], per_worker=1)[0]
 
+    # ------------------------------------------------------------------------------- client states
     def open_client_states(self, directory: Path, checkpointed: StateManifest | None) -> None:
         """The aggregator actor keeps them, on the driver's node: ``directory`` is on that node's disk."""
-        ray.get(self.server.open_states.remote(str(Path(directory).resolve()), self.cfg.partition.num_clients,
-                                               state_cache_bytes(self.cfg), checkpointed))
+        from_server(self.server.open_states.remote(str(Path(directory).resolve()), self.cfg.partition.num_clients,
+                                                   state_cache_bytes(self.cfg), checkpointed))
         if checkpointed is not None:
             self.with_state.update(checkpointed.clients.tolist())
 
     def client_states(self) -> StateManifest:
-        return ray.get(self.server.pin_states.remote())
+        return from_server(self.server.pin_states.remote())
 
     def client_states_saved(self) -> None:
-        ray.get(self.server.release_states.remote())
+        from_server(self.server.release_states.remote())
 
     def personalized_digest(self) -> str:
-        return ray.get(self.server.personalized_digest.remote())
+        return from_server(self.server.personalized_digest.remote())
 
     def fetch(self, handle: ray.ObjectRef) -> Published:
-        return ray.get(handle)
+        return ray.get(handle, timeout=SERVER_TIMEOUT_S)
 
     def share(self, published: Published) -> ray.ObjectRef:
         return ray.put(published)
@@ -533,13 +672,14 @@ class RayExecutor:
         for slot in self.slots:
             if slot.stale and slot.revival is None:
                 try:
-                    slot.placement, slot.stale = ray.get(slot.actor.placement.remote()), False
-                except LOST:
+                    slot.placement, slot.stale = ray.get(slot.actor.placement.remote(), timeout=SERVER_TIMEOUT_S), False
+                except (*LOST, GetTimeoutError):
                     pass
         return {"workers": [{"worker": s.index, "tasks": s.tasks, "failed_tasks": s.failures, "restarts": s.restarts,
-                             "busy_seconds": s.busy_seconds, **s.placement} for s in self.slots],
-                "worker_restarts": sum(s.restarts for s in self.slots), "batching": self.batching,
-                "tasks_rerun": dict(self.reruns)}
+                             "hung": s.hung, "busy_seconds": s.busy_seconds, **s.placement} for s in self.slots],
+                "worker_restarts": sum(s.restarts for s in self.slots), "server_restarts": self.server_restarts,
+                "batching": self.batching, "tasks_rerun": dict(self.reruns),
+                "held_at_once": {**self.peak_waiting, "bound": self.results_bound}}
 
     def shutdown(self) -> None:
         for slot in self.slots:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.autoscaler.sdk import request_resources
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.executor import RayExecutor, RemoteAggregator
+from actors.executor import RayExecutor, RemoteAggregator, ServerLost
+from actors.local_ray import reload_ray_auth, start_local_ray, stop_local_ray
 from fedsim.algorithms import SERVER_STRATEGIES
+from fedsim.checkpoint import check_checkpoint
 from fedsim.config import ConfigError, ExperimentConfig
 from fedsim.engine.loop import run_federation
 from fedsim.clientdata import load_client_data
@@ -32,61 +32,12 @@ def connect(cfg: ExperimentConfig) -> bool:
         return False
     address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
     if address:
+        reload_ray_auth()  # the cluster's token from the environment, not one an earlier local run left cached
         ray.init(address=address, log_to_driver=True)
         return False
-    # address="local": a fresh instance for this run, never a stale one that `ray start` left registered on
-    # this machine (plain ray.init() would try to join it).
-    ray.init(address="local", include_dashboard=False, log_to_driver=True)
-    return True
-
-
-def missing_resources(cfg: ExperimentConfig) -> dict[str, tuple[float, float]]:
-    """{resource: (needed, in the cluster)} for each resource the workers need more of than the cluster has."""
-    total = ray.cluster_resources()
-    runtime = cfg.runtime
-    need = {"CPU": runtime.cpus_per_worker * runtime.num_workers, "GPU": runtime.gpus_per_worker * runtime.num_workers}
-    return {r: (n, total.get(r, 0.0)) for r, n in need.items() if n > total.get(r, 0.0) + 1e-9}
-
-
-def _describe(missing: dict[str, tuple[float, float]]) -> str:
-    return ", ".join(f"{need:g} {r} (the cluster has {have:g})" for r, (need, have) in missing.items())
-
-
-def wait_for_resources(cfg: ExperimentConfig, poll_s: float = 2.0) -> bool:
-    """Make sure the cluster can ever hold the workers; True if the autoscaler was asked to grow it.
-
-    A cluster that lacks them is asked for them (an autoscaling cluster may start with no GPU node at all) and
-    waited for up to ``runtime.resource_timeout_s``, since a GPU node takes minutes to boot; after that, or at
-    once with a timeout of 0, the run fails naming what is missing, before any actor starts (Ray would
-    otherwise wait forever for a placement that cannot happen).
-    """
-    runtime = cfg.runtime
-    missing = missing_resources(cfg)
-    if not missing:
-        return False
-    hint = (f"runtime.num_workers={runtime.num_workers} x runtime.cpus_per_worker={runtime.cpus_per_worker:g} / "
-            f"runtime.gpus_per_worker={runtime.gpus_per_worker:g}")
-    if runtime.resource_timeout_s <= 0:
-        raise RuntimeError(f"{hint} needs {_describe(missing)}; lower them or grow the cluster "
-                           "(runtime.resource_timeout_s > 0 waits for an autoscaler to add nodes)")
-    bundle = {k: v for k, v in (("CPU", runtime.cpus_per_worker), ("GPU", runtime.gpus_per_worker)) if v}
-    request_resources(bundles=[dict(bundle) for _ in range(runtime.num_workers)])
-    start = time.monotonic()
-    deadline = start + runtime.resource_timeout_s
-    next_report = start
-    while missing:
-        now = time.monotonic()
-        if now >= deadline:
-            request_resources(bundles=[])  # withdraw the demand: nothing will use those nodes
-            raise RuntimeError(f"{hint} needs {_describe(missing)}; no node with them joined within "
-                               f"runtime.resource_timeout_s={runtime.resource_timeout_s:g} s")
-        if now >= next_report:
-            log.warning("waiting for the cluster to grow: %s (asked the autoscaler; %.0f s left)",
-                        _describe(missing), deadline - now)
-            next_report = now + 30.0
-        time.sleep(min(poll_s, max(deadline - now, 0.0)))
-        missing = missing_resources(cfg)
-    log.warning("the cluster now holds what the run needs, after %.0f s", time.monotonic() - start)
+    # A fresh instance for this run (never a stale one that `ray start` left registered on this machine, which
+    # plain ray.init() would join), on loopback with a token of its own.
+    start_local_ray(log_to_driver=True)
     return True
 
 
@@ -94,6 +45,9 @@ def reads_local_files(cfg: ExperimentConfig) -> bool:
     """Whether the run reads data from local folders (``data.path`` or a ``modality_task`` ``text_path``)."""
     steps = list((cfg.data.scenarios or {}).values()) + list((cfg.data.test_scenarios or {}).values())
     return cfg.data.path is not None or any(isinstance(step, dict) and step.get("text_path") for step in steps)
+
+
+DATA_CHECK_TIMEOUT_S = 120.0  # the check reads a few files: a node that cannot answer in this time is named
 
 
 @ray.remote(num_cpus=0)
@@ -114,35 +68,58 @@ def check_data_on_nodes(cfg: ExperimentConfig) -> None:
     nodes = [n for n in ray.nodes() if n["Alive"] and (n["Resources"].get("CPU") or n["Resources"].get("GPU"))]
     checks = [_data_problem_here.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
                                          ).remote(cfg) for n in nodes]
+    ready, _ = ray.wait(checks, num_returns=len(checks), timeout=DATA_CHECK_TIMEOUT_S)
+    answers = [ray.get(check) if check in ready else f"no answer within {DATA_CHECK_TIMEOUT_S:g} s (node down?)"
+               for check in checks]
     problems = [f"node {n['NodeManagerAddress']} ({n['NodeID'][:8]}): {problem}"
-                for n, problem in zip(nodes, ray.get(checks)) if problem]
+                for n, problem in zip(nodes, answers) if problem]
     if problems:
         raise RuntimeError("the run's data cannot be read on every node that may run a worker; put it on storage "
                            "they all read (cluster/README.md, Data on clusters):\n  " + "\n  ".join(problems))
 
 
+SERVER_RECOVERIES = 3  # aggregator actors a run may lose and recreate before it gives up
+
+
 def run_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     started_here = connect(cfg)
     executor = None
-    requested = False
     try:
-        requested = wait_for_resources(cfg)
         check_data_on_nodes(cfg)
         data = load_client_data(cfg)  # the driver needs shard sizes for the clock; workers load data themselves
         strategy_cls = SERVER_STRATEGIES[cfg.algorithm.server.name]
-        executor = RayExecutor(cfg, strategy_cls.personalized)
+        executor = RayExecutor(cfg, strategy_cls.personalized)  # waits for the cluster to hold its workers
         initial = ray.get(executor.slots[0].actor.initial_weights.remote())
         shard_sizes = data.shard_sizes()
-        aggregator = RemoteAggregator(executor.server, cfg, initial, shard_sizes)
         log.info("ray runtime: %d workers on %s", len(executor.slots),
                  sorted({s.placement["node_id"][:8] for s in executor.slots}))
-        return run_federation(cfg, run_dir, "ray", executor, aggregator, shard_sizes,
-                              nbytes(initial), strategy_cls.personalized, strategy_cls.asynchronous,
-                              strategy_cls.trains, resume, headline_metric=data.metric)
+        while True:
+            try:
+                aggregator = RemoteAggregator(executor.server, cfg, initial, shard_sizes)
+                return run_federation(cfg, run_dir, "ray", executor, aggregator, shard_sizes,
+                                      nbytes(initial), strategy_cls.personalized, strategy_cls.asynchronous,
+                                      strategy_cls.trains, resume, headline_metric=data.metric)
+            except ServerLost as lost:
+                resume = recover_from(lost, cfg, run_dir, executor)
     finally:
-        if requested:  # a standing request would keep the autoscaler's nodes up after the run
-            request_resources(bundles=[])
         if executor is not None:
             executor.shutdown()
         if started_here:
-            ray.shutdown()
+            stop_local_ray()
+
+
+def recover_from(lost: ServerLost, cfg: ExperimentConfig, run_dir: Path, executor: RayExecutor) -> bool:
+    """After the aggregator actor died: a new one, to continue from the run's last checkpoint (the workers
+    stay); the run ends at once, saying how to continue it, when there is no checkpoint or it died too often."""
+    resume_hint = f"continue it later with: fedsim run --resume {run_dir}"
+    if executor.server_restarts >= SERVER_RECOVERIES:
+        raise RuntimeError(f"{lost}; the aggregator actor was lost {SERVER_RECOVERIES + 1} times, the run stops; "
+                           f"{resume_hint}") from lost
+    try:
+        check_checkpoint(run_dir)
+    except FileNotFoundError:
+        raise RuntimeError(f"{lost}; the run has no checkpoint to continue from (checkpoint.every="
+                           f"{cfg.checkpoint.every}), so it stops here") from lost
+    log.error("%s; recreating it from the last checkpoint in %s", lost, run_dir)
+    executor.replace_server()
+    return True

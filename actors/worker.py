@@ -5,8 +5,10 @@ lifetime; a task brings only a client id, the global version (an object-store re
 of that version) and the client's state.
 
 Ray restarts a worker whose process or node died (``max_restarts``), in its placement bundle, which Ray moves
-to a live node. Its calls wait through a restart (``max_task_retries=-1``), except ``train``: the executor
-re-runs a lost client task itself, on whichever worker is free (actors/executor.py).
+to a live node. Only ``placement`` (which the executor sends to learn that a worker is back) waits through a
+restart (``max_task_retries=-1``); training and evaluation calls fail with the worker instead, and the
+executor runs them again itself, with the same seeds, on whichever worker is live (actors/executor.py): a call
+that waited for a worker whose node is gone for good would wait forever.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def cap_gpu_memory(fraction: float) -> float | None:
     return fraction
 
 
-@ray.remote(max_restarts=WORKER_RESTARTS, max_task_retries=-1)
+@ray.remote(max_restarts=WORKER_RESTARTS, max_task_retries=0)
 class ClientWorker:
     def __init__(self, cfg: ExperimentConfig, personalized: bool, index: int):
         # Before anything touches the GPU: the model below must already fit in this worker's share.
@@ -68,6 +70,7 @@ class ClientWorker:
                                    self.loaded.device, cfg.seed, cfg.data.prompt)
         self.tasks_done = 0
 
+    @ray.method(max_task_retries=-1)
     def placement(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
         return {"worker": self.index, "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
@@ -85,7 +88,7 @@ class ClientWorker:
         """Clients this worker trains together, and what each extra one costs (fedsim.engine.inprocess)."""
         return batching(self.trainer)
 
-    @ray.method(max_task_retries=0)  # called with num_returns = 3 per task
+    # called with num_returns = 3 per task
     def train_batch(self, tasks: list[ClientTask], published: Published, *states: NamedTensors | None) -> tuple:
         """For each task, in order: the client's update, its new state, and metrics (with the task's share of
         the call's wall time in this worker). The tasks train together (ClientTrainer.train_batch)."""

@@ -117,6 +117,35 @@ def test_a_node_lost_with_finished_results_costs_nothing_but_time(tmp_path, clus
     assert first["round"] == 1
 
 
+def test_a_node_lost_right_before_an_evaluation_round_ends_on_the_fault_free_run(tmp_path, cluster_env):
+    """Two worker nodes of one CPU each, a worker on each (spread); evaluation only after round 3. The driver
+    is paused after round 1's checkpoint while worker node 1 is killed; the lost worker's bundle fits nowhere
+    now, so it never comes back. Its tasks run again on worker 0, and the evaluation and the adapter files go
+    to the live worker only (a shard sent to the lost one used to wait forever): the run ends with the
+    fault-free adapter and metrics."""
+    from fedsim.engine import run_sequential
+    from fedsim.validation import load_config
+
+    overrides = [*SMALL, "federation.rounds=3", "eval.every=3", "runtime.placement=spread",
+                 "runtime.num_threads=1"]
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    expected = run_sequential(load_config(QUICKSTART, [*overrides, f"output.dir={whole}"]), whole)
+    start_cluster(cluster_env, workers=2, cpus=1)
+    proc = fedsim(cluster_env, QUICKSTART, *overrides, f"output.dir={run}")
+    wait_for_round(run, proc, 1)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        local(cluster_env, "kill-node", "1")
+        time.sleep(PAUSE_S)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    out = finish(proc)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["adapter_sha256"] == expected["adapter_sha256"], out[-3000:]
+    assert summary["final_metrics"] == expected["final_metrics"]
+    assert summary["worker_restarts"] >= 1 and summary["server_restarts"] == 0
+
+
 def test_placement_spread_and_pack(tmp_path, cluster_env):
     """The run records where its workers went: spread uses both worker nodes, pack fills one."""
     start_cluster(cluster_env, workers=2, cpus=2)

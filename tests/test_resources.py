@@ -87,3 +87,35 @@ def test_data_a_node_cannot_read_fails_the_run_naming_the_node(ray_cluster, tmp_
         check_data_on_nodes(cfg)
     assert f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]})" in str(failure.value)
     assert "train.jsonl" in str(failure.value)
+
+
+def test_two_runs_waiting_for_resources_keep_their_own_demands(ray_cluster, tmp_path):
+    """Each waiting run's demand is its own pending placement group (what the autoscaler grows the cluster
+    for): one run giving up withdraws its demand only, never the other's (a cluster-wide request_resources,
+    which each call replaces, would)."""
+    import threading
+
+    from actors.placement import reserve_workers
+
+    def pending() -> set[str]:
+        return {g["name"] for g in ray_cluster.util.placement_group_table().values() if g["state"] == "PENDING"}
+
+    errors: dict[str, BaseException] = {}
+
+    def reserve(name: str, timeout_s: float) -> None:
+        try:
+            reserve_workers(gpu_hungry(tmp_path / name, timeout_s), name)
+        except RuntimeError as err:
+            errors[name] = err
+
+    runs = {name: threading.Thread(target=reserve, args=(name, t)) for name, t in (("short", 6), ("long", 20))}
+    for thread in runs.values():
+        thread.start()
+    deadline = time.monotonic() + 5
+    while pending() != {"short", "long"} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pending() == {"short", "long"}, "each waiting run places a demand of its own"
+    runs["short"].join(timeout=30)
+    assert "short" in errors and pending() == {"long"}, "the run that gave up withdrew its own demand only"
+    runs["long"].join(timeout=60)
+    assert "needs 3 GPU (the cluster has 2)" in str(errors["long"]) and not pending()
