@@ -84,6 +84,7 @@ def test_cohort_of_everyone_online_is_the_draw_over_all_ids(tmp_path):
             assert fast.select(round_idx, 0.0).dispatched == listed.select(round_idx, 0.0).dispatched
 
 
+@pytest.mark.slow
 def test_a_million_clients_federate_in_process(tmp_path):
     cfg = small_config(tmp_path, "partition.num_clients=1000000", "data.samples_per_client=4",
                        "federation.clients_per_round=3", "federation.rounds=1", "training.batch_size=4",

@@ -77,6 +77,19 @@ def finish(proc: subprocess.Popen, timeout_s: float = 600) -> str:
     return out
 
 
+def fault_free_and_started(env: dict, overrides: list[str], whole: Path, run: Path, cpus: int):
+    """The reference engine's summary for ``overrides`` (same thread count), and ``fedsim run`` of the same on
+    a fresh cluster of 2 worker nodes of ``cpus`` CPUs each, once its round 1 is checkpointed."""
+    from fedsim.engine import run_sequential
+    from fedsim.validation import load_config
+
+    expected = run_sequential(load_config(QUICKSTART, [*overrides, f"output.dir={whole}"]), whole)
+    start_cluster(env, workers=2, cpus=cpus)
+    proc = fedsim(env, QUICKSTART, *overrides, f"output.dir={run}")
+    wait_for_round(run, proc, 1)
+    return expected, proc
+
+
 def test_a_node_lost_with_finished_results_costs_nothing_but_time(tmp_path, cluster_env):
     """Head + 2 worker nodes (2 CPUs each): placement=spread puts one worker on each. Asynchronous FedBuff
     with the default queue_per_worker keeps tasks in flight all the time. The driver is paused (SIGSTOP, as a
@@ -84,15 +97,9 @@ def test_a_node_lost_with_finished_results_costs_nothing_but_time(tmp_path, clus
     it holds their finished results, which the driver has not consumed; the driver goes on. Ray restarts the
     lost worker on the other node (with its placement bundle), the lost tasks run again with the same seeds,
     and the run ends with the adapter of a fault-free run (the reference engine's, on the same thread count)."""
-    from fedsim.engine import run_sequential
-    from fedsim.validation import load_config
-
     overrides = [*SMALL, *FEDBUFF, "federation.rounds=5", "runtime.placement=spread", "runtime.num_threads=1"]
     whole, run = tmp_path / "whole", tmp_path / "run"
-    expected = run_sequential(load_config(QUICKSTART, [*overrides, f"output.dir={whole}"]), whole)
-    start_cluster(cluster_env, workers=2, cpus=2)
-    proc = fedsim(cluster_env, QUICKSTART, *overrides, f"output.dir={run}")
-    wait_for_round(run, proc, 1)
+    expected, proc = fault_free_and_started(cluster_env, overrides, whole, run, cpus=2)
     os.kill(proc.pid, signal.SIGSTOP)
     try:
         time.sleep(PAUSE_S)
@@ -123,16 +130,10 @@ def test_a_node_lost_right_before_an_evaluation_round_ends_on_the_fault_free_run
     now, so it never comes back. Its tasks run again on worker 0, and the evaluation and the adapter files go
     to the live worker only (a shard sent to the lost one used to wait forever): the run ends with the
     fault-free adapter and metrics."""
-    from fedsim.engine import run_sequential
-    from fedsim.validation import load_config
-
     overrides = [*SMALL, "federation.rounds=3", "eval.every=3", "runtime.placement=spread",
                  "runtime.num_threads=1"]
     whole, run = tmp_path / "whole", tmp_path / "run"
-    expected = run_sequential(load_config(QUICKSTART, [*overrides, f"output.dir={whole}"]), whole)
-    start_cluster(cluster_env, workers=2, cpus=1)
-    proc = fedsim(cluster_env, QUICKSTART, *overrides, f"output.dir={run}")
-    wait_for_round(run, proc, 1)
+    expected, proc = fault_free_and_started(cluster_env, overrides, whole, run, cpus=1)
     os.kill(proc.pid, signal.SIGSTOP)
     try:
         local(cluster_env, "kill-node", "1")

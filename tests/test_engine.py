@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from peft import PeftModel
 
 from fedsim.config import ModelConfig
@@ -17,13 +18,25 @@ from conftest import small_config
 
 pytestmark = pytest.mark.slow
 
+# 100 samples per client, as in the quickstart: with the 40 of small_config the tiny preset may not move off a
+# constant answer within 4 rounds (4 rounds of 3 clients x 2 epochs: 12 updates of 26 steps).
+LEARNS = ("federation.rounds=4", "training.local_epochs=2", "partition.scheme=iid", "data.num_train=600")
+# The learning tests below, as measured: one torch thread (the figures are these very runs'), evaluated at the end.
+MEASURED = (*LEARNS, "runtime.num_threads=1", "eval.every=4")
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """runtime.num_threads sets torch's thread count for the whole process: the next test gets it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
 
 def test_training_beats_zero_shot_and_writes_a_complete_run(tmp_path, tiny_path):
-    # 100 samples per client, as in the quickstart: with the 40 of small_config the tiny preset may not move
-    # off a constant answer within 4 rounds. Measured on the shipped preset over seeds 0-4: zero-shot 18-28%,
-    # after 4 rounds 45-62%, a gain of 17 to 42 points; the bar asks for 10.
-    cfg = small_config(tmp_path, "federation.rounds=4", "training.local_epochs=2", "partition.scheme=iid",
-                       "data.num_train=600")
+    # Measured on the shipped preset over seeds 0-4: zero-shot 18-28%, after 4 rounds 45-62%, a gain of 17 to
+    # 42 points; the bar asks for 10.
+    cfg = small_config(tmp_path, *LEARNS)
     summary = run_sequential(cfg, tmp_path / "run")
     run = tmp_path / "run"
     assert summary["final_metrics"]["accuracy"] >= summary["zero_shot_metrics"]["accuracy"] + 0.1
@@ -54,12 +67,44 @@ def test_same_seed_same_adapter(tmp_path):
     assert other["adapter_sha256"] != first["adapter_sha256"]
 
 
-@pytest.mark.parametrize("server,client", [("fedadagrad", "fedmllm_reg"), ("fedyogi", "fedprox")])
-def test_algorithms_run_end_to_end(tmp_path, server, client):
-    cfg = small_config(tmp_path, f"algorithm.server.name={server}", f"algorithm.client.name={client}",
-                       "eval.zero_shot=false", "federation.rounds=2")
-    summary = run_sequential(cfg, tmp_path / "run")
-    assert summary["rounds"] == 2 and 0.0 <= summary["final_metrics"]["accuracy"] <= 1.0
+# method -> its overrides and its gains of final over zero-shot accuracy measured on seeds 0, 1 and 2.
+# The adaptive servers' default eta = 1e-3 moves each coordinate by about eta a round:
+# FedAdam gained 0.017 on seed 0 with it, so they run with a tuned eta, as Reddi et al. tune theirs. SCAFFOLD is
+# missing: under the SGD it needs, the training loss stayed at 0.463 in this config for lr 0.05 to 10 (lr 1:
+# a gain of 0.017 on seeds 0 and 1) and diverged at 50, so no learning margin exists yet.
+LEARNING_METHODS = {
+    "fedadagrad+fedmllm_reg": (("algorithm.server.name=fedadagrad", "algorithm.server.lr=0.1",
+                                "algorithm.client.name=fedmllm_reg"), (0.217, 0.333, 0.167)),
+    "fedyogi+fedprox": (("algorithm.server.name=fedyogi", "algorithm.server.lr=0.01", "algorithm.client.name=fedprox"),
+                        (0.217, 0.333, 0.167)),
+    "fedadam": (("algorithm.server.name=fedadam", "algorithm.server.lr=0.01"), (0.217, 0.333, 0.167)),
+    # Asynchronous, 12 updates applied in both, trained from older versions as lognormal device speeds reorder them.
+    "fedbuff": (("algorithm.server.name=fedbuff", "algorithm.server.buffer_size=3", "scheduler.concurrency=4",
+                 "scheduler.speed=lognormal"), (0.217, 0.333, 0.167)),
+    "fedasync": (("algorithm.server.name=fedasync", "scheduler.concurrency=3", "scheduler.speed=lognormal",
+                  "federation.rounds=12", "eval.every=12"), (0.217, 0.333, 0.167)),
+}
+
+
+@pytest.mark.parametrize("method", list(LEARNING_METHODS))
+def test_algorithms_learn_end_to_end(tmp_path, method):
+    """Seed 0 ends above zero-shot by half the smallest gain measured (60 test questions, 4 classes;
+    2026-12-06, the pinned constraints), with, for seed S and the method's overrides:
+
+        fedsim run experiments/quickstart.yaml runtime.engine=sequential runtime.num_threads=1 data.num_train=600
+            data.num_test=60 partition.num_clients=6 partition.scheme=iid federation.clients_per_round=3
+            federation.rounds=4 training.batch_size=8 training.local_epochs=2 eval.every=4 seed=S <overrides>
+
+    and summary.json's final_metrics.accuracy - zero_shot_metrics.accuracy. Every method measured reached the
+    same final accuracy on a seed (0.483, 0.517, 0.450): the tiny preset's plateau within 12 updates.
+    """
+    overrides, measured_gains = LEARNING_METHODS[method]
+    summary = run_sequential(small_config(tmp_path, *MEASURED, *overrides), tmp_path / "run")
+    assert summary["client_updates"] >= 12
+    gain = summary["final_metrics"]["accuracy"] - summary["zero_shot_metrics"]["accuracy"]
+    assert gain >= min(measured_gains) / 2, (gain, measured_gains)
+    if method in ("fedbuff", "fedasync"):
+        assert summary["staleness"]["mean"] > 0  # asynchronous indeed: updates trained from older versions
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 

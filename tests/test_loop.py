@@ -3,6 +3,7 @@ the order tasks are handed out, failed client tasks, and what asynchronous mode 
 
 from __future__ import annotations
 
+import ast
 import json
 import time
 from pathlib import Path
@@ -211,3 +212,90 @@ def test_the_personalized_sample_costs_the_sample_not_the_population() -> None:
     pairs = [tuple(personalized_sample(cfg, step)) for step in range(3000)]
     counts = [pairs.count(pair) for pair in sorted(set(pairs))]
     assert len(counts) == 6 and all(abs(count / 3000 - 1 / 6) < 0.03 for count in counts)
+
+
+# -- the suite's own promise: `-m "not slow"` skips every end-to-end run ------------------------------------------
+
+TESTS = Path(__file__).parent
+ENGINE_NAMES = {"run_sequential", "run_ray", "ENGINES", "FederationLoop"}  # run_federation: this file's stand-ins
+# Unmarked tests that reach an engine entry point without a model: (file, test) -> why that is cheap.
+FAST_ENGINE_CALLS = {
+    ("test_loop.py", "test_the_sequential_engine_passes_its_datas_metric"): "build_sequential replaced by stand-ins",
+}
+
+
+def _is_slow(decorators: list[ast.expr]) -> bool:
+    return any("slow" in ast.unparse(d) for d in decorators)
+
+
+def _engine_uses(node: ast.AST) -> list[ast.AST]:
+    """Nodes in ``node`` that start a run: an engine entry point named (called or passed on), ``main(["run" |
+    "sweep", ...])``, or a ``fedsim.cli`` child process."""
+    uses = []
+    for sub in ast.walk(node):
+        name = sub.id if isinstance(sub, ast.Name) else sub.attr if isinstance(sub, ast.Attribute) else None
+        if name in ENGINE_NAMES:
+            uses.append(sub)
+        elif (isinstance(sub, ast.Call) and ast.unparse(sub.func) == "main" and sub.args
+              and isinstance(sub.args[0], ast.List) and sub.args[0].elts
+              and ast.unparse(sub.args[0].elts[0]) in ("'run'", "'sweep'")):
+            uses.append(sub)
+        elif (isinstance(sub, ast.Call) and "subprocess." in ast.unparse(sub.func)
+              and any(isinstance(c, ast.Constant) and c.value == "fedsim.cli" for c in ast.walk(sub))):
+            uses.append(sub)
+    return uses
+
+
+def _refused(use: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    """Whether a use expects the run to be refused before any work: inside ``pytest.raises``, or an exit code
+    compared with 2."""
+    node = use
+    while node in parents:
+        parent = parents[node]
+        if isinstance(parent, ast.Compare) and parent.left is node and ast.unparse(parent.comparators[0]) == "2":
+            return True
+        if isinstance(parent, ast.With) and node in parent.body and "pytest.raises" in ast.unparse(parent.items[0]):
+            return True
+        node = parent
+    return False
+
+
+def unmarked_engine_runs(path: Path) -> list[str]:
+    """Tests of one file, not marked slow, that start an engine run, directly or through the file's helpers."""
+    tree = ast.parse(path.read_text())
+    if any(isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "pytestmark" and "slow" in ast.unparse(n.value)
+           for n in tree.body):
+        return []
+    parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
+    functions = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    starts = {name: any(not _refused(u, parents) for u in _engine_uses(f)) for name, f in functions.items()}
+    changed = True
+    while changed:  # a helper that calls a helper that starts a run starts one too
+        changed = False
+        for name, f in functions.items():
+            calls = {ast.unparse(c.func) for c in ast.walk(f) if isinstance(c, ast.Call)}
+            if not starts[name] and any(starts.get(c) for c in calls):
+                starts[name] = changed = True
+    return [name for name, f in functions.items() if name.startswith("test_") and starts[name]
+            and not _is_slow(f.decorator_list) and (path.name, name) not in FAST_ENGINE_CALLS]
+
+
+def test_every_test_that_starts_an_engine_run_is_marked_slow() -> None:
+    unmarked = {path.name: names for path in sorted(TESTS.glob("test_*.py")) if (names := unmarked_engine_runs(path))}
+    assert not unmarked, f"mark these @pytest.mark.slow (README: -m 'not slow' skips the end-to-end runs): {unmarked}"
+    for file, test in FAST_ENGINE_CALLS:
+        assert test in (TESTS / file).read_text(), f"stale entry in FAST_ENGINE_CALLS: {file}::{test}"
+
+
+def test_the_engine_run_check_sees_direct_helper_and_child_process_runs(tmp_path: Path) -> None:
+    (tmp_path / "test_x.py").write_text(
+        "def go(cfg):\n    return run_sequential(cfg, 'run')\n\n"
+        "def test_direct():\n    run_ray(cfg, 'run')\n\n"
+        "def test_through_helper():\n    go(cfg)\n\n"
+        "def test_child():\n    subprocess.run([sys.executable, '-m', 'fedsim.cli', 'run', 'x.yaml'])\n\n"
+        "def test_cli():\n    assert main(['sweep', 'x.yaml']) == 0\n\n"
+        "def test_refused():\n    assert main(['run', 'x.yaml', 'bad=1']) == 2\n"
+        "    with pytest.raises(RuntimeError):\n        run_ray(cfg, 'run')\n\n"
+        "@pytest.mark.slow\ndef test_marked():\n    go(cfg)\n")
+    assert unmarked_engine_runs(tmp_path / "test_x.py") == ["test_direct", "test_through_helper", "test_child",
+                                                             "test_cli"]

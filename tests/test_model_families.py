@@ -11,6 +11,7 @@ import logging
 import shutil
 
 import bitsandbytes as bnb
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -41,8 +42,11 @@ from transformers.utils import is_torchvision_available
 from fedsim.algorithms import LocalContext, build_client_strategy
 from fedsim.config import ClientAlgoConfig, EvalConfig, LoraConfig, ModelConfig, TrainingConfig
 from fedsim.data.collator import Collator, user_text
+from fedsim.data.schema import FEATURES
 from fedsim.data.synthetic import generate
 from fedsim.evaluation import Evaluator
+from fedsim.metrics import normalize_answer
+from fedsim.models.adapter import inference
 from fedsim.models.loading import (LAYER_PATTERN, LoadedModel, check_layer_window, load_model, pretrained_kwargs,
                                    without_video_processor)
 
@@ -286,12 +290,27 @@ def test_evaluate_train_evaluate(loaded, mixed_samples):
     assert 0.0 <= after["accuracy"] <= 1.0
 
 
-def test_greedy_answers_for_open_questions(loaded):
-    test = generate("vqa", 3, "test", seed=0)
-    evaluator = Evaluator(loaded.processor, test, EvalConfig(batch_size=3, max_new_tokens=2), 256,
+def test_batched_greedy_answers_equal_each_question_generated_alone(loaded):
+    """The evaluator generates a left-padded batch; each row must get the tokens ``model.generate`` gives that
+    question alone, unpadded. Rows 0 and 1 share their text and differ in the image; row 4's 2:1 image makes
+    its prompt shorter (fewer crops or patches), so the batch is padded. A path that loses the attention mask,
+    shifts positions under padding or mixes up rows' images misses the per-row answers."""
+    rows = generate("vqa", 5, "test", seed=0)
+    wide = rows[4]["image"].crop((0, 0, IMAGE_SIZE, IMAGE_SIZE // 2))
+    rows = [rows[i] for i in range(4)] + [dict(rows[4], image=wide)]
+    collate = Collator(loaded.processor, 256, train=False, padding_side="left")
+    with inference(loaded.model):
+        alone = [loaded.model.generate(**one, max_new_tokens=4, do_sample=False, pad_token_id=collate.pad_id)
+                 [0, one["input_ids"].shape[1]:] for one in map(collate, ([row] for row in rows))]
+    answers = loaded.processor.tokenizer.batch_decode(alone, skip_special_tokens=True)
+    assert collate(rows)["attention_mask"].sum(dim=1).unique().numel() > 1  # the batch is padded
+    assert answers[0] != answers[1] and all(normalize_answer(answer) for answer in answers), answers
+    test = datasets.Dataset.from_list([dict(row, answer=answer) for row, answer in zip(rows, answers)],
+                                      features=FEATURES)
+    evaluator = Evaluator(loaded.processor, test, EvalConfig(batch_size=5, max_new_tokens=4), 256,
                           loaded.device, seed=0)
     scores = evaluator.evaluate(loaded.model)
-    assert 0.0 <= scores["accuracy"] <= 1.0 and 0.0 <= scores["token_f1"] <= 1.0
+    assert scores["accuracy"] == scores["token_f1"] == 1.0, (scores, answers)
 
 
 # LoRA on the vision tower (q_proj/v_proj, Qwen2-VL's qkv, every tower's fc1) as well as on the language model:

@@ -1,16 +1,20 @@
 import json
+import shutil
 
 import bitsandbytes as bnb
 import pytest
+import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 
-from fedsim.config import EvalConfig, ModelConfig
+from fedsim.config import ConfigError, EvalConfig, ModelConfig
 from fedsim.data.collator import Collator
 from fedsim.data.synthetic import PRETRAIN_KINDS, generate
 from fedsim.evaluation import Evaluator
 from fedsim.models.adapter import adapter_sha256, get_weights, inference, save_adapter, set_weights
 from fedsim.models.loading import load_backbone, load_model, resolve_model_path
 from fedsim.models.tiny import CHECKSUMS, SPEC, file_checksums, pretrain_scores
+from fedsim.validation import load_config
 
 from conftest import adamw_steps
 
@@ -75,6 +79,38 @@ def test_local_model_path_without_config_is_a_clear_error(tmp_path):
         resolve_model_path(ModelConfig(name=str(tmp_path)))
 
 
+def test_pickled_weights_load_only_when_allowed(tiny_path, tmp_path):
+    """The tiny preset with its weights as pytorch_model.bin (what save_pretrained(safe_serialization=False)
+    wrote before transformers 5) is refused by default, naming the key, and loads the same tensors with it."""
+    folder = shutil.copytree(tiny_path, tmp_path / "pickled", ignore=shutil.ignore_patterns("model.safetensors"))
+    tensors = load_file(tiny_path / "model.safetensors")
+    torch.save(tensors, folder / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match=r"pickled weights only \(pytorch_model.bin\).*model.allow_pickle_weights"):
+        load_backbone(ModelConfig(name=str(folder), load_in_4bit=False))
+    pickled, _, _ = load_backbone(ModelConfig(name=str(folder), load_in_4bit=False, allow_pickle_weights=True))
+    safe, _, _ = load_backbone(ModelConfig(name=str(tiny_path), load_in_4bit=False))
+    expected = safe.state_dict()
+    assert pickled.state_dict().keys() == expected.keys()
+    assert all(torch.equal(value, expected[key]) for key, value in pickled.state_dict().items())
+
+
+@pytest.mark.parametrize("name, revision, refused", [
+    ("Org/remote-vlm", None, True),
+    ("Org/remote-vlm", "main", True),       # a branch moves
+    ("Org/remote-vlm", "v1.0", True),       # so can a tag
+    ("Org/remote-vlm", "0123abcd", True),   # a short hash is not one commit forever
+    ("Org/remote-vlm", "0123456789abcdef0123456789abcdef01234567", False),
+    ("tiny", None, False),                  # a local folder: nothing is fetched, nothing to pin
+])
+def test_remote_code_from_the_hub_needs_a_pinned_commit(name, revision, refused):
+    overrides = [f"model.name={name}", "model.trust_remote_code=true"] + ([f"model.revision={revision}"] * bool(revision))
+    if refused:
+        with pytest.raises(ConfigError, match=r"config key 'model.revision'.*40-hex commit.*local model folder"):
+            load_config(None, overrides)
+    else:
+        assert load_config(None, overrides).model.trust_remote_code
+
+
 def test_the_shipped_tiny_preset_matches_its_recorded_checksums(tiny_path):
     """The preset ships as files, not as a build: any change to them must come from a rebuild
     (`python -m fedsim.models.tiny`), which records new checksums and its SPEC next to them."""
@@ -86,14 +122,19 @@ def test_the_shipped_tiny_preset_matches_its_recorded_checksums(tiny_path):
     assert resolve_model_path(ModelConfig(name="tiny")) == str(tiny_path)
 
 
-# What the downstream tasks need from pre-training, each kind's bar under its value measured on the shipped
-# preset (4-bit, these 512 questions, about 64 per kind), with chance beside it. The letter kinds (colour_option,
-# cross_modal, letter_format) and shape stayed near chance in 3000 steps of pre-training and are not required.
+# A bar for every question kind pre-training records, each under its value measured on the shipped preset (4-bit,
+# these 512 questions, about 64 per kind; in brackets seeds 8 and 9), with chance beside it. Shape and the option-
+# letter kinds (colour_option, cross_modal, letter_format) stayed near chance in 3000 steps of pre-training: their
+# bar asks only that the backbone answer in the question's format (untrained, as at the build's step 0, it scores 0).
 PRESET_MIN_ACCURACY = {
     "note_word": 0.95,  # measured 1.00; chance 1/8
     "sturdiness": 0.95,  # measured 1.00; chance 1/2
-    "temperature": 0.70,  # measured 0.81 (0.94-0.96 on another 200 questions); chance 1/2
-    "colour": 0.35,  # measured 0.51 (two-item questions need left and right); chance 1/6
+    "temperature": 0.70,  # measured 0.81 (0.84, 0.84; 0.94-0.96 on another 200 questions); chance 1/2
+    "colour": 0.35,  # measured 0.51 (0.62, 0.55; two-item questions need left and right); chance 1/6
+    "shape": 0.10,  # measured 0.26 (0.19, 0.32); chance 1/4
+    "colour_option": 0.10,  # measured 0.17 (0.35, 0.18); chance 1/4
+    "cross_modal": 0.10,  # measured 0.30 (0.12, 0.16); chance 1/4
+    "letter_format": 0.10,  # measured 0.40 (0.16, 0.29); chance 1/4
 }
 
 
@@ -107,6 +148,7 @@ def test_the_shipped_tiny_preset_answers_the_questions_downstream_tasks_rely_on(
     batches = [[samples[i] for i in range(start, start + 64)] for start in range(0, len(samples), 64)]
     with inference(backbone):
         _, accuracy = pretrain_scores(backbone, Collator(processor, max_length=256, train=True), batches)
-    assert set(accuracy) == set(PRETRAIN_KINDS)
-    assert {kind: accuracy[kind] >= bar for kind, bar in PRESET_MIN_ACCURACY.items()} == \
-        dict.fromkeys(PRESET_MIN_ACCURACY, True), accuracy
+    recorded = json.loads((tiny_path / "fedsim_tiny.json").read_text())["held_out"][-1]["accuracy"]
+    assert set(accuracy) == set(recorded) == set(PRETRAIN_KINDS) == set(PRESET_MIN_ACCURACY)  # no kind unbarred
+    assert {kind: value >= PRESET_MIN_ACCURACY[kind] for kind, value in accuracy.items()} == \
+        dict.fromkeys(accuracy, True), accuracy

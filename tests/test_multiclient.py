@@ -186,6 +186,7 @@ def test_lora_on_a_vision_tower_is_refused_in_a_batch_naming_the_layer(tmp_path,
         train_together(loaded.model, runs, Collator(loaded.processor, 256, train=True), loaded.device, TrainingConfig())
 
 
+@pytest.mark.slow
 def test_the_sequential_engine_gives_the_same_adapter_for_any_batch_size(tmp_path):
     common = ("runtime.engine=sequential", "runtime.num_threads=1", "partition.scheme=quantity",
               "eval.zero_shot=false")

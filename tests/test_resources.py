@@ -108,7 +108,7 @@ def test_two_runs_waiting_for_resources_keep_their_own_demands(ray_cluster, tmp_
         except RuntimeError as err:
             errors[name] = err
 
-    runs = {name: threading.Thread(target=reserve, args=(name, t)) for name, t in (("short", 6), ("long", 20))}
+    runs = {name: threading.Thread(target=reserve, args=(name, t)) for name, t in (("short", 3), ("long", 10))}
     for thread in runs.values():
         thread.start()
     deadline = time.monotonic() + 5

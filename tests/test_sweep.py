@@ -167,6 +167,7 @@ def test_a_sweep_killed_by_sigkill_takes_its_run_with_it(tmp_path):
         proc.wait()
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_restarts_without_repeating_and_reports(tmp_path):
     """A 2x2 sweep is killed (with its run in flight) once its first run has finished; the same command
     finishes it without running the first again; ``fedsim report`` then draws it."""
@@ -212,6 +213,7 @@ def test_interrupted_sweep_restarts_without_repeating_and_reports(tmp_path):
     assert all((report / p).stat().st_size > 10_000 for p in pngs)  # drawn, not empty canvases
 
 
+@pytest.mark.slow
 def test_report_of_a_single_run_and_bad_metric(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["run", QUICKSTART, *TINY, "partition.num_clients=4", f"output.dir={run}"]) == 0
