@@ -334,7 +334,8 @@ NON_NEGATIVE = (
     "algorithm.client.weight", "algorithm.server.tau", "eval.max_samples",
     "runtime.num_threads", "partition.min_samples", "runtime.cpus_per_worker", "runtime.gpus_per_worker",
     "runtime.queue_per_worker", "runtime.max_update_norm", "runtime.batch_memory_gb", "algorithm.server.staleness_exponent",
-    "algorithm.server.max_staleness", "checkpoint.every", "runtime.resource_timeout_s", "runtime.task_timeout_s", "runtime.state_cache_mb",
+    "algorithm.server.max_staleness", "checkpoint.every", "runtime.resource_timeout_s", "runtime.task_timeout_s",
+    "runtime.state_cache_mb",
 )
 UNIT_INTERVAL = ("model.lora.dropout", "federation.fraction", "training.beta1", "training.beta2",
                  "algorithm.server.beta1", "algorithm.server.beta2", "algorithm.server.mixing",
