@@ -48,7 +48,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from actors.aggregator import AggregatorActor
-from actors.placement import PLACEMENT_GRACE_S, reserve_workers
+from actors.placement import reserve_workers
 from actors.worker import ClientWorker
 from fedsim.config import ExperimentConfig
 from fedsim.engine.batches import Batches
@@ -226,13 +226,18 @@ class RayExecutor:
         self.server = None
         self.server_restarts = 0
         self.slots: list[WorkerSlot] = []
+        self.revivals: dict[ray.ObjectRef, WorkerSlot] = {}
+        self.reviving_since: dict[int, float] = {}  # worker index -> when it was lost (or started)
+        self.longest = {"train": None, "eval": None}  # the longest call of each kind, in seconds
+        self.batch_size = 1  # until a worker says how many clients it trains together
         try:
             self.group = reserve_workers(cfg, f"fedsim:{self.run_id}")
             self.server = self._server()
             self.slots = [WorkerSlot(i, self._actor(i)) for i in range(cfg.runtime.num_workers)]
-            for slot, placement in zip(self.slots, ray.get([s.actor.placement.remote() for s in self.slots])):
-                slot.placement = placement
-            self.batching = ray.get(self.slots[0].actor.batching.remote())
+            for slot in self.slots:  # up once placement() answers; one lost while it starts is replaced
+                self._await_revival(slot)
+            self.batching = self._scatter([lambda actor: actor.batching.remote()], per_worker=1)[0]
+            self._await_starting_workers()
         except BaseException:
             self.shutdown()
             raise
@@ -242,14 +247,28 @@ class RayExecutor:
         self.jobs: dict[ClientTask, Job] = {}  # submitted, not yet settled or discarded
         self.queue: deque[list[Job]] = deque()  # batches waiting for a worker with room
         self.waiting_on: dict[ray.ObjectRef, Job] = {}  # results of tries in flight (discarded ones too)
-        self.revivals: dict[ray.ObjectRef, WorkerSlot] = {}
-        self.reviving_since: dict[int, float] = {}  # worker index -> when it was lost
         self.finished_waiting: set[Job] = set()  # finished, not yet handed to the loop
         self.results_bound = RESULTS_WAITING * self.capacity_per_worker * self.batch_size * len(self.slots)
         self.peak_waiting = {"results": 0, "states": 0}  # the most held on the driver's node at once
         self.with_state = ClientSet(cfg.partition.num_clients)  # clients the aggregator actor holds a state for
         self.reruns = {"unfinished": 0, "finished": 0}  # tries lost before / after they finished
-        self.longest = {"train": None, "eval": None}  # the longest call of each kind, in seconds
+
+    def _await_starting_workers(self) -> None:
+        """Until every worker has started (one lost as it starts is replaced), or, after
+        ``runtime.resource_timeout_s`` (at least ``MIN_CALL_TIMEOUT_S``), with those that did."""
+        deadline = time.monotonic() + max(self.cfg.runtime.resource_timeout_s, MIN_CALL_TIMEOUT_S)
+        while self.revivals and time.monotonic() < deadline:
+            left = deadline - time.monotonic()
+            ready, _ = ray.wait(list(self.revivals), num_returns=1, timeout=max(min(WAIT_REPORT_S, left), 0.0))
+            for ref in ready:
+                self._revived(self.revivals[ref])
+        if self.revivals:
+            log.warning("starting with %d of %d workers; the others join when Ray places them",
+                        len(self.slots) - len(self.revivals), len(self.slots))
+
+    def initial_weights(self) -> NamedTensors:
+        """The adapter every worker starts from (the same LoRA init on each), from a live worker."""
+        return self._scatter([lambda actor: actor.initial_weights.remote()], per_worker=1)[0]
 
     def _server(self):
         # Named so that users (and tests) can find a run's server: ray.util.list_named_actors().
@@ -316,7 +335,7 @@ class RayExecutor:
             return
         self.reviving_since.pop(slot.index, None)
         slot.progress_at = time.monotonic()
-        if placement["pid"] != slot.placement.get("pid"):
+        if slot.placement and placement["pid"] != slot.placement.get("pid"):
             log.warning("worker %d is back, on node %s", slot.index, placement["node_id"][:8])
         slot.placement = placement
 
@@ -349,10 +368,11 @@ class RayExecutor:
         return f"fedsim run --resume {self.cfg.output.dir or 'RUN_DIR'}"
 
     def _check_revivals(self) -> None:
-        """Fail, rather than wait forever, when no worker has been live for ``runtime.resource_timeout_s``."""
+        """Fail, rather than wait forever, when no worker has been live for ``runtime.resource_timeout_s`` (at
+        least ``MIN_CALL_TIMEOUT_S``: a worker that comes back loads its model first)."""
         if any(s.revival is None for s in self.slots) or not self.reviving_since:
             return
-        bound = max(self.cfg.runtime.resource_timeout_s, PLACEMENT_GRACE_S)
+        bound = max(self.cfg.runtime.resource_timeout_s, MIN_CALL_TIMEOUT_S)
         waited = time.monotonic() - max(self.reviving_since.values())
         if waited > bound:
             raise RuntimeError(f"no worker came back within runtime.resource_timeout_s={bound:g} s (Ray could not "

@@ -89,10 +89,10 @@ def run_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[
         data = load_client_data(cfg)  # the driver needs shard sizes for the clock; workers load data themselves
         strategy_cls = SERVER_STRATEGIES[cfg.algorithm.server.name]
         executor = RayExecutor(cfg, strategy_cls.personalized)  # waits for the cluster to hold its workers
-        initial = ray.get(executor.slots[0].actor.initial_weights.remote())
+        initial = executor.initial_weights()
         shard_sizes = data.shard_sizes()
         log.info("ray runtime: %d workers on %s", len(executor.slots),
-                 sorted({s.placement["node_id"][:8] for s in executor.slots}))
+                 sorted({s.placement.get("node_id", "?")[:8] for s in executor.slots}))
         while True:
             try:
                 aggregator = RemoteAggregator(executor.server, cfg, initial, shard_sizes)

@@ -81,6 +81,14 @@ def resume_overrides(cfg: ExperimentConfig) -> list[str]:
         ([f"{ADDRESS_KEY}={cfg.runtime.address}"] if cfg.runtime.address else [])
 
 
+def _how_to_continue(run_dir: Path) -> str:
+    try:
+        check_checkpoint(run_dir)
+    except FileNotFoundError:
+        return "it left no checkpoint: run it again once that is fixed"
+    return f"once that is fixed, continue it with: fedsim run --resume {run_dir}"
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
@@ -95,7 +103,11 @@ def _run(args: argparse.Namespace) -> int:
             check_checkpoint(run_dir)
         from fedsim.engine import ENGINES
 
-        summary = ENGINES[cfg.runtime.engine](cfg, run_dir, resume=bool(args.resume))
+        try:
+            summary = ENGINES[cfg.runtime.engine](cfg, run_dir, resume=bool(args.resume))
+        except OSError as err:  # a full disk, say: the last complete checkpoint, if any, is still there
+            print(f"fedsim: error: {err}\nfedsim: the run stopped; {_how_to_continue(run_dir)}", file=sys.stderr)
+            return 1
     print(json.dumps({k: summary[k] for k in ("run_dir", "rounds", "client_updates", "final_metrics",
                                               "zero_shot_metrics", "wall_seconds", "adapter_sha256")}, indent=2))
     return 0

@@ -52,11 +52,16 @@ def make_dirs(path: Path) -> None:
         fsync_path(path.parent)
 
 
-def _write_synced(fd: int, data: bytes) -> None:
+def _write_synced(fd: int, data: bytes, path: Path) -> None:
+    """Write all of ``data`` to ``fd`` and fsync it; an error (a full disk, say) names ``path``, the file the
+    user will look for (os.write's own error names no file)."""
     view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-    os.fsync(fd)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror} (writing {len(data)} bytes)", str(path)) from err
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -64,7 +69,7 @@ def write_file(path: Path, data: bytes) -> None:
     as a whole (``atomic_dir``)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        _write_synced(fd, data)
+        _write_synced(fd, data, path)
     finally:
         os.close(fd)
 
@@ -80,7 +85,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
         try:
-            _write_synced(fd, data)
+            _write_synced(fd, data, path)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -171,10 +176,12 @@ class RunWriter:
         atomic_write_text(self.dir / "config.yaml", yaml_text)
 
     def log_round(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            _write_synced(fd, line, self.metrics_path)
+        finally:
+            os.close(fd)
 
     def write_adapter(self, files: dict[str, bytes]) -> None:
         """Write the adapter's files into ``adapter/`` through a staging folder renamed into place."""
