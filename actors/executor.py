@@ -68,6 +68,7 @@ REPLACEMENTS = 8  # per worker, for workers Ray could not restart
 WAIT_REPORT_S = 60.0  # while only restarting workers are awaited, say so this often
 UNREACHABLE_RETRIES = 10  # the aggregator lives on the driver's node: unreachable for long, it is gone
 PERSONALIZED_CHUNK = 8  # clients per personalized evaluation call: their states travel together
+STATS_REVIVAL_WAIT_S = 30.0  # at the end of a run, how long stats wait for lost workers to come back
 RESULTS_WAITING = 2  # finished results waiting for the loop, in multiples of what the workers hold at once
 SERVER_TIMEOUT_S = 600.0  # a call to the aggregator actor unanswered this long: the server is taken for lost
 FIRST_CALL_TIMEOUT_S = 1800.0  # runtime.task_timeout_s=0 before any call was measured (a GPU warms up)
@@ -689,6 +690,11 @@ class RayExecutor:
         return ray.put(published)
 
     def stats(self) -> dict[str, Any]:
+        # Workers coming back by now are taken in, so that each worker's node is where it runs now.
+        if self.revivals:
+            ready, _ = ray.wait(list(self.revivals), num_returns=len(self.revivals), timeout=STATS_REVIVAL_WAIT_S)
+            for ref in ready:
+                self._revived(self.revivals[ref])
         for slot in self.slots:
             if slot.stale and slot.revival is None:
                 try:
