@@ -643,12 +643,12 @@ class RayExecutor:
                 todo.appendleft(index)
         return results
 
-    def evaluate(self, handle: ray.ObjectRef) -> dict[str, float]:
+    def evaluate(self, handle: ray.ObjectRef, ablations: bool = True) -> dict[str, float]:
         """Each worker scores a shard of the test split's batches; the pooled scores give the metrics one
         worker would have computed over the whole split (fedsim.evaluation.combine). A shard whose worker is
         lost is scored by another."""
         count = len(self.slots)
-        shards = self._scatter([lambda actor, i=i: actor.evaluate_shard.remote(handle, i, count)
+        shards = self._scatter([lambda actor, i=i: actor.evaluate_shard.remote(handle, i, count, ablations)
                                 for i in range(count)], per_worker=count)
         return combine([scores for shard in shards for scores in shard])
 

@@ -113,10 +113,11 @@ class ClientWorker:
         set_weights(self.loaded.model, weights)
         return self.evaluator.evaluate(self.loaded.model)
 
-    def evaluate_shard(self, published: Published, index: int, count: int) -> list[BatchScores]:
+    def evaluate_shard(self, published: Published, index: int, count: int,
+                       ablations: bool = True) -> list[BatchScores]:
         """Per-sample scores of shard ``index`` of ``count`` of the test split (fedsim.evaluation.combine)."""
         set_weights(self.loaded.model, published[0])
-        return self.evaluator.evaluate_shard(self.loaded.model, index, count)
+        return self.evaluator.evaluate_shard(self.loaded.model, index, count, ablations)
 
     def evaluate_states(self, states: list[NamedTensors | None], fallback: Published) -> list[dict[str, float]]:
         """Metrics of each personalized client's own adapter (the ``fallback`` version's for clients that have

@@ -88,9 +88,10 @@ class GeneratedClients(ClientData):
         data, part = cfg.data, cfg.partition
         self.seed = derive_seed(cfg.seed, "data")  # the stream the fixed split is generated from
         self.cfg, self.num_clients = cfg, part.num_clients
-        self.cues = Cues(data.image_share, data.text_share, data.text_in_image)
+        self.cues = Cues.from_config(data)
         self.num_classes = TASK_NUM_CLASSES[data.task]
-        self.test = _test_split(cfg, generate(data.task, data.num_test, "test", self.seed, data.image_size, self.cues))
+        test_seed = self.seed if data.test_seed is None else data.test_seed
+        self.test = _test_split(cfg, generate(data.task, data.num_test, "test", test_seed, data.image_size, self.cues))
         self.metric = "accuracy"
 
     def _block(self, name: str, block: int) -> np.ndarray:

@@ -174,20 +174,23 @@ class Evaluator:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value.to(self.device) for key, value in batch.items()}
 
-    def units(self) -> list[tuple[str, str, int]]:
-        """Every batch ``evaluate`` scores, as (ablation, source, first row), in order ("" is the full split)."""
-        splits = [("", self.groups), *self.ablated.items()]
+    def units(self, ablations: bool = True) -> list[tuple[str, str, int]]:
+        """Every batch ``evaluate`` scores, as (ablation, source, first row), in order ("" is the full split);
+        ``ablations=False`` leaves the ablated splits out."""
+        splits = [("", self.groups), *(self.ablated.items() if ablations else ())]
         return [(ablation, source, start) for ablation, groups in splits for source, rows in groups.items()
                 for start in range(0, len(rows), self.cfg.batch_size)]
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """The metrics of the test split, then those of each ablated split prefixed with the ablation's name."""
-        return combine(self.score(model, self.units()))
+    def evaluate(self, model: torch.nn.Module, ablations: bool = True) -> dict[str, float]:
+        """The metrics of the test split, then (with ``ablations``) those of each ablated split prefixed with the
+        ablation's name."""
+        return combine(self.score(model, self.units(ablations)))
 
-    def evaluate_shard(self, model: torch.nn.Module, index: int, count: int) -> list[BatchScores]:
+    def evaluate_shard(self, model: torch.nn.Module, index: int, count: int,
+                       ablations: bool = True) -> list[BatchScores]:
         """Shard ``index`` of ``count`` (contiguous runs of batches): ``combine`` of every shard's scores, in
         shard order, equals ``evaluate``, with the same batches and therefore the same numbers."""
-        units = self.units()
+        units = self.units(ablations)
         return self.score(model, [units[i] for i in np.array_split(np.arange(len(units)), count)[index]])
 
     def score(self, model: torch.nn.Module, units: list[tuple[str, str, int]]) -> list[BatchScores]:

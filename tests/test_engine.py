@@ -156,16 +156,22 @@ def test_measured_compute_time_and_a_deadline_without_quorum(tmp_path):
 
 
 def test_a_modality_scenario_reaches_client_training(tmp_path):
-    """missing beta=0.5: clients train on samples without image and without text; the test split stays whole."""
+    """missing beta=0.5: clients train on samples without image and without text; the test split stays whole.
+    The ablations are scored at the rounds eval.ablations_every names and after the last round only."""
     from fedsim.clientdata import load_client_data
 
-    cfg = small_config(tmp_path, "data.scenarios.missing.beta=0.5", "federation.rounds=1", "data.prompt=modality")
+    cfg = small_config(tmp_path, "data.scenarios.missing.beta=0.5", "federation.rounds=3", "data.prompt=modality",
+                       "federation.clients_per_round=1", "data.num_test=16", "eval.ablations=[no_image]",
+                       "eval.ablations_every=2")
     data = load_client_data(cfg)
     train = data.splits.train
     assert 0 < sum(train["has_image"]) < len(train) and 0 < sum(train["has_text"]) < len(train)
     assert all(data.splits.test["has_image"]) and all(data.splits.test["has_text"])
     summary = run_sequential(cfg, tmp_path / "run")
     assert summary["client_updates"] == 3
+    evals = {r["round"]: r["eval"] for r in read_metrics(tmp_path / "run") if "eval" in r}
+    assert {r: "no_image/accuracy" in e for r, e in evals.items()} == {1: False, 2: True, 3: True}
+    assert "no_image/accuracy" in summary["final_metrics"]
 
 
 def test_modality_task_clients_train_on_two_sources_and_are_scored_per_source(tmp_path):

@@ -22,7 +22,7 @@ class StandInExecutor:
     def publish(self, version: int, handle: Any) -> None:
         pass
 
-    def evaluate(self, handle: Any) -> dict[str, float]:
+    def evaluate(self, handle: Any, ablations: bool = True) -> dict[str, float]:
         return {"accuracy": 0.5, "roc_auc": 0.6, "macro_f1": 0.4}
 
     def open_client_states(self, directory: Path, checkpointed: Any) -> None:

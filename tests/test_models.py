@@ -122,19 +122,16 @@ def test_the_shipped_tiny_preset_matches_its_recorded_checksums(tiny_path):
     assert resolve_model_path(ModelConfig(name="tiny")) == str(tiny_path)
 
 
-# A bar for every question kind pre-training records, each under its value measured on the shipped preset (4-bit,
-# these 512 questions, about 64 per kind; in brackets seeds 8 and 9), with chance beside it. Shape and the option-
-# letter kinds (colour_option, cross_modal, letter_format) stayed near chance in 3000 steps of pre-training: their
-# bar asks only that the backbone answer in the question's format (untrained, as at the build's step 0, it scores 0).
+# A bar for every question kind pre-training records, one per cue the downstream tasks use, each at 0.9 (the
+# preset's bar, issue 25): measured on the shipped preset in 4-bit on these 512 questions, about 85 per kind, and
+# in brackets seeds 8 and 9. Chance beside it.
 PRESET_MIN_ACCURACY = {
-    "note_word": 0.95,  # measured 1.00; chance 1/8
-    "sturdiness": 0.95,  # measured 1.00; chance 1/2
-    "temperature": 0.70,  # measured 0.81 (0.84, 0.84; 0.94-0.96 on another 200 questions); chance 1/2
-    "colour": 0.35,  # measured 0.51 (0.62, 0.55; two-item questions need left and right); chance 1/6
-    "shape": 0.10,  # measured 0.26 (0.19, 0.32); chance 1/4
-    "colour_option": 0.10,  # measured 0.17 (0.35, 0.18); chance 1/4
-    "cross_modal": 0.10,  # measured 0.30 (0.12, 0.16); chance 1/4
-    "letter_format": 0.10,  # measured 0.40 (0.16, 0.29); chance 1/4
+    "colour": 0.9,  # measured 0.99 (0.99, 1.00); chance 1/6
+    "temperature": 0.9,  # measured 1.00 (1.00, 1.00); chance 1/2
+    "size": 0.9,  # measured 1.00 (0.99, 0.99); chance 1/2
+    "note_word": 0.9,  # measured 1.00 (1.00, 1.00); chance 1/8
+    "sturdiness": 0.9,  # measured 1.00 (1.00, 1.00); chance 1/2
+    "weather": 0.9,  # measured 1.00 (1.00, 1.00); chance 1/2
 }
 
 
@@ -150,5 +147,6 @@ def test_the_shipped_tiny_preset_answers_the_questions_downstream_tasks_rely_on(
         _, accuracy = pretrain_scores(backbone, Collator(processor, max_length=256, train=True), batches)
     recorded = json.loads((tiny_path / "fedsim_tiny.json").read_text())["held_out"][-1]["accuracy"]
     assert set(accuracy) == set(recorded) == set(PRETRAIN_KINDS) == set(PRESET_MIN_ACCURACY)  # no kind unbarred
+    assert min(recorded.values()) >= 0.9, recorded  # the build's own held-out record
     assert {kind: value >= PRESET_MIN_ACCURACY[kind] for kind, value in accuracy.items()} == \
         dict.fromkeys(accuracy, True), accuracy

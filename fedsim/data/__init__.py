@@ -10,8 +10,8 @@ from fedsim.data.synthetic import TASK_NUM_CLASSES, Cues, load_synthetic
 
 
 def _synthetic(cfg, seed: int) -> DatasetSplits:
-    cues = Cues(cfg.image_share, cfg.text_share, cfg.text_in_image)
-    return load_synthetic(cfg.task, cfg.num_train, cfg.num_test, cfg.image_size, seed, cues)
+    cues = Cues.from_config(cfg)
+    return load_synthetic(cfg.task, cfg.num_train, cfg.num_test, cfg.image_size, seed, cues, cfg.test_seed)
 
 
 DATASETS: dict[str, Callable[..., DatasetSplits]] = {
@@ -45,8 +45,11 @@ def check_data_source(cfg, keys: dict[str, str] | None = None) -> None:
             if getattr(cfg, key) is not None:
                 raise ValueError(f"config key '{keys[key]}' is set, but {keys['dataset']} is 'synthetic', which is "
                                  f"generated from the seed; choose a real dataset ({', '.join(sorted(REAL_DATASETS))})")
-        Cues(cfg.image_share, cfg.text_share, cfg.text_in_image)  # raises naming data.image_share / text_share
+        Cues.from_config(cfg)  # raises naming data.image_share / text_share
         return
+    if getattr(cfg, "test_seed", None) is not None:
+        raise ValueError(f"config key 'data.test_seed' is set, but {keys['dataset']} is {cfg.dataset!r}, whose test "
+                         "split is the dataset's own; it applies to the synthetic benchmark only")
     REAL_DATASETS[cfg.dataset].check_source(cfg, keys["path"], keys["hub"])
 
 

@@ -1,23 +1,27 @@
 """Procedurally generated image + text benchmark, deterministic by seed.
 
-The main task needs both modalities for a perfect answer, and each modality alone carries a controllable
-share of it, as in real data, where modalities are partly redundant:
+The main task needs both modalities for its best answer, and each modality alone carries graded evidence
+about all of it, as in real data, where modalities are partly redundant and partly noisy:
 
-- ``classification``: one coloured shape in the image, a note in the text. The class is
-  (warm or cool colour, from the image) x (fragile or sturdy parcel, from a synonym in the text):
-  4 options, chance 25%. Each modality also hints at the other's attribute (``Cues``): the item's shape
-  leans to the parcel's sturdiness (square/diamond sturdy, circle/triangle fragile) and the note may carry
-  a temperature word (sunny, icy, ...) matching the colour. ``image_share`` and ``text_share`` set the
-  accuracy each modality alone can reach, from 0.5 (its own half of the label only) to 1 (the whole
-  label); both together always reach 100%. With ``text_in_image`` the note's describing word is also
-  drawn into the image as a glyph strip (like a meme's caption), so missing text costs almost nothing.
-- ``vqa``: two shapes of different colours, left and right; the note says which one is meant (with
+- ``classification``: one coloured item in the image, a note in the text. The class is (warm or cool)
+  x (fragile or sturdy): 4 options, chance 25%. Each modality carries one attribute reliably and the
+  other weakly (``Cues``), through cues the pre-trained tiny preset perceives: the image shows the
+  temperature through the item's colour (right with probability ``cue_reliability``) and the sturdiness
+  through its size (a large item is sturdy, right with a probability set by ``image_share``); the note
+  gives the sturdiness through its describing word (right with ``cue_reliability``) and the temperature
+  through a weather word (sunny, icy, ...; right with a probability set by ``text_share``). Every cue is
+  always present and independent given the class, so the Bayes ceilings follow from the generator
+  (``Cues.bayes_accuracy``): with the defaults 88.4% with both modalities, 66% with either alone, 25%
+  with neither. With ``text_in_image`` the note's describing word is also drawn into the image as a glyph
+  strip (like a meme's caption), so missing text costs almost nothing.
+- ``vqa``: two items of different colours, left and right; the note says which one is meant (with
   synonyms); the answer is that item's colour word. Without text 50%, without image 1/6.
 - ``textqa``: text only, a yes/no question about a note ("Can other parcels be stacked on it?": yes when
   the parcel is sturdy); the text-only QA clients' task in the ``modality_task`` scenario.
-- ``pretrain``: generic questions used only to pre-train the tiny preset, never for client data: the
-  colour, shape or colour temperature of an item (one item, or the left/right one of two), the describing
-  word of a note and what it means, and option-letter answers (``PRETRAIN_KINDS``).
+- ``pretrain``: generic questions used only to pre-train the tiny preset, never for client data, one kind
+  per cue the tasks use (``PRETRAIN_KINDS``): an item's colour, colour temperature and size, a note's
+  describing word, what it means, and how its weather word feels, asked with the needed modality (half the
+  time with the other as a distractor).
 """
 
 from __future__ import annotations
@@ -39,16 +43,19 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 70, 190),
 }
 WARM = ("red", "orange", "yellow")
+COOL = ("green", "blue", "purple")
 SHAPES = ("circle", "square", "triangle", "diamond")
+# Each shape's area over radius squared (fedsim's masks), so that a size class means an area whatever the shape.
+SHAPE_AREA = {"circle": np.pi, "square": 4 * 0.85**2, "triangle": 1.62, "diamond": 2.0}
+# An item's area as a fraction of its region (the image, or its half of it), by size class: random
+# patch features see the difference (about 3x) where they do not see shape.
+SIZE_AREA = {"small": (0.045, 0.07), "large": (0.14, 0.19)}
 FRAGILE = ("fragile", "delicate", "brittle", "flimsy")
 STURDY = ("sturdy", "solid", "robust", "tough")
-NEUTRAL = ("large", "small", "old", "new", "heavy", "light", "square", "round")
-# Temperature words a note may carry as a hint to the item's colour (the ``text_share`` cue).
-WARM_HINTS = ("sunny", "toasty", "fiery")
-COOL_HINTS = ("icy", "frosty", "chilly")
-# Shapes the item leans to as a hint to the parcel's sturdiness (the ``image_share`` cue).
-STURDY_SHAPES = ("square", "diamond")
-FRAGILE_SHAPES = ("circle", "triangle")
+NEUTRAL = ("old", "new", "heavy", "light", "square", "round", "plain", "used")
+# A note's weather word, the text's cue to the class's temperature.
+WARM_WEATHER = ("sunny", "toasty", "fiery")
+COOL_WEATHER = ("icy", "frosty", "chilly")
 STRIP_HEIGHT = 4  # rows at the image's bottom that hold the glyph strip of ``text_in_image``
 SUBJECTS = ("the parcel", "this box", "the crate", "our package")
 VERBS = ("is", "looks", "seems", "feels")
@@ -66,23 +73,52 @@ TASK_NUM_CLASSES = {"classification": len(CLASS_OPTIONS), "vqa": len(COLOURS), "
 
 @dataclass(frozen=True)
 class Cues:
-    """How much of the classification label each modality carries on its own (see the module docstring)."""
+    """How much of the classification label each modality carries (see the module docstring).
 
-    image_share: float = 0.7
-    text_share: float = 0.7
+    ``cue_reliability``: P(a modality's main cue is right): the image's colour for the temperature, the
+    note's describing word for the sturdiness. ``image_share`` / ``text_share``: the accuracy that modality
+    alone reaches (its Bayes ceiling), set through its weak cue's reliability, share / cue_reliability: the
+    item's size for the sturdiness, the note's weather word for the temperature."""
+
+    image_share: float = 0.66
+    text_share: float = 0.66
+    cue_reliability: float = 0.94
     text_in_image: bool = False
 
     def __post_init__(self) -> None:
+        if not 0.5 <= self.cue_reliability <= 1:
+            raise ValueError(f"config key 'data.cue_reliability' has invalid value {self.cue_reliability!r}: "
+                             "expected a value in [0.5, 1], the probability that a modality's main cue is right")
+        low, high = self.cue_reliability / 2, self.cue_reliability
         for key in ("image_share", "text_share"):
-            if not 0.5 <= getattr(self, key) <= 1:
-                raise ValueError(f"config key 'data.{key}' has invalid value {getattr(self, key)!r}: expected "
-                                 "a value in [0.5, 1], the accuracy that modality alone can reach")
+            if not low <= getattr(self, key) <= high:
+                raise ValueError(f"config key 'data.{key}' has invalid value {getattr(self, key)!r}: expected a "
+                                 f"value in [{low:g}, {high:g}] (data.cue_reliability / 2 to data.cue_reliability), "
+                                 "the accuracy that modality alone can reach")
 
-    @staticmethod
-    def hint_probability(share: float) -> float:
-        """P(a hint is present) for a given solo accuracy: a present hint is right, an absent one leaves a
-        fair coin, so the solo accuracy is q + (1 - q) / 2 = share."""
-        return 2 * share - 1
+    @classmethod
+    def from_config(cls, data) -> "Cues":
+        """The cues a ``DataConfig`` asks for."""
+        return cls(data.image_share, data.text_share, data.cue_reliability, data.text_in_image)
+
+    @property
+    def size_reliability(self) -> float:
+        """P(the item's size tells the sturdiness right): the image's weak cue."""
+        return self.image_share / self.cue_reliability
+
+    @property
+    def weather_reliability(self) -> float:
+        """P(the note's weather word tells the temperature right): the text's weak cue."""
+        return self.text_share / self.cue_reliability
+
+    def bayes_accuracy(self, image: bool = True, text: bool = True) -> float:
+        """The best accuracy any model reaches with the given modalities. The cues are independent binary
+        signals given the class, so per attribute the best guess follows the most reliable cue present
+        (0.5 with none), and the two attributes multiply. A glyph strip repeats the note's word."""
+        temperature = [self.cue_reliability] * image + [self.weather_reliability] * text
+        sturdiness = ([self.size_reliability] * image + [self.cue_reliability] * text
+                      + [self.cue_reliability] * (image and self.text_in_image))
+        return max(temperature, default=0.5) * max(sturdiness, default=0.5)
 
 
 def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float) -> np.ndarray:
@@ -108,13 +144,18 @@ def _render(items: list[tuple[str, str, float, float, float]], size: int, rng: n
 
 
 def _random_item(colour: str, size: int, x_range: tuple[float, float], rng: np.random.Generator,
-                 shapes: tuple[str, ...] = SHAPES, height: int | None = None):
-    """An item of ``colour`` with a shape from ``shapes``, inside the image's top ``height`` rows."""
+                 large: bool | None = None, height: int | None = None):
+    """An item of ``colour``, any shape, of the given size class (None: either), inside the image's top
+    ``height`` rows and the ``x_range`` fraction of its width: (colour, shape, cx, cy, radius)."""
     height = size if height is None else height
-    radius = rng.uniform(0.16, 0.24) * size
-    cx = rng.uniform(x_range[0] * size + radius, x_range[1] * size - radius)
-    cy = rng.uniform(radius, height - radius)
-    return colour, str(rng.choice(shapes)), cx, cy, radius
+    large = bool(rng.random() < 0.5) if large is None else large
+    shape = str(rng.choice(SHAPES))
+    area = rng.uniform(*SIZE_AREA["large" if large else "small"]) * size * height * (x_range[1] - x_range[0])
+    radius = float(np.sqrt(area / SHAPE_AREA[shape]))
+    low, high = x_range[0] * size + radius, x_range[1] * size - radius
+    cx = rng.uniform(low, max(low, high))
+    cy = rng.uniform(radius, max(radius, height - radius))
+    return colour, shape, cx, cy, radius
 
 
 def _glyph_strip(image: Image.Image, qualifier: str) -> Image.Image:
@@ -148,19 +189,23 @@ def _sample(image, text, question, answer, label, options, task) -> dict:
     }
 
 
+def _right(truth: bool, reliability: float, rng: np.random.Generator) -> bool:
+    """A binary cue: ``truth`` with probability ``reliability``, else its opposite."""
+    return truth if rng.random() < reliability else not truth
+
+
 def classification_sample(rng: np.random.Generator, size: int, cues: Cues = Cues()) -> dict:
-    colour = str(rng.choice(list(COLOURS)))
-    warm, sturdy = colour in WARM, bool(rng.random() < 0.5)
-    qualifier = str(rng.choice(STURDY if sturdy else FRAGILE))
+    warm, sturdy = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
     label = 2 * (not warm) + int(sturdy)
-    shape_hint = rng.random() < Cues.hint_probability(cues.image_share)
-    shapes = (STURDY_SHAPES if sturdy else FRAGILE_SHAPES) if shape_hint else SHAPES
+    colour = str(rng.choice(WARM if _right(warm, cues.cue_reliability, rng) else COOL))
+    large = _right(sturdy, cues.size_reliability, rng)
+    qualifier = str(rng.choice(STURDY if _right(sturdy, cues.cue_reliability, rng) else FRAGILE))
+    weather = str(rng.choice(WARM_WEATHER if _right(warm, cues.weather_reliability, rng) else COOL_WEATHER))
     height = size - STRIP_HEIGHT if cues.text_in_image else size
-    image = _render([_random_item(colour, size, (0.0, 1.0), rng, shapes, height)], size, rng)
+    image = _render([_random_item(colour, size, (0.0, 1.0), rng, large, height)], size, rng)
     if cues.text_in_image:
         image = _glyph_strip(image, qualifier)
-    word_hint = rng.random() < Cues.hint_probability(cues.text_share)
-    note = _note(qualifier, rng, str(rng.choice(WARM_HINTS if warm else COOL_HINTS)) if word_hint else None)
+    note = _note(qualifier, rng, weather)
     return _sample(image, note, CLASS_QUESTION, OPTION_LETTERS[label], label, list(CLASS_OPTIONS), "classification")
 
 
@@ -181,17 +226,16 @@ def textqa_sample(rng: np.random.Generator, size: int, cues: Cues = Cues()) -> d
     return _sample(None, note, TEXTQA_QUESTION, "yes" if sturdy else "no", int(sturdy), [], "vqa")
 
 
-# The pre-training question kinds, by the start of their question (``pretrain_kind`` tells them apart): the
-# tiny preset's build records its held-out accuracy per kind, and a test checks the shipped preset on each.
+# The pre-training question kinds, by the start of their question (``pretrain_kind`` tells them apart), one
+# per cue the tasks use: the tiny preset's build records its held-out accuracy per kind, and a test checks
+# the shipped preset on each.
 PRETRAIN_KINDS = {
-    "colour": "What colour is the",  # the colour word of one side's item (image)
-    "shape": "What shape is the",  # the shape word of one side's item (image)
-    "note_word": "Which word in the note",  # the note's describing word (text)
-    "colour_option": "Which colour is the",  # option letter over colours (image)
-    "sturdiness": "Is the parcel fragile",  # fragile or sturdy, what the note's word means (text)
+    "colour": "What colour is the",  # the item's colour word (image)
     "temperature": "Is the colour of the",  # warm or cool, the item's colour temperature (image)
-    "cross_modal": "Which fits the",  # option letter: a shape (image) and a note's word (text) together
-    "letter_format": "Which option is",  # option letter naming an option (neither modality)
+    "size": "Is the item large",  # large or small, one item's size (image)
+    "note_word": "Which word in the note",  # the note's describing word (text)
+    "sturdiness": "Is the parcel fragile",  # fragile or sturdy, what the note's word means (text)
+    "weather": "Does the note sound",  # warm or cool, what the note's weather word means (text)
 }
 
 
@@ -204,59 +248,31 @@ def pretrain_kind(question: str) -> str:
 
 
 def pretrain_sample(rng: np.random.Generator, size: int, cues: Cues = Cues()) -> dict:
-    """Generic perception and format questions, disjoint from the downstream tasks, over every mix of
-    modalities a client may hold: image and note, image only, note only, and neither. A question is
-    always answerable from what is given; the other modality, when present, is a distractor."""
-    left, right = (str(c) for c in rng.choice(list(COLOURS), size=2, replace=False))
-    # Half the images hold one item anywhere, as the classification images do; the other half two, left and
-    # right, where the question also asks the model to tell the sides apart.
-    if rng.random() < 0.5:
-        items = [_random_item(left, size, (0.0, 1.0), rng)]
-        side, where = 0, "item"
-    else:
-        items = [_random_item(left, size, (0.0, 0.5), rng), _random_item(right, size, (0.5, 1.0), rng)]
-        side = int(rng.integers(2))
-        where = ("left", "right")[side] + " item"
-    image = _render(items, size, rng)
-    colour, shape = items[side][0], items[side][1]
+    """Generic perception questions, disjoint from the downstream tasks: each asks about one cue, with the
+    modality it needs, and half the time the other modality as a distractor. Every cue varies
+    independently of the others (any colour at any size, any word with any weather)."""
+    kind = list(PRETRAIN_KINDS)[int(rng.integers(len(PRETRAIN_KINDS)))]
+    # One item anywhere, of either size, as the classification images show it. Two-item images (left and
+    # right, as in the vqa task) were tried and left out: in 2000 steps the backbone did not learn to tell the
+    # sides apart, and its colour answers on one item stayed below 0.7 while it guessed them.
+    colour, large = str(rng.choice(list(COLOURS))), bool(rng.random() < 0.5)
+    image = _render([_random_item(colour, size, (0.0, 1.0), rng, large)], size, rng)
     qualifier = str(rng.choice(FRAGILE + STURDY))
-    note = _note(qualifier, rng)
+    weather = str(rng.choice(WARM_WEATHER + COOL_WEATHER + NEUTRAL)) if kind != "weather" else \
+        str(rng.choice(WARM_WEATHER + COOL_WEATHER))
+    note = _note(qualifier, rng, weather)
     with_other = bool(rng.random() < 0.5)  # whether the modality the question does not need is there too
-    kind = rng.integers(8)
-    if kind == 0:  # colour of one item, from the image
-        return _sample(image, note if with_other else None, f"What colour is the {where}?", colour, 0, [], "vqa")
-    if kind == 1:  # shape of one item, from the image
-        return _sample(image, note if with_other else None, f"What shape is the {where}?", shape, 0, [], "vqa")
-    if kind == 2:  # the describing word of a note, from the text
-        return _sample(image if with_other else None, note, "Which word in the note describes the parcel?",
-                       qualifier, 0, [], "vqa")
-    if kind == 3:  # option-letter format over colours, from the image
-        options = [str(c) for c in rng.choice(list(COLOURS), size=4, replace=False)]
-        if colour not in options:
-            options[int(rng.integers(4))] = colour
-        answer = options.index(colour)
-        return _sample(image, note if with_other else None, f"Which colour is the {where}?",
-                       OPTION_LETTERS[answer], answer, options, "classification")
-    if kind == 4:  # what a note's word means, from the text
-        return _sample(image if with_other else None, note, "Is the parcel fragile or sturdy?",
-                       "sturdy" if qualifier in STURDY else "fragile", 0, [], "vqa")
-    if kind == 5:  # colour temperature, general knowledge a real MLLM brings, from the image
-        return _sample(image, note if with_other else None, f"Is the colour of the {where} warm or cool?",
-                       "warm" if colour in WARM else "cool", 0, [], "vqa")
-    if kind == 6:  # one fact from each modality in one option: the shape and the note's literal word
-        truth = f"{shape} {qualifier}"
-        options = list(dict.fromkeys([truth] + [f"{rng.choice(SHAPES)} {rng.choice(FRAGILE + STURDY)}"
-                                                for _ in range(8)]))[:4]
-        order = rng.permutation(len(options))
-        options = [options[i] for i in order]
-        answer = options.index(truth)
-        return _sample(image, note, f"Which fits the {where}'s shape and the note's word?",
-                       OPTION_LETTERS[answer], answer, options, "classification")
-    # neither modality: the option-letter format itself (which letter holds the named option)
-    options = [str(c) for c in rng.choice(list(COLOURS), size=4, replace=False)]
-    answer = int(rng.integers(4))
-    return _sample(None, None, f"Which option is {options[answer]}?", OPTION_LETTERS[answer], answer, options,
-                   "classification")
+    if kind in ("colour", "temperature", "size"):
+        question = {"colour": "What colour is the item?", "temperature": "Is the colour of the item warm or cool?",
+                    "size": "Is the item large or small?"}[kind]
+        answer = {"colour": colour, "temperature": "warm" if colour in WARM else "cool",
+                  "size": "large" if large else "small"}[kind]
+        return _sample(image, note if with_other else None, question, answer, 0, [], "vqa")
+    question = {"note_word": "Which word in the note describes the parcel?",
+                "sturdiness": "Is the parcel fragile or sturdy?", "weather": "Does the note sound warm or cool?"}[kind]
+    answer = {"note_word": qualifier, "sturdiness": "sturdy" if qualifier in STURDY else "fragile",
+              "weather": "warm" if weather in WARM_WEATHER else "cool"}[kind]
+    return _sample(image if with_other else None, note, question, answer, 0, [], "vqa")
 
 
 GENERATORS = {"classification": classification_sample, "vqa": vqa_sample, "pretrain": pretrain_sample,
@@ -292,10 +308,11 @@ def client_sample(task: str, seed: int, client: int, row: int, image_size: int =
 
 
 def load_synthetic(task: str, num_train: int, num_test: int, image_size: int, seed: int,
-                   cues: Cues = Cues()) -> DatasetSplits:
+                   cues: Cues = Cues(), test_seed: int | None = None) -> DatasetSplits:
+    """Train and test splits of ``task``; the test split from ``test_seed`` when given, else from ``seed``."""
     return DatasetSplits(
         train=generate(task, num_train, "train", seed, image_size, cues),
-        test=generate(task, num_test, "test", seed, image_size, cues),
+        test=generate(task, num_test, "test", seed if test_seed is None else test_seed, image_size, cues),
         num_classes=TASK_NUM_CLASSES[task],
         task="classification" if task == "classification" else "vqa",
     )

@@ -129,12 +129,12 @@ class InProcessExecutor:
         self.trained.pop(task, None)
         self.unsettled.pop(task, None)
 
-    def _evaluate_weights(self, weights: NamedTensors) -> dict[str, float]:
+    def _evaluate_weights(self, weights: NamedTensors, ablations: bool = True) -> dict[str, float]:
         set_weights(self.trainer.loaded.model, weights)
-        return self.evaluator.evaluate(self.trainer.loaded.model)
+        return self.evaluator.evaluate(self.trainer.loaded.model, ablations)
 
-    def evaluate(self, handle: Published) -> dict[str, float]:
-        return self._evaluate_weights(handle[0])
+    def evaluate(self, handle: Published, ablations: bool = True) -> dict[str, float]:
+        return self._evaluate_weights(handle[0], ablations)
 
     def evaluate_personalized(self, clients: np.ndarray, fallback: Published) -> dict[str, float]:
         """Mean over the clients' own adapters; clients never trained hold the initial one."""

@@ -63,7 +63,7 @@ class Executor(Protocol):
     def result(self, task: ClientTask) -> tuple[Any, dict[str, float]]: ...
     def settle(self, task: ClientTask, accepted: bool) -> None: ...
     def discard(self, task: ClientTask) -> None: ...
-    def evaluate(self, handle: Any) -> dict[str, float]: ...
+    def evaluate(self, handle: Any, ablations: bool = True) -> dict[str, float]: ...
     def evaluate_personalized(self, clients: np.ndarray, fallback: Any) -> dict[str, float]: ...
     def adapter_files(self, handle: Any) -> dict[str, bytes]: ...
     def open_client_states(self, directory: Path, checkpointed: StateManifest | None) -> None: ...
@@ -232,14 +232,15 @@ class FederationLoop:
         self.executor.publish(version, handle)
         return handle
 
-    def evaluate(self, handle: Any, step: int) -> dict[str, float]:
+    def evaluate(self, handle: Any, step: int, total: int) -> dict[str, float]:
         if self.personalized:
             return self.executor.evaluate_personalized(personalized_sample(self.cfg, step), self.initial_handle)
-        return self.executor.evaluate(handle)
+        every = self.cfg.eval.ablations_every
+        return self.executor.evaluate(handle, ablations=not every or step % every == 0 or step == total)
 
     def log_step(self, step: int, total: int, handle: Any, record: dict[str, Any]) -> None:
         if step % self.cfg.eval.every == 0 or step == total:
-            self.metrics = record["eval"] = self.evaluate(handle, step)
+            self.metrics = record["eval"] = self.evaluate(handle, step, total)
         record["simulated_seconds"] = self.tally.simulated_s
         self.writer.log_round(record)
         log.info("round %d/%d: loss %.4f, simulated %.1fs%s", step, total, record.get("train_loss", float("nan")),

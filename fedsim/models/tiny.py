@@ -3,9 +3,10 @@
 A CLIP vision tower and a Qwen2 language model, with a byte-level BPE tokenizer trained locally on the
 synthetic benchmark's prompts, a CLIP image processor and a ChatML chat template. Like a real MLLM it is
 pre-trained (in full precision, until its held-out loss plateaus) on the synthetic ``pretrain`` split,
-which is disjoint from every client's data: generic questions about colours, shapes, notes and option
-letters, asked with both modalities, the image only, the note only, or neither, so that a missing modality
-is something the backbone has seen. The projector and the language model learn; the vision tower stays a
+which is disjoint from every client's data: one generic question kind per cue the downstream tasks use (an
+item's colour, colour temperature and size; a note's describing word, what it means, how its weather word
+feels), asked with the modality it needs and half the time the other as a distractor, so that fine-tuning
+composes features the backbone already has and a missing modality is something it has seen. The projector and the language model learn; the vision tower stays a
 fixed random-feature encoder (``SPEC["train_vision_tower"]``). The build records the held-out loss and,
 per question kind, the accuracy of the answer's first token: a loss can look converged while the model
 answers only the easy kinds.
@@ -58,7 +59,7 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<image>"]
 
 # Everything that changes the built model belongs here; fedsim_tiny.json in the preset records it.
 SPEC = {
-    "version": 3,
+    "version": 4,
     "image_size": 32,
     "patch_size": 8,
     "vision_hidden": 64,
@@ -73,7 +74,7 @@ SPEC = {
     # The synthetic tasks whose prompts train the tokenizer. Listed here, not taken from the generator
     # registry, so that adding a task to the benchmark does not silently change the built model.
     "tokenizer_tasks": ["classification", "vqa", "pretrain", "textqa"],
-    "pretrain_steps": 3000,
+    "pretrain_steps": 4000,
     "pretrain_batch": 32,
     "pretrain_lr": 1e-3,
     # The vision tower stays at its random initialization, a fixed random-feature encoder (as a real MLLM's
@@ -81,7 +82,7 @@ SPEC = {
     # scratch it learned far slower (one item's colour: 54% after 200 steps, against 98% frozen).
     "train_vision_tower": False,
     "pretrain_eval_every": 500,  # held-out loss and accuracy per kind, recorded to show the plateau
-    "pretrain_eval_batches": 8,
+    "pretrain_eval_batches": 16,
     "seed": 1234,
 }
 PRESET_DIR = Path(__file__).resolve().parent / "tiny_preset"
