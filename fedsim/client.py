@@ -26,6 +26,7 @@ from fedsim.training import (LocalRun, batch_indices, extra_client_bytes, local_
                              train_locally, train_together)
 
 
+MEASURE_TRIES = 8  # clients tried, largest first, for the one-more-client memory measurement
 PERSONAL = "adapter/"  # client-state keys holding a personalized client's own adapter
 
 
@@ -81,12 +82,20 @@ class ClientTrainer:
                         generator)
 
     def _measure_extra_client(self) -> dict[str, int]:
-        """Bytes one more client adds to a batch, measured on the largest client's first mini-batch."""
-        client = int(np.argmax(self.data.shard_sizes()))  # the first of the largest
-        begun = self._start(ClientTask(client, 0, 0, self.cfg.training.lr), get_weights(self.loaded.model), {}, None)
-        run = self._local_run(begun)
-        run.strategy.begin(run.ctx)
-        return extra_client_bytes(self.loaded.model, run, next(run.batches), self.collate, self.loaded.device)
+        """Bytes one more client adds to a batch, measured on the first mini-batch of the largest client whose
+        batch can be formed. A client whose samples cannot be (longer than data.max_length) fails its own tasks
+        as a dropout later; it must not stop the run here. Up to MEASURE_TRIES clients, largest first."""
+        failure = None
+        for client in np.argsort(-self.data.shard_sizes(), kind="stable")[:MEASURE_TRIES].tolist():
+            begun = self._start(ClientTask(client, 0, 0, self.cfg.training.lr), get_weights(self.loaded.model), {},
+                                None)
+            run = self._local_run(begun)
+            run.strategy.begin(run.ctx)
+            try:
+                return extra_client_bytes(self.loaded.model, run, next(run.batches), self.collate, self.loaded.device)
+            except ValueError as err:  # the collator's refusal of a sample, naming data.max_length
+                failure = err
+        raise failure
 
     def _batch(self, client: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
         batch = self.collate(self.data.samples(client, rows))
