@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from contextlib import contextmanager
@@ -21,6 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_path() -> Path:
     return tiny_model_path()
+
+
+def experiment_module(name: str):
+    """A script of experiments/ (not a package) loaded as a module, for tests of its functions."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def small_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:

@@ -10,7 +10,6 @@ are stood in for by tiny fixture folders.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import itertools
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedsim.config import ConfigError
 from fedsim.data.real import REAL_DATASETS
 from fedsim.validation import load_config
+from conftest import experiment_module
 from real_fixtures import make_dataset
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -28,14 +28,7 @@ SCENARIOS = sorted(p.stem for p in (FEDMLLM / "scenarios").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (FEDMLLM / "methods").glob("*.yaml"))
 
 
-def _table_module():
-    spec = importlib.util.spec_from_file_location("fedmllm_table", EXPERIMENTS / "fedmllm_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TABLE = _table_module()
+TABLE = experiment_module("fedmllm_table")
 
 
 DATASETS = sorted(p.stem for p in (FEDMLLM / "datasets").glob("*.yaml"))  # layered after gpu.yaml
