@@ -14,6 +14,7 @@ import bitsandbytes as bnb
 import datasets
 import numpy as np
 import pytest
+from PIL import ImageOps
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -300,7 +301,8 @@ def test_batched_greedy_answers_equal_each_question_generated_alone(family, mode
     loaded = load_model(ModelConfig(name=str(model_folder(family))), seed=0)
     rows = generate("vqa", 5, "test", seed=0)
     wide = rows[4]["image"].crop((0, 0, IMAGE_SIZE, IMAGE_SIZE // 2))
-    rows = [rows[i] for i in range(4)] + [dict(rows[4], image=wide)]
+    negative = ImageOps.invert(rows[0]["image"])  # row 1: row 0's note, the colour negative of its image
+    rows = [rows[0], dict(rows[0], image=negative), rows[2], rows[3], dict(rows[4], image=wide)]
     collate = Collator(loaded.processor, 256, train=False, padding_side="left")
     with inference(loaded.model):
         alone = [loaded.model.generate(**one, max_new_tokens=4, do_sample=False, pad_token_id=collate.pad_id)
