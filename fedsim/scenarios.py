@@ -316,9 +316,11 @@ class ModalityTask(Step):
         return table
 
     def text_data(self, data: Any) -> Any:
-        """The DataConfig of the text-only source: ``data`` with the step's dataset, task, path, hub and revision."""
+        """The DataConfig of the text-only source: ``data`` with the step's dataset, task, path, hub and revision;
+        ``data.test_seed`` carries over to a synthetic source only (a real one has its own test split)."""
+        test_seed = data.test_seed if self.text_dataset == "synthetic" else None
         return dataclasses.replace(data, dataset=self.text_dataset, task=self.text_task, path=self.text_path,
-                                   hub=self.text_hub, revision=self.text_revision)
+                                   hub=self.text_hub, revision=self.text_revision, test_seed=test_seed)
 
     def check_data(self, key: str, data: Any) -> None:
         """The text source must be text-only (synthetic ``textqa`` or a text-only real adapter) and readable."""

@@ -399,6 +399,12 @@ def test_modality_task_with_a_real_text_source_loads(real_data):
                                                    f"{TEXT}text_path={real_data / 'medalpaca'}"])
     assert cfg.data.scenarios["modality_task"]["text_dataset"] == "medalpaca"
     load_config(QUICKSTART, MODALITY_TASK + [f"{TEXT}text_dataset=medalpaca", f"{TEXT}text_hub=medalpaca/cards"])
+    # data.test_seed fixes the synthetic test split; the real text source keeps its own, it is not refused,
+    # while a real main dataset with it is
+    assert "'data.test_seed' is set" in _error(["data.dataset=hateful_memes", "data.test_seed=25",
+                                                f"data.path={real_data / 'hateful_memes'}"])
+    load_config(QUICKSTART, MODALITY_TASK + ["data.test_seed=25", f"{TEXT}text_dataset=medalpaca",
+                                             f"{TEXT}text_path={real_data / 'medalpaca'}"])
 
 
 @pytest.mark.parametrize("overrides, key, expected", [

@@ -20,7 +20,8 @@ DATASETS: dict[str, Callable[..., DatasetSplits]] = {
 
 SYNTHETIC_TASKS = tuple(TASK_NUM_CLASSES)  # the tasks a client can hold ("pretrain" is not one)
 DATA_KEYS = {"dataset": "data.dataset", "task": "data.task", "path": "data.path", "hub": "data.hub",
-             "revision": "data.revision", "num_train": "data.num_train", "num_test": "data.num_test"}
+             "revision": "data.revision", "num_train": "data.num_train", "num_test": "data.num_test",
+             "test_seed": "data.test_seed"}
 
 
 def check_data_source(cfg, keys: dict[str, str] | None = None) -> None:
@@ -47,8 +48,8 @@ def check_data_source(cfg, keys: dict[str, str] | None = None) -> None:
                                  f"generated from the seed; choose a real dataset ({', '.join(sorted(REAL_DATASETS))})")
         Cues.from_config(cfg)  # raises naming data.image_share / text_share
         return
-    if getattr(cfg, "test_seed", None) is not None:
-        raise ValueError(f"config key 'data.test_seed' is set, but {keys['dataset']} is {cfg.dataset!r}, whose test "
+    if cfg.test_seed is not None:
+        raise ValueError(f"config key '{keys['test_seed']}' is set, but {keys['dataset']} is {cfg.dataset!r}, whose test "
                          "split is the dataset's own; it applies to the synthetic benchmark only")
     REAL_DATASETS[cfg.dataset].check_source(cfg, keys["path"], keys["hub"])
 
