@@ -74,9 +74,9 @@ def table_checks(results: Mapping[tuple[str, str], Mapping[int, Mapping[str, Any
     paired = {}
     for (scenario, method), values in finals.items():
         base = finals.get((scenario, T.BASELINE), {})
-        diffs = [values[s] - base[s] for s in values if s in base]
-        if method != T.BASELINE and len(diffs) > 1:
-            paired[(scenario, method)] = statistics.stdev(diffs)
+        spread = std([values[s] - base[s] for s in values if s in base])
+        if method != T.BASELINE and spread is not None:
+            paired[(scenario, method)] = spread
     below = None
     if centralized_accuracy is not None and runs:
         below = sum(100 * r["final_metrics"]["accuracy"] < centralized_accuracy - 10 for r in runs) / len(runs)

@@ -19,7 +19,7 @@ import numpy as np
 
 from fedsim.config import ExperimentConfig
 from fedsim.data import DatasetSplits, load_dataset_splits
-from fedsim.data.synthetic import TASK_NUM_CLASSES, Cues, client_sample, generate
+from fedsim.data.synthetic import TASK_NUM_CLASSES, Cues, client_sample, generate_test
 from fedsim.partition import partition
 from fedsim.scenarios import ModalityTask, apply_scenarios, build_steps
 from fedsim.seeding import derive_seed, rng_for
@@ -90,8 +90,8 @@ class GeneratedClients(ClientData):
         self.cfg, self.num_clients = cfg, part.num_clients
         self.cues = Cues.from_config(data)
         self.num_classes = TASK_NUM_CLASSES[data.task]
-        test_seed = self.seed if data.test_seed is None else data.test_seed
-        self.test = _test_split(cfg, generate(data.task, data.num_test, "test", test_seed, data.image_size, self.cues))
+        self.test = _test_split(cfg, generate_test(data.task, data.num_test, self.seed, data.test_seed,
+                                                   data.image_size, self.cues))
         self.metric = "accuracy"
 
     def _block(self, name: str, block: int) -> np.ndarray:

@@ -34,16 +34,25 @@ FEDBUFF = ["algorithm.server.name=fedbuff", "algorithm.server.buffer_size=2", "s
 PAUSE_S = 8.0  # the driver's pause: the tasks it has in flight (well under a second each) finish meanwhile
 
 
+def client_env(state_file: Path, port: int) -> dict:
+    """Environment of a client of a local cluster (auth mode, address, where local.py keeps its state)."""
+    return {**os.environ, "FEDSIM_LOCAL_CLUSTER": str(state_file), "RAY_AUTH_MODE": "token",
+            "RAY_ADDRESS": f"127.0.0.1:{port}", "PYTHONPATH": str(REPO),
+            # Results over 1 KiB go to the object store of the node that made them, as a real model's updates
+            # (megabytes) do; by default Ray returns results under 100 KiB inline, to the driver.
+            "RAY_max_direct_call_object_size": "1024"}
+
+
+def stop_cluster(env: dict) -> None:
+    subprocess.run([sys.executable, LOCAL, "stop", "--grace", "5"], env=env, check=False)
+
+
 @pytest.fixture
 def cluster_env(tmp_path):
-    """Environment of a client of the test's cluster (auth mode, address, where local.py keeps its state)."""
-    env = {**os.environ, "FEDSIM_LOCAL_CLUSTER": str(tmp_path / "cluster" / "state.json"),
-           "RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"127.0.0.1:{PORT}", "PYTHONPATH": str(REPO),
-           # Results over 1 KiB go to the object store of the node that made them, as a real model's updates
-           # (megabytes) do; by default Ray returns results under 100 KiB inline, to the driver.
-           "RAY_max_direct_call_object_size": "1024"}
+    """The environment of a cluster that the test starts itself; stopped after the test."""
+    env = client_env(tmp_path / "cluster" / "state.json", PORT)
     yield env
-    subprocess.run([sys.executable, LOCAL, "stop", "--grace", "5"], env=env, check=False)
+    stop_cluster(env)
 
 
 def local(env: dict, *args: str) -> dict:
@@ -52,9 +61,9 @@ def local(env: dict, *args: str) -> dict:
     return json.loads(done.stdout) if args[0] == "start" else {}
 
 
-def start_cluster(env: dict, workers: int, cpus: int, head_cpus: int = 0) -> dict:
+def start_cluster(env: dict, workers: int, cpus: int, head_cpus: int = 0, port: int = PORT) -> dict:
     return local(env, "start", f"--workers={workers}", f"--cpus-per-node={cpus}", "--gpus-per-node=1",
-                 f"--head-cpus={head_cpus}", f"--port={PORT}", f"--dashboard-port={PORT + 2}")
+                 f"--head-cpus={head_cpus}", f"--port={port}", f"--dashboard-port={port + 2}")
 
 
 def fedsim(env: dict, *args: str) -> subprocess.Popen:
@@ -78,13 +87,18 @@ def finish(proc: subprocess.Popen, timeout_s: float = 600) -> str:
     return out
 
 
-def fault_free_and_started(env: dict, overrides: list[str], whole: Path, run: Path, cpus: int):
-    """The reference engine's summary for ``overrides`` (same thread count), and ``fedsim run`` of the same on
-    a fresh cluster of 2 worker nodes of ``cpus`` CPUs each, once its round 1 is checkpointed."""
+def fault_free(overrides: list[str], whole: Path) -> dict:
+    """The reference engine's summary for ``overrides``, run in this process (it needs no Ray)."""
     from fedsim.engine import run_sequential
     from fedsim.validation import load_config
 
-    expected = run_sequential(load_config(QUICKSTART, [*overrides, f"output.dir={whole}"]), whole)
+    return run_sequential(load_config(QUICKSTART, [*overrides, f"output.dir={whole}"]), whole)
+
+
+def fault_free_and_started(env: dict, overrides: list[str], whole: Path, run: Path, cpus: int):
+    """The reference engine's summary for ``overrides`` (same thread count), and ``fedsim run`` of the same on
+    a fresh cluster of 2 worker nodes of ``cpus`` CPUs each, once its round 1 is checkpointed."""
+    expected = fault_free(overrides, whole)
     start_cluster(env, workers=2, cpus=cpus)
     proc = fedsim(env, QUICKSTART, *overrides, f"output.dir={run}")
     wait_for_round(run, proc, 1)
@@ -156,14 +170,11 @@ def shared_env(tmp_path_factory):
     """A cluster for the tests that kill no node, started once: a head and 2 worker nodes of 2 CPUs each, on
     its own port (the node-loss tests above start and stop theirs first)."""
     port = PORT + 10
-    env = {**os.environ, "FEDSIM_LOCAL_CLUSTER": str(tmp_path_factory.mktemp("shared-cluster") / "state.json"),
-           "RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"127.0.0.1:{port}", "PYTHONPATH": str(REPO)}
+    env = client_env(tmp_path_factory.mktemp("shared-cluster") / "state.json", port)
     try:
-        info = local(env, "start", "--workers=2", "--cpus-per-node=2", "--gpus-per-node=1", "--head-cpus=0",
-                     f"--port={port}", f"--dashboard-port={port + 2}")
-        yield env, info
+        yield env, start_cluster(env, workers=2, cpus=2, port=port)
     finally:
-        subprocess.run([sys.executable, LOCAL, "stop", "--grace", "5"], env=env, check=False)
+        stop_cluster(env)
 
 
 def worker_nodes(run: Path) -> set[str]:
@@ -199,13 +210,10 @@ def test_a_killed_driver_resumes_on_the_cluster_to_the_same_adapter(tmp_path, sh
     nodes; the driver is killed after round 1 and ``fedsim run --resume`` on the cluster ends on the adapter
     and metrics of a fault-free run (the reference engine's, on the same thread count). Synchronous resumes
     on Ray are tested in test_ray_runtime."""
-    from fedsim.engine import run_sequential
-    from fedsim.validation import load_config
-
     env, _ = shared_env
     overrides = [*SMALL, *FEDBUFF, "federation.rounds=3", "runtime.placement=spread", "runtime.num_threads=1"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    expected = run_sequential(load_config(QUICKSTART, [*overrides, f"output.dir={whole}"]), whole)
+    expected = fault_free(overrides, whole)
     proc = fedsim(env, QUICKSTART, *overrides, f"output.dir={cut}")
     wait_for_round(cut, proc, 1)
     proc.kill()

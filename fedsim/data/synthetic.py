@@ -307,12 +307,18 @@ def client_sample(task: str, seed: int, client: int, row: int, image_size: int =
             return {**sample, "source": f"{SOURCE}/{task}"}
 
 
+def generate_test(task: str, num_samples: int, seed: int, test_seed: int | None, image_size: int = 32,
+                  cues: Cues = Cues()) -> datasets.Dataset:
+    """The test split of ``task``: from ``test_seed`` when given (``data.test_seed``), else from ``seed``."""
+    return generate(task, num_samples, "test", seed if test_seed is None else test_seed, image_size, cues)
+
+
 def load_synthetic(task: str, num_train: int, num_test: int, image_size: int, seed: int,
                    cues: Cues = Cues(), test_seed: int | None = None) -> DatasetSplits:
-    """Train and test splits of ``task``; the test split from ``test_seed`` when given, else from ``seed``."""
+    """Train and test splits of ``task`` (the test split: ``generate_test``)."""
     return DatasetSplits(
         train=generate(task, num_train, "train", seed, image_size, cues),
-        test=generate(task, num_test, "test", seed if test_seed is None else test_seed, image_size, cues),
+        test=generate_test(task, num_test, seed, test_seed, image_size, cues),
         num_classes=TASK_NUM_CLASSES[task],
         task="classification" if task == "classification" else "vqa",
     )
