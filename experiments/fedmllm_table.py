@@ -14,8 +14,8 @@ and machines and the table regenerated from a clone.
 The grid. Scenarios aligned alpha 5.0/1.0/0.5, missing beta 0.3/0.4/0.5, cross 3-7/5-5/7-3 and hybrid p
 0.8/0.7/0.6 (experiments/fedmllm/scenarios/); methods local (the paper's local baseline: every client, every
 round), FedAvg, FedProx, FedAvgM, FedAdagrad, FedYogi, FedAdam and FedMLLM (experiments/fedmllm/methods/).
-Seeds 1001 1002 1003 in every cell: fresh seeds, not used while the twin was designed (its trial runs used
-seeds 1000, cpu.yaml's own, 900 and 901; docs/fedmllm-twin.md lists them). The cells that test
+Seeds 1001 1002 1003 in every cell: fresh seeds, not used while the twin was designed (docs/fedmllm-twin.md
+lists the seeds its trial runs used). The cells that test
 the paper's findings (scenarios aligned-0.5, missing-0.5, cross-3-7, cross-7-3 x methods local, FedAvg,
 FedAvgM, FedYogi) run seeds 1004 and 1005 too: 16 x 5 + 80 x 3 = 320 runs. ``--seeds`` replaces the default
 seeds in every cell, ``--no-finding-seeds`` drops the extra ones; ``--scenarios`` and ``--methods`` pick a
@@ -101,7 +101,7 @@ SCENARIOS = {"aligned-5.0": "aligned α=5.0", "aligned-1.0": "aligned α=1.0", "
              "hybrid-0.8": "hybrid p=0.8", "hybrid-0.7": "hybrid p=0.7", "hybrid-0.6": "hybrid p=0.6"}
 METHODS = {"local": "local", "fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM",
            "fedadagrad": "FedAdagrad", "fedyogi": "FedYogi", "fedadam": "FedAdam", "fedmllm": "FedMLLM"}
-SEEDS = (1001, 1002, 1003)  # fresh: the twin's design trials ran seeds 1000, 900 and 901
+SEEDS = (1001, 1002, 1003)  # fresh: none ran in the twin's design trials (docs/fedmllm-twin.md lists theirs)
 # The cells that test the paper's findings get more seeds, so that their differences resolve.
 FINDING_SCENARIOS = ("aligned-0.5", "missing-0.5", "cross-3-7", "cross-7-3")
 FINDING_METHODS = ("local", "fedavg", "fedavgm", "fedyogi")
