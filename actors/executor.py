@@ -316,8 +316,8 @@ class RayExecutor:
         if actor is not slot.actor or slot.revival is not None:
             return
         log.warning("worker %d lost (%s); its tasks run again, and Ray restarts it", slot.index, type(err).__name__)
-        if not isinstance(err, ObjectLostError):  # an argument or result lost elsewhere: perhaps alive, asked
-            slot.restarts += 1
+        # Counted once it answers from a new process (_revived): a lost result (ObjectLostError) may mean a
+        # dead node or only a lost object, with the worker alive.
         self._await_revival(slot)
 
     def _await_revival(self, slot: WorkerSlot) -> None:
@@ -337,6 +337,7 @@ class RayExecutor:
         self.reviving_since.pop(slot.index, None)
         slot.progress_at = time.monotonic()
         if slot.placement and placement["pid"] != slot.placement.get("pid"):
+            slot.restarts += 1
             log.warning("worker %d is back, on node %s", slot.index, placement["node_id"][:8])
         slot.placement = placement
 
@@ -359,7 +360,6 @@ class RayExecutor:
         """Kill a worker that made no progress for its call timeout; Ray restarts it, and its calls fail and
         run again (a hung call cannot be cancelled: only its process can go)."""
         slot.hung += 1
-        slot.restarts += 1
         log.warning("worker %d made no progress for %.0f s (runtime.task_timeout_s=%g, 0: derived); restarting it "
                     "and running its calls again", slot.index, waited_s, self.cfg.runtime.task_timeout_s)
         ray.kill(slot.actor, no_restart=False)
