@@ -17,11 +17,9 @@ from typing import Any, Sequence
 
 import ray
 
-from fedsim.aggregator import Aggregator
-from fedsim.algorithms import build_server_strategy
+from fedsim.aggregator import Aggregator, build_aggregator
 from fedsim.config import ExperimentConfig
 from fedsim.engine.inprocess import personalized_digest
-from fedsim.guard import UpdateGuard
 from fedsim.messages import ClientUpdate, NamedTensors
 from fedsim.statestore import ClientStateStore, StateManifest
 
@@ -34,8 +32,7 @@ class AggregatorActor:
         self.states: ClientStateStore | None = None  # once open_states() has the run directory
 
     def start(self, cfg: ExperimentConfig, initial: NamedTensors, client_sizes: Sequence[int]) -> int:
-        strategy = build_server_strategy(cfg.algorithm.server, cfg.partition.num_clients, client_sizes)
-        self.aggregator = Aggregator(strategy, UpdateGuard(cfg.runtime.max_update_norm))
+        self.aggregator = build_aggregator(cfg, client_sizes)
         self.aggregator.init(initial)
         return self.aggregator.version
 

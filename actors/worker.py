@@ -66,8 +66,7 @@ class ClientWorker:
         data = load_client_data(cfg)  # derived from the seed here: no client data crosses the network
         self.loaded = load_model(cfg.model, derive_seed(cfg.seed, "lora_init"))
         self.trainer = ClientTrainer(cfg, self.loaded, data, personalized)
-        self.evaluator = Evaluator(self.loaded.processor, data.test, cfg.eval, cfg.data.max_length,
-                                   self.loaded.device, cfg.seed, cfg.data.prompt)
+        self.evaluator = Evaluator.for_run(cfg, self.loaded.processor, data.test, self.loaded.device)
         self.tasks_done = 0
 
     @ray.method(max_task_retries=-1)

@@ -117,6 +117,10 @@ TUNE_LRS = {"fedavgm": (0.5, 1.0, 2.0), **{m: (1e-3, 1e-2, 3e-2, 1e-1, 3e-1) for
 # Config keys left out of a result's digest: how and where a run executes (RAY_ADDRESS's engine override, run
 # folders, its seed and default name), not what it computes for a cell.
 UNDIGESTED = ("seed", "name", "runtime", "output")
+# Config that came after results were stored and that, while off or at these values, computes what runs
+# without it did: left out of a digest then, so that adding it kept those results current.
+NEUTRAL_SECTIONS = {"privacy": ("mode", "none"), "attack": ("kind", "none"), "compression": ("kind", "none")}
+NEUTRAL_SERVER_KEYS = {"trim": 1, "f": 1, "multikrum_m": 0, "norm_bound": 1.0}
 
 
 # ------------------------------------------------------------------------------------------------ the grid
@@ -137,8 +141,18 @@ def engine_overrides(env: Mapping[str, str] = os.environ) -> list[str]:
 
 def config_digest(config: Mapping[str, Any]) -> str:
     """sha256 of a resolved config (config.yaml's mapping) less the ``UNDIGESTED`` keys, as sorted-key JSON."""
-    kept = {key: value for key, value in config.items() if key not in UNDIGESTED}
+    kept = _without_neutral({key: value for key, value in config.items() if key not in UNDIGESTED})
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def _without_neutral(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` less the sections that are off and the server keys at their neutral values."""
+    out = {k: v for k, v in config.items()
+           if not (k in NEUTRAL_SECTIONS and v.get(NEUTRAL_SECTIONS[k][0]) == NEUTRAL_SECTIONS[k][1])}
+    if isinstance(out.get("algorithm", {}).get("server"), dict):
+        server = {k: v for k, v in out["algorithm"]["server"].items() if NEUTRAL_SERVER_KEYS.get(k, object()) != v}
+        out["algorithm"] = {**out["algorithm"], "server": server}
+    return out
 
 
 class Cell(NamedTuple):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedsim.algorithms import ClientStrategy, LocalContext, build_client_strategy
+from fedsim.attacks import POISONING, poison
 from fedsim.clientdata import ClientData
 from fedsim.config import ExperimentConfig
 from fedsim.data.collator import Collator
@@ -22,6 +23,7 @@ from fedsim.models.adapter import get_weights, set_weights, trainable_parameters
 from fedsim.models.loading import LoadedModel, check_layer_window
 from fedsim.models.multiclient import check_batchable
 from fedsim.seeding import derive_seed, rng_for
+from fedsim.uplink import RESIDUAL, Uplink
 from fedsim.training import (LocalRun, batch_indices, extra_client_bytes, local_optimizer, samples_per_task,
                              train_locally, train_together)
 
@@ -31,11 +33,12 @@ PERSONAL = "adapter/"  # client-state keys holding a personalized client's own a
 
 
 def split_state(state: NamedTensors | None) -> tuple[NamedTensors | None, NamedTensors | None]:
-    """(personal adapter, algorithm state) out of a client's stored state."""
+    """(personal adapter, algorithm state) out of a client's stored state (its uplink residual, if any, is the
+    uplink's: fedsim.uplink)."""
     if not state:
         return None, None
     adapter = {k[len(PERSONAL):]: v for k, v in state.items() if k.startswith(PERSONAL)}
-    rest = {k: v for k, v in state.items() if not k.startswith(PERSONAL)}
+    rest = {k: v for k, v in state.items() if not k.startswith((PERSONAL, RESIDUAL))}
     return adapter or None, rest or None
 
 
@@ -48,6 +51,7 @@ class ClientStart:
     strategy: ClientStrategy
     ctx: LocalContext
     batches: Iterator[np.ndarray]  # its shard's mini-batches, as sample indices
+    state: NamedTensors | None  # its stored state, whole
 
 
 class ClientTrainer:
@@ -58,6 +62,7 @@ class ClientTrainer:
         self.loaded = loaded
         self.data = data
         self.params = trainable_parameters(loaded.model)
+        self.uplink = Uplink(cfg)
         self.collate = Collator(loaded.processor, cfg.data.max_length, train=True, prompt=cfg.data.prompt)
         # Clients trained together; with more than one, what each extra client costs in memory.
         self.clients_per_batch, self.extra_client_bytes = 1, {}
@@ -77,7 +82,7 @@ class ClientTrainer:
                   for name, p in self.params.items()}
         generator = torch.Generator(self.loaded.device)
         generator.manual_seed(derive_seed(self.cfg.seed, "client", task.seed_round, task.client_id))
-        samples = (self.data.samples(task.client_id, rows) for rows in begun.batches)
+        samples = (self._samples(task.client_id, rows) for rows in begun.batches)
         return LocalRun(params, samples, begun.strategy, begun.ctx, local_optimizer(params, self.cfg.training, task.lr),
                         generator)
 
@@ -97,8 +102,15 @@ class ClientTrainer:
                 failure = err
         raise failure
 
+    def _samples(self, client: int, rows: np.ndarray) -> list[dict]:
+        """The rows as the client trains on them: poisoned when it attacks with label_flip or backdoor."""
+        samples = self.data.samples(client, rows)
+        if self.cfg.attack.kind in POISONING and self.uplink.is_attacker(client):
+            return poison(samples, rows, self.cfg, client)
+        return samples
+
     def _batch(self, client: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = self.collate(self.data.samples(client, rows))
+        batch = self.collate(self._samples(client, rows))
         return {k: v.to(self.loaded.device) for k, v in batch.items()}
 
     def _start(self, task: ClientTask, weights: NamedTensors, server_extras: NamedTensors,
@@ -110,25 +122,29 @@ class ClientTrainer:
         rng = rng_for(self.cfg.seed, "client", task.seed_round, task.client_id)
         strategy = build_client_strategy(self.cfg.algorithm.client)
         ctx = LocalContext(start, server_extras, algo_state, self.loaded.layer_of, self.loaded.num_layers)
-        return ClientStart(task, start, strategy, ctx, batch_indices(self.data.shard(task.client_id), self.cfg.training, rng))
+        return ClientStart(task, start, strategy, ctx, batch_indices(self.data.shard(task.client_id), self.cfg.training, rng),
+                           client_state)
 
     def _result(self, begun: ClientStart, params: dict[str, torch.Tensor], steps: int, loss: float,
                 seconds: float) -> tuple[ClientUpdate, NamedTensors | None]:
-        """The update (a delta against the starting weights) and the client's new stored state."""
+        """The update (a delta against the starting weights, through the uplink) and the client's new stored
+        state."""
         task, start = begun.task, begun.start
         extras, new_algo_state = begun.strategy.finish(params, steps, task.lr)
         local = {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in params.items()}
         shard_size = len(self.data.shard(task.client_id))
+        delta, kept = self.uplink.send({name: local[name] - start[name] for name in local}, task.seed_round,
+                                       task.client_id, begun.state)
         update = ClientUpdate(
             client_id=task.client_id,
-            delta={name: local[name] - start[name] for name in local},
+            delta=delta,
             num_samples=shard_size,
             base_version=task.base_version,
             extras=extras,
             metrics={"train_loss": loss, "steps": steps, "samples_processed": samples_per_task(shard_size, self.cfg.training),
                      "compute_seconds": seconds},
         )
-        new_state = dict(new_algo_state or {})
+        new_state = {**(new_algo_state or {}), **kept}
         if self.personalized:
             new_state.update({PERSONAL + name: tensor for name, tensor in local.items()})
         return update, new_state or None

@@ -146,6 +146,7 @@ class ClientAlgoConfig:
 @dataclass
 class ServerAlgoConfig:
     # fedavg | fedavgm | fedadagrad | fedyogi | fedadam | scaffold | local_only | zero_shot (synchronous)
+    # median | trimmed_mean | krum | multikrum | bulyan | norm_bound (synchronous, Byzantine-robust)
     # fedbuff | fedasync (asynchronous)
     name: str = "fedavg"
     lr: Optional[float] = None  # server learning rate eta; None takes the algorithm's default
@@ -172,12 +173,62 @@ class ServerAlgoConfig:
     # x <- (1 - a_s) x + a_s (x_base + delta); ``delta`` is FLSim's x <- x + lr * a_s * delta, which drops the
     # a_s (x_base - x) term (zero when fresh) and needs no old global version.
     fedasync_rule: str = "mix"
+    # Byzantine-robust rules (median | trimmed_mean | krum | multikrum | bulyan | norm_bound), which take the
+    # round's updates together (fedsim/algorithms/robust.py): values trimmed from each end per coordinate,
+    # attackers tolerated by krum/multikrum/bulyan, updates averaged by multikrum (0: K - f), clip norm.
+    trim: int = 1
+    f: int = 1
+    multikrum_m: int = 0
+    norm_bound: float = 1.0
 
 
 @dataclass
 class AlgorithmConfig:
     client: ClientAlgoConfig = field(default_factory=ClientAlgoConfig)
     server: ServerAlgoConfig = field(default_factory=ServerAlgoConfig)
+
+
+@dataclass
+class PrivacyConfig:
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018); fedsim/privacy.py has the rules."""
+
+    mode: str = "none"  # none | central (noise once on the server's sum) | local (noise on each client's update)
+    clip_norm: float = 1.0  # S: the L2 bound of every update (adaptive_clip: the starting value)
+    noise_multiplier: float = 1.0  # sigma: noise std sigma * S on the sum (central) or on each update (local)
+    delta: float = 1e-5
+    accountant: str = "rdp"  # rdp | pld (dp-accounting's)
+    # poisson: q = K/N per step, the standard approximation for fixed-size cohorts | fixed: sampling
+    # without replacement (RDP accountant only)
+    sampling: str = "poisson"
+    adaptive_clip: bool = False  # the clip norm follows target_quantile of update norms (Andrew et al. 2021)
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_noise_std: float = 0.0  # noise on the clipped-update count; 0: K/20, the paper's choice
+
+
+@dataclass
+class AttackConfig:
+    """Byzantine clients, drawn once from the run's seed (fedsim/attacks.py)."""
+
+    kind: str = "none"  # none | sign_flip | gaussian | scale | free_rider | label_flip | backdoor
+    fraction: float = 0.0  # of all clients
+    # sign_flip: c in -c * delta; gaussian: the std of the noise sent; scale: the boost (0: K / server lr,
+    # the model replacement of Bagdasaryan et al.)
+    scale: float = 1.0
+    # backdoor: the modality that carries the trigger (image: a patch, text: a word), the label it maps to,
+    # and the share of an attacker's rows (those that hold that modality) it plants it in
+    trigger: str = "image"
+    target_label: int = 0
+    poison_fraction: float = 0.5
+
+
+@dataclass
+class CompressionConfig:
+    """How client updates are encoded for upload (fedsim/compression.py); bytes_up counts the encoding."""
+
+    kind: str = "none"  # none | topk | randk | int8 | fp16 | nf4
+    density: float = 0.1  # topk / randk: the fraction of coordinates sent
+    error_feedback: bool = True  # topk / randk: keep what was not sent in the client's state and add it next time
 
 
 @dataclass
@@ -294,6 +345,9 @@ class ExperimentConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -327,6 +381,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "runtime.engine": ("ray", "sequential"),
     "runtime.placement": ("pack", "spread"),
     "output.progress": ("auto", "always", "never"),
+    "privacy.mode": ("none", "central", "local"),
+    "privacy.accountant": ("rdp", "pld"),
+    "privacy.sampling": ("poisson", "fixed"),
+    "attack.kind": ("none", "sign_flip", "gaussian", "scale", "free_rider", "label_flip", "backdoor"),
+    "attack.trigger": ("image", "text"),
+    "compression.kind": ("none", "topk", "randk", "int8", "fp16", "nf4"),
 }
 
 POSITIVE = (

@@ -31,7 +31,8 @@ import datasets
 import numpy as np
 import torch
 
-from fedsim.config import EvalConfig
+from fedsim.attacks import triggered_test
+from fedsim.config import AttackConfig, EvalConfig, ExperimentConfig
 from fedsim.data.collator import IGNORE_INDEX, Collator, answer_token_ids
 from fedsim.data.schema import OPTION_LETTERS
 from fedsim.metrics import classification_metrics, exact_match, normalize_answer, token_f1
@@ -104,7 +105,7 @@ class Evaluator:
     """Scores a model on a test split, source by source (see the module docstring)."""
 
     def __init__(self, processor: Any, test: datasets.Dataset, cfg: EvalConfig, max_length: int,
-                 device: torch.device, seed: int, prompt: str = "plain"):
+                 device: torch.device, seed: int, prompt: str = "plain", backdoor: AttackConfig | None = None):
         test = sample_rows(test, cfg.max_samples, seed)
         self.processor = processor
         self.cfg = cfg
@@ -117,6 +118,14 @@ class Evaluator:
         self.groups = by_source(test)
         self.multiple_choice = {name: is_multiple_choice(name, rows) for name, rows in self.groups.items()}
         self.ablated = {ablation: by_source(ablate(test, ablation)) for ablation in cfg.ablations}
+        if backdoor is not None:  # scored with the ablations: the attack's success beside clean accuracy
+            self.ablated[f"asr_{backdoor.trigger}"] = by_source(triggered_test(test, backdoor))
+
+    @classmethod
+    def for_run(cls, cfg: ExperimentConfig, processor: Any, test: datasets.Dataset, device: torch.device) -> Evaluator:
+        """The evaluator of a run: its eval settings, and the backdoor's success test when it has one."""
+        return cls(processor, test, cfg.eval, cfg.data.max_length, device, cfg.seed, cfg.data.prompt,
+                   cfg.attack if cfg.attack.kind == "backdoor" else None)
 
     def option_answers(self, sample: dict) -> list[list[int]]:
         """Each option letter's answer tokens, less the suffix all options share."""
@@ -254,6 +263,8 @@ def combine(batches: list[BatchScores]) -> dict[str, float]:
     out: dict[str, float] = {}
     for ablation, sources in splits.items():
         metrics = _source_metrics(sources)
+        if ablation.startswith("asr_"):  # accuracy against the target label is the attack's success rate
+            metrics = {"accuracy": metrics["accuracy"]}
         out.update(metrics if not ablation else {f"{ablation}/{name}": value for name, value in metrics.items()})
     return out
 

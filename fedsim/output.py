@@ -134,7 +134,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 # Libraries whose versions change a run's numbers (kernels, tokenizers, quantization), recorded in its summary.
-RECORDED_LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "bitsandbytes", "datasets", "numpy", "ray")
+RECORDED_LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "bitsandbytes", "datasets", "numpy", "ray",
+                      "dp-accounting")
 
 
 def library_versions() -> dict[str, str | None]:

@@ -210,6 +210,29 @@ def plot_scaling(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[
     return figures
 
 
+def plot_tradeoffs(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[str, str]]:
+    """Final metric against what a run spent, one point per run: privacy (epsilon, for runs with DP) and
+    uplink bytes (for sweeps where some run compresses its updates)."""
+    finished = [r for r in runs if r.finished]
+    compressed = any(r.summary.get("compression") for r in finished)
+    axes = [("privacy loss epsilon", lambda r: (r.summary.get("privacy") or {}).get("epsilon"),
+             "tradeoff_epsilon.png", "differential privacy"),
+            ("bytes uploaded (MB)", lambda r: r.summary["bytes_up"] / 1e6 if compressed else None,
+             "tradeoff_bytes.png", "compression")]
+    figures = []
+    for xlabel, spent, name, what in axes:
+        points = [(spent(r), r.final(metric), r.label) for r in finished]
+        points = [p for p in points if p[0] is not None and math.isfinite(p[0])]
+        if len(points) < 2:
+            continue
+        fig, ax = _new_axes(f"final test {metric} vs {xlabel}", xlabel, f"final test {metric}")
+        for x, y, label in sorted(points):
+            ax.plot([x], [y], marker="o", linestyle="", label=label)
+        figures.append((_save(fig, out_dir, name, ax), f"Final test {metric} against {xlabel}, one point per run "
+                                                       f"({what})."))
+    return figures
+
+
 def plot_staleness(runs: list[RunData], out_dir: Path) -> list[tuple[str, str]]:
     async_runs = [r for r in runs if r.finished and r.summary["mode"] == "async"]
     if not async_runs:
@@ -285,7 +308,7 @@ def write_report(path: Path, metric: Optional[str] = None, out: Optional[Path] =
     out = out or path / "report"
     out.mkdir(parents=True, exist_ok=True)
     figures = (plot_curves(runs, metric, out) + plot_modality_contribution(runs, metric, out)
-               + plot_scaling(runs, metric, out) + plot_staleness(runs, out))
+               + plot_scaling(runs, metric, out) + plot_tradeoffs(runs, metric, out) + plot_staleness(runs, out))
     body = "".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
                    f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in figures)
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fedsim report: {html.escape(path.name)}"

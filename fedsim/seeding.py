@@ -18,7 +18,12 @@ STREAMS = {"data": 1, "partition": 2, "lora_init": 3, "cohort": 4, "client": 5,
            # fedsim.evaluation: which test rows eval.max_samples keeps
            "eval_sample": 31,
            # fedsim.engine.loop: which clients' own adapters eval.personalized_clients scores
-           "personalized_eval": 32}
+           "personalized_eval": 32,
+           # study axes: who attacks and their noise (fedsim.attacks), DP noise on each client's update, on the
+           # server's sum and on the clipped-update count (fedsim.uplink, fedsim.aggregator, fedsim.privacy),
+           # random-k's positions (fedsim.compression)
+           "attackers": 41, "attack": 42, "local_dp": 43, "central_dp": 44, "clip_count": 45, "compress": 46,
+           "poison": 47}
 
 
 def derive_seed(seed: int, stream: str, *parts: int) -> int:

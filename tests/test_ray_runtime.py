@@ -76,6 +76,26 @@ def test_async_fedbuff_matches_the_reference(ray_cluster, tmp_path, clients_per_
     assert any(int(s) > 0 for s in histogram)  # with 3 in flight and a buffer of 2, some updates are stale
 
 
+@pytest.mark.parametrize("axes", [
+    # sync: a robust rule over the round's updates, int8 uploads, attackers training on flipped labels
+    ("algorithm.server.name=trimmed_mean", "algorithm.server.trim=1", "compression.kind=int8",
+     "attack.kind=label_flip", "attack.fraction=0.34"),
+    # async: central DP with adaptive clipping under FedBuff, random-k with error feedback, noise-sending attackers
+    ("algorithm.server.name=fedbuff", "algorithm.server.buffer_size=2", "scheduler.concurrency=3",
+     "federation.rounds=4", "privacy.mode=central", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.1",
+     "privacy.adaptive_clip=true", "privacy.count_noise_std=1", "compression.kind=randk", "compression.density=0.2",
+     "attack.kind=gaussian", "attack.fraction=0.34", "attack.scale=0.01"),
+], ids=["sync-robust", "async-private"])
+def test_study_axes_on_ray_match_the_reference(ray_cluster, tmp_path, axes):
+    """Attacks, compression (its residuals in the aggregator's state store), DP and robust rules run where the
+    workers and the aggregator actor are, and end on the reference engine's adapter and epsilon."""
+    reference = run_sequential(small_config(tmp_path / "seq", *SAME_THREADS, *axes), tmp_path / "seq" / "run")
+    summary = run_ray(small_config(tmp_path / "ray", *SAME_THREADS, *axes), tmp_path / "ray" / "run")
+    assert summary["adapter_sha256"] == reference["adapter_sha256"]
+    for key in ("privacy", "attack", "compression", "bytes_up", "final_metrics"):
+        assert summary[key] == reference[key], key
+
+
 def test_a_killed_worker_is_replaced_and_the_result_is_unchanged(ray_cluster, tmp_path):
     overrides = (*SAME_THREADS, "federation.rounds=3", "runtime.num_workers=2")
     fault_free = run_ray(small_config(tmp_path / "a", *overrides), tmp_path / "a" / "run")

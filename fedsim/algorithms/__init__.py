@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Sequence
 
 from fedsim.algorithms.asynchronous import AsyncServerStrategy
+from fedsim.algorithms.robust import RobustStrategy
 from fedsim.algorithms.client import CLIENT_STRATEGIES, ClientStrategy, LocalContext
 from fedsim.algorithms.server import SERVER_STRATEGIES, ServerStrategy
 from fedsim.config import ClientAlgoConfig, ServerAlgoConfig
 
 __all__ = [
-    "CLIENT_STRATEGIES", "SERVER_STRATEGIES", "ClientStrategy", "ServerStrategy", "AsyncServerStrategy",
+    "CLIENT_STRATEGIES", "SERVER_STRATEGIES", "ClientStrategy", "ServerStrategy", "AsyncServerStrategy", "RobustStrategy",
     "LocalContext", "build_client_strategy", "build_server_strategy",
 ]
 

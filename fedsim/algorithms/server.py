@@ -68,6 +68,7 @@ class ServerStrategy:
         self.layout = FlatLayout(self.weights)  # where each global tensor sits in the running sums
         self.slots: dict[str, NamedTensors] = {}  # optimizer state, e.g. {"m": {...}, "v": {...}}
         self._sum = FixedPointSum()
+        self.noise = None  # central DP (fedsim.aggregator.CentralNoise): noise on the sum, a fixed denominator
         self._reset_round()
 
     # ----------------------------------------------------------------- lifecycle
@@ -80,6 +81,11 @@ class ServerStrategy:
         self.slots = self.init_slots()
         self.version = 0
         self._reset_round()
+
+    @classmethod
+    def min_cohort(cls, cfg: ServerAlgoConfig) -> tuple[int, str]:
+        """(the fewest updates a round needs to change the model, the rule's requirement as text)."""
+        return 1, "at least one update"
 
     def init_slots(self) -> dict[str, NamedTensors]:
         """Fresh optimizer state for ``self.weights``; none by default."""
@@ -151,7 +157,10 @@ class ServerStrategy:
         return True
 
     def _mean(self) -> NamedTensors:
-        """The weighted mean delta ``(sum / 2**FIXED_POINT_BITS) / total`` as float32 tensors."""
+        """The weighted mean delta ``(sum / 2**FIXED_POINT_BITS) / total`` as float32 tensors; under central DP
+        the noised sum over a fixed denominator instead (``self.noise``)."""
+        if self.noise is not None:
+            return self.noise.noisy_mean(self._sum, self.version + 1)
         if self._total <= 0:
             raise ValueError(f"{self._count} updates accumulated with total weight {float(self._total)}; "
                              "cannot take their weighted mean (all clients had 0 samples?)")

@@ -25,6 +25,9 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from fedsim import compression
+from fedsim.aggregator import accountant_for
+from fedsim.attacks import choose_attackers
 from fedsim.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from fedsim.config import ExperimentConfig, to_yaml
 from fedsim.messages import ClientTask, NamedTensors, Published
@@ -145,6 +148,10 @@ class FederationLoop:
         self.aggregator = aggregator
         self.shard_sizes = shard_sizes
         self.adapter_bytes = adapter_bytes
+        # what one update takes on the uplink: deltas are float32, 4 bytes an element before encoding
+        self.upload_bytes = compression.payload_bytes(cfg.compression.kind, adapter_bytes // 4,
+                                                      cfg.compression.density)
+        self.accountant = accountant_for(cfg)
         self.personalized = personalized
         self.asynchronous = asynchronous
         num_clients = cfg.partition.num_clients
@@ -166,7 +173,8 @@ class FederationLoop:
         """Asynchronous runs also save the planner and the tasks in flight with the versions they train from."""
         tensors, counts = self.aggregator.state()
         state = {"tally": asdict(self.tally), "metrics": self.metrics, "zero_shot": self.zero_shot,
-                 "current_version": self.current_version, "aggregator": counts}
+                 "current_version": self.current_version, "aggregator": counts,
+                 "accountant": self.accountant.state() if self.accountant else None}
         published = {}
         if planner is not None:
             state["planner"] = planner.state()
@@ -185,6 +193,8 @@ class FederationLoop:
         self.metrics = ckpt.state["metrics"]
         self.zero_shot = ckpt.state["zero_shot"]
         self.current_version = ckpt.state["current_version"]
+        if self.accountant:
+            self.accountant = type(self.accountant).from_state(ckpt.state["accountant"])
         self.first_round = ckpt.round + 1
         if "planner" in ckpt.state:
             self.resumed_async = ckpt
@@ -204,7 +214,7 @@ class FederationLoop:
     # --------------------------------------------------------------------------------------- helpers
     def bytes_per_task(self) -> tuple[int, int]:
         """(down, up): a personalized (local-only) client exchanges nothing."""
-        return (0, 0) if self.personalized else (self.adapter_bytes, self.adapter_bytes)
+        return (0, 0) if self.personalized else (self.adapter_bytes, self.upload_bytes)
 
     def modeled_duration(self, client: int) -> float:
         down, up = self.bytes_per_task()
@@ -242,6 +252,9 @@ class FederationLoop:
         if step % self.cfg.eval.every == 0 or step == total:
             self.metrics = record["eval"] = self.evaluate(handle, step, total)
         record["simulated_seconds"] = self.tally.simulated_s
+        if self.accountant:  # one privacy step per noised server step, i.e. per version
+            self.accountant.step(self.current_version - self.accountant.steps)
+            record["epsilon"] = self.accountant.epsilon()
         self.writer.log_round(record)
         log.info("round %d/%d: loss %.4f, simulated %.1fs%s", step, total, record.get("train_loss", float("nan")),
                  self.tally.simulated_s, f", eval {record['eval']}" if "eval" in record else "")
@@ -407,6 +420,23 @@ class FederationLoop:
         self.rounds_wall_s += time.perf_counter() - began
 
 
+def study_axes(cfg: ExperimentConfig, loop: FederationLoop, agg_stats: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's privacy, attack and compression entries (None where the axis is off)."""
+    dp, accountant = cfg.privacy, loop.accountant
+    privacy = None if accountant is None else {
+        "mode": dp.mode, "epsilon": accountant.epsilon(), "delta": dp.delta, "steps": accountant.steps,
+        "noise_multiplier": dp.noise_multiplier, "accountant": dp.accountant,
+        "sampling": ("q = 1: a client taking part in every step" if dp.mode == "local" else
+                     f"{dp.sampling}, q = {accountant.sample_size}/{accountant.population}"),
+        "clip_norm": agg_stats["clip_norm"] if dp.mode == "central" else dp.clip_norm}
+    attack = None if cfg.attack.kind == "none" else {
+        "kind": cfg.attack.kind, "fraction": cfg.attack.fraction, "attackers": choose_attackers(cfg).tolist()}
+    comp = None if cfg.compression.kind == "none" else {
+        "kind": cfg.compression.kind, "density": cfg.compression.density,
+        "error_feedback": cfg.compression.error_feedback, "bytes_per_update": loop.upload_bytes}
+    return {"privacy": privacy, "attack": attack, "compression": comp}
+
+
 def busy_fractions(stats: dict[str, Any], rounds_wall_s: float) -> dict[str, Any]:
     """``stats`` with each worker's ``busy_fraction``: its time in client tasks over the wall time of the
     rounds (synchronous: round starts to publishes, evaluations left out; asynchronous: the whole loop, as
@@ -477,6 +507,7 @@ def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: 
         "adapter_sha256": (executor.personalized_digest() if personalized
                            else agg_stats["adapter_sha256"]),
         **busy_fractions(executor.stats(), loop.rounds_wall_s),
+        **study_axes(cfg, loop, agg_stats),
         "resumed_after_round": ckpt.round if ckpt else None,
         "versions": library_versions(),
         "run_dir": str(writer.dir),

@@ -13,15 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim.aggregator import Aggregator
-from fedsim.algorithms import ServerStrategy, build_server_strategy
+from fedsim.aggregator import Aggregator, build_aggregator
+from fedsim.algorithms import ServerStrategy
 from fedsim.client import ClientTrainer
 from fedsim.clientdata import load_client_data
 from fedsim.config import ExperimentConfig
 from fedsim.engine.inprocess import InProcessExecutor
 from fedsim.engine.loop import run_federation
 from fedsim.evaluation import Evaluator
-from fedsim.guard import UpdateGuard
 from fedsim.messages import nbytes
 from fedsim.models.adapter import get_weights
 from fedsim.models.loading import LoadedModel, load_model
@@ -46,12 +45,11 @@ def build_sequential(cfg: ExperimentConfig, loaded: LoadedModel | None = None) -
     data = load_client_data(cfg)
     loaded = loaded or load_model(cfg.model, derive_seed(cfg.seed, "lora_init"))
     shard_sizes = data.shard_sizes()
-    strategy = build_server_strategy(cfg.algorithm.server, cfg.partition.num_clients, shard_sizes)
+    aggregator = build_aggregator(cfg, shard_sizes)
+    strategy = aggregator.strategy
     trainer = ClientTrainer(cfg, loaded, data, strategy.personalized)
-    evaluator = Evaluator(loaded.processor, data.test, cfg.eval, cfg.data.max_length, loaded.device,
-                          cfg.seed, cfg.data.prompt)
+    evaluator = Evaluator.for_run(cfg, loaded.processor, data.test, loaded.device)
     initial = get_weights(loaded.model)
-    aggregator = Aggregator(strategy, UpdateGuard(cfg.runtime.max_update_norm))
     aggregator.init(initial)
     return SequentialParts(InProcessExecutor(trainer, evaluator), aggregator, strategy, shard_sizes, nbytes(initial),
                            data.metric)
