@@ -6,7 +6,7 @@ what the encoding WOULD put on the wire, for the simulated clock. The count depe
 (kind, d, density), so the engine knows it before training. Every kind works over the WHOLE adapter as one
 flat vector of d values (``FlatLayout`` order, i.e. the dict's order), not tensor by tensor.
 
-Kinds (the published rules of REFERENCE.md section 5) and their bytes, with k = ceil(density * d), at least 1
+Kinds (the published rules; docs/privacy-robustness-compression.md) and their bytes, with k = ceil(density * d), at least 1
 (density * d is rounded to 6 decimals before the ceiling, so that 0.07 * 100 gives 7 and not 8):
 
 - ``none``: float32 values. Bytes ``4*d``.

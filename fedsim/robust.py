@@ -1,6 +1,6 @@
 """Byzantine-robust aggregation rules: pure functions on a [K, d] matrix of flattened client updates.
 
-The rules are the published ones of REFERENCE.md section 5: coordinate-wise median and trimmed mean (Yin et
+The rules are the published ones: coordinate-wise median and trimmed mean (Yin et
 al., ICML 2018), Krum and Multi-Krum (Blanchard et al., NeurIPS 2017), Bulyan (El Mhamdi et al., ICML 2018)
 and norm bounding (Sun et al. 2019). Server strategies wrap them; nothing here keeps state.
 

@@ -1,4 +1,4 @@
-"""Heterogeneity scenarios (REFERENCE.md section 1, and beyond) as composable, seeded steps.
+"""Heterogeneity scenarios (FedMLLM's, and beyond) as composable, seeded steps.
 
 A config names its steps as a mapping ``{step: {param: value}}`` (``data.scenarios``), applied in the
 order written to the training split after partitioning. Each step is a small dataclass registered in

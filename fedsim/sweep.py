@@ -208,6 +208,8 @@ class Sweep:
                 summary = json.loads((run_dir / "summary.json").read_text())
                 row.update({f"final_{k}": v for k, v in sorted(summary["final_metrics"].items())})
                 row.update({k: summary[k] for k in SUMMARY_COLUMNS})
+                if summary.get("privacy"):
+                    row["epsilon"] = summary["privacy"]["epsilon"]
             row["run_dir"] = str(run_dir)
             rows.append(row)
         return rows

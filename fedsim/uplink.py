@@ -66,7 +66,3 @@ class Uplink:
             delta, kind, self.cfg.compression.density, residual_of(state), self.keeps_residual,
             derive_seed(self.cfg.seed, "compress", seed_round, client))
         return sent, {RESIDUAL + k: v for k, v in (residual or {}).items()}
-
-    def payload_bytes(self, numel: int) -> int:
-        """Bytes one update takes on the uplink (step 3's encoding; float32 without compression)."""
-        return compression.payload_bytes(self.cfg.compression.kind, numel, self.cfg.compression.density)

@@ -227,7 +227,7 @@ def test_report_of_a_single_run_and_bad_metric(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
-def write_run(run_dir, evals, headline=None):
+def write_run(run_dir, evals, headline=None, **extra):
     """A finished run's metrics.jsonl and summary.json, without training: ``evals[0]`` is the zero-shot
     evaluation, ``evals[r]`` round r's."""
     run_dir.mkdir(parents=True)
@@ -240,7 +240,7 @@ def write_run(run_dir, evals, headline=None):
                "bytes_down": 1000 * len(records), "zero_shot_metrics": evals[0], "final_metrics": evals[-1]}
     if headline:
         summary["headline_metric"] = headline
-    (run_dir / "summary.json").write_text(json.dumps(summary))
+    (run_dir / "summary.json").write_text(json.dumps({**summary, **extra}))
 
 
 def with_ablations(accuracy):
@@ -265,6 +265,24 @@ def test_report_draws_modality_contribution_of_runs_with_ablations(tmp_path):
     assert main(["report", str(plain)]) == 0
     assert "modality_contribution" not in (plain / "report" / "index.html").read_text()
     assert not (plain / "report" / "modality_contribution.png").exists()
+
+
+def test_report_plots_accuracy_against_epsilon_and_bytes_only_for_runs_that_spend_them(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    runs = [{"label": f"sigma={s}", "values": {"privacy.noise_multiplier": str(s)}} for s in (0.5, 1.0)]
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.json").write_text(json.dumps({"runs": runs}))
+    for sigma, eps in ((0.5, 9.0), (1.0, 2.5)):
+        write_run(sweep_dir / f"sigma={sigma}", [{"accuracy": a} for a in (0.3, 0.5 / sigma)],
+                  privacy={"epsilon": eps}, compression={"kind": "topk"})
+    assert main(["report", str(sweep_dir)]) == 0
+    page = (sweep_dir / "report" / "index.html").read_text()
+    assert 'src="tradeoff_epsilon.png"' in page and 'src="tradeoff_bytes.png"' in page
+
+    plain = tmp_path / "plain"
+    write_run(plain, [{"accuracy": a} for a in (0.3, 0.6)])
+    assert main(["report", str(plain)]) == 0
+    assert "tradeoff" not in (plain / "report" / "index.html").read_text()
 
 
 def test_report_defaults_to_the_runs_headline_metric(tmp_path):
