@@ -117,7 +117,8 @@ class WorkerSlot:
     busy: int = 0  # tasks sent to this actor whose results are not in yet
     tasks: int = 0  # tasks it finished
     failures: int = 0  # tasks that raised on it
-    restarts: int = 0  # times it was lost (or restarted when hung) and brought back, by Ray or replaced
+    restarts: int = 0  # times it was lost (or restarted when hung), counted once per loss
+    loss_counted: bool = False  # the loss it is coming back from is already in ``restarts``
     replacements: int = 0
     busy_seconds: float = 0.0  # time in client tasks
     placement: dict[str, Any] = field(default_factory=dict)
@@ -316,9 +317,15 @@ class RayExecutor:
         if actor is not slot.actor or slot.revival is not None:
             return
         log.warning("worker %d lost (%s); its tasks run again, and Ray restarts it", slot.index, type(err).__name__)
-        # Counted once it answers from a new process (_revived): a lost result (ObjectLostError) may mean a
-        # dead node or only a lost object, with the worker alive.
+        # A lost result (ObjectLostError) may mean a dead node or only a lost object with the worker alive:
+        # that loss is counted once the worker answers from a new process (_revived).
+        if not isinstance(err, ObjectLostError):
+            self._count_loss(slot)
         self._await_revival(slot)
+
+    def _count_loss(self, slot: WorkerSlot) -> None:
+        slot.restarts += 1
+        slot.loss_counted = True
 
     def _await_revival(self, slot: WorkerSlot) -> None:
         slot.revival = slot.actor.placement.remote()  # waits through a restart
@@ -337,9 +344,10 @@ class RayExecutor:
         self.reviving_since.pop(slot.index, None)
         slot.progress_at = time.monotonic()
         if slot.placement and placement["pid"] != slot.placement.get("pid"):
-            slot.restarts += 1
+            if not slot.loss_counted:
+                slot.restarts += 1
             log.warning("worker %d is back, on node %s", slot.index, placement["node_id"][:8])
-        slot.placement = placement
+        slot.placement, slot.loss_counted = placement, False
 
     def _replace(self, slot: WorkerSlot) -> None:
         slot.replacements += 1
@@ -360,6 +368,7 @@ class RayExecutor:
         """Kill a worker that made no progress for its call timeout; Ray restarts it, and its calls fail and
         run again (a hung call cannot be cancelled: only its process can go)."""
         slot.hung += 1
+        self._count_loss(slot)
         log.warning("worker %d made no progress for %.0f s (runtime.task_timeout_s=%g, 0: derived); restarting it "
                     "and running its calls again", slot.index, waited_s, self.cfg.runtime.task_timeout_s)
         ray.kill(slot.actor, no_restart=False)

@@ -135,8 +135,7 @@ def _check_privacy(cfg: ExperimentConfig) -> None:
     if dp.sampling == "fixed" and dp.accountant != "rdp":
         fail("privacy.sampling", dp.sampling, "poisson with privacy.accountant=pld: sampling without replacement "
              "is accounted by the RDP accountant only")
-    if SERVER_STRATEGIES[server.name].personalized or not SERVER_STRATEGIES[server.name].trains:
-        fail("privacy.mode", dp.mode, f"none with algorithm.server.name={server.name}: nothing is aggregated")
+    _check_shared(cfg, "privacy.mode", dp.mode)
     if cfg.algorithm.client.name == "scaffold":
         fail("privacy.mode", dp.mode, "none with SCAFFOLD: its control variates leave the clients unclipped and "
              "unnoised")
@@ -166,12 +165,20 @@ def _check_privacy(cfg: ExperimentConfig) -> None:
                  "part of the budget on the count, and less noise there would leave none for the update")
 
 
+def _check_shared(cfg: ExperimentConfig, key: str, value: str) -> None:
+    """Attacks and compression act on updates sent to a server: a run that shares none has nothing to act on."""
+    strategy = SERVER_STRATEGIES[cfg.algorithm.server.name]
+    if strategy.personalized or not strategy.trains:
+        fail(key, value, f"none with algorithm.server.name={cfg.algorithm.server.name}: no update is sent")
+
+
 def _check_attack(cfg: ExperimentConfig) -> None:
     attack = cfg.attack
     if not 0 <= attack.fraction <= 1:
         fail("attack.fraction", attack.fraction, "a value in [0, 1]")
     if attack.kind == "none":
         return
+    _check_shared(cfg, "attack.kind", attack.kind)
     if attack.kind in ("sign_flip", "gaussian") and not attack.scale > 0:
         fail("attack.scale", attack.scale, f"a value > 0 with attack.kind={attack.kind}")
     if attack.kind == "scale" and not attack.scale >= 0:
@@ -188,5 +195,7 @@ def _check_attack(cfg: ExperimentConfig) -> None:
 
 def _check_compression(cfg: ExperimentConfig) -> None:
     comp = cfg.compression
+    if comp.kind != "none":
+        _check_shared(cfg, "compression.kind", comp.kind)
     if comp.kind in ("topk", "randk") and not 0 < comp.density <= 1:
         fail("compression.density", comp.density, f"a value in (0, 1] with compression.kind={comp.kind}")

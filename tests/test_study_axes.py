@@ -174,6 +174,9 @@ def test_a_robust_round_with_too_few_updates_leaves_the_model():
     (["attack.kind=sign_flip", "attack.fraction=1.5"], "attack.fraction"),
     (["attack.kind=gaussian", "attack.fraction=0.1", "attack.scale=0"], "attack.scale"),
     (["compression.kind=topk", "compression.density=0"], "compression.density"),
+    (["compression.kind=int8", "algorithm.server.name=local_only"], "compression.kind"),
+    (["attack.kind=free_rider", "attack.fraction=0.1", "algorithm.server.name=zero_shot"], "attack.kind"),
+    (["privacy.mode=local", "algorithm.server.name=local_only"], "privacy.mode"),
     (["algorithm.server.name=krum", "algorithm.server.f=2"], "algorithm.server.f"),  # K = 5 < 2f + 3
     (["algorithm.server.name=bulyan", "algorithm.server.f=1"], "algorithm.server.f"),  # K = 5 < 4f + 3
     (["algorithm.server.name=trimmed_mean", "algorithm.server.trim=3"], "algorithm.server.trim"),

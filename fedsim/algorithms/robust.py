@@ -45,7 +45,8 @@ class RobustStrategy(ServerStrategy):
             raise UpdateError("non_finite", f"update from client {update.client_id}: delta {name!r} has non-finite "
                                             "values (NaN or Inf); it cannot be aggregated")
         row = self.layout.flatten(update.delta, torch.empty(self.layout.numel, dtype=torch.float32))
-        # keyed by (client, arrival number): a client may send twice (overcommit) and both count
+        # A client sends once a round (cohorts are drawn without replacement); the arrival number only keeps
+        # a key unique should one ever send twice.
         self._rows[(update.client_id, len(self._rows))] = row
         self._count += 1
         self._total += 1
