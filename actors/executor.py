@@ -110,6 +110,11 @@ def on_driver_node() -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
+def node_alive(node_id: str | None) -> bool:
+    """Whether Ray's control store lists the node ``node_id`` as alive (False for an unknown one)."""
+    return any(node["NodeID"] == node_id and node["Alive"] for node in ray.nodes())
+
+
 @dataclass
 class WorkerSlot:
     index: int
@@ -317,9 +322,10 @@ class RayExecutor:
         if actor is not slot.actor or slot.revival is not None:
             return
         log.warning("worker %d lost (%s); its tasks run again, and Ray restarts it", slot.index, type(err).__name__)
-        # A lost result (ObjectLostError) may mean a dead node or only a lost object with the worker alive:
-        # that loss is counted once the worker answers from a new process (_revived).
-        if not isinstance(err, ObjectLostError):
+        # A lost result (ObjectLostError) may mean a dead node or only a lost object with the worker alive: it
+        # counts now if the worker's node is dead (it may never come back), else once the worker answers from a
+        # new process (_revived).
+        if not isinstance(err, ObjectLostError) or not node_alive(slot.placement.get("node_id")):
             self._count_loss(slot)
         self._await_revival(slot)
 
