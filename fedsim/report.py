@@ -228,6 +228,9 @@ def plot_tradeoffs(runs: list[RunData], metric: str, out_dir: Path) -> list[tupl
         fig, ax = _new_axes(f"final test {metric} vs {xlabel}", xlabel, f"final test {metric}")
         for x, y, label in sorted(points):
             ax.plot([x], [y], marker="o", linestyle="", label=label)
+        xs = [x for x, _, _ in points]
+        if min(xs) > 0 and max(xs) / min(xs) >= 100:  # epsilons span decades
+            ax.set_xscale("log")
         figures.append((_save(fig, out_dir, name, ax), f"Final test {metric} against {xlabel}, one point per run "
                                                        f"({what})."))
     return figures
