@@ -153,11 +153,11 @@ class Aggregator:
             outcome = ACCEPTED
         if noise is not None and outcome == ACCEPTED:
             noise.observe(norm)
-            if self.strategy.version != version:  # FedBuff stepped: the clip norm moves on
-                noise.end_step(self.strategy.version)
+            self._stepped(version)  # FedBuff may have stepped: the clip norm moves on
         return outcome
 
     def _stepped(self, version: int) -> int:
+        """The version now; a server step since ``version`` ends the clip norm's step."""
         if self.strategy.noise is not None and self.strategy.version != version:
             self.strategy.noise.end_step(self.strategy.version)
         return self.strategy.version
