@@ -96,6 +96,50 @@ def test_study_axes_on_ray_match_the_reference(ray_cluster, tmp_path, axes):
         assert summary[key] == reference[key], key
 
 
+def test_a_worker_loss_is_counted_once_whichever_way_it_surfaces(ray_cluster):
+    import ray
+    from ray.exceptions import ObjectLostError, RayActorError
+
+    from actors.executor import WorkerSlot
+
+    @ray.remote(num_cpus=0)
+    class Answers:  # a real actor answering what a loss's bookkeeping calls: placement() and the server's version()
+        def placement(self):
+            import os
+
+            return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
+        def version(self):
+            return 0
+
+    actor = Answers.remote()
+    here = ray.get(actor.placement.remote())
+    executor = RayExecutor.__new__(RayExecutor)  # only the loss bookkeeping, on a real actor
+    executor.server, executor.revivals, executor.reviving_since = actor, {}, {}
+
+    def lose(err, placement):
+        slot = WorkerSlot(index=0, actor=actor, placement=dict(placement))
+        executor._lost(slot, actor, err)
+        counted_at_once = slot.restarts
+        executor._revived(slot)  # the actor answers: from the same process here, as after a lost object only
+        return counted_at_once, slot.restarts
+
+    lost_object = ObjectLostError("ab" * 20, "owner", "call site")
+    # A lost result on a live node: not a loss until the worker answers from a new process (it did not).
+    assert lose(lost_object, here) == (0, 0)
+    # The same on a node the control store does not list alive: counted at once, and once.
+    assert lose(lost_object, {**here, "node_id": "ff" * 28}) == (1, 1)
+    # An actor error is a loss at once; its revival does not count it again, even from a new process.
+    assert lose(RayActorError(), here) == (1, 1)
+    assert lose(RayActorError(), {**here, "pid": -1}) == (1, 1)
+    # Unseen by any call (a new pid found at revival): counted then.
+    slot = WorkerSlot(index=0, actor=actor, placement={**here, "pid": -1})
+    executor._await_revival(slot)
+    executor._revived(slot)
+    assert slot.restarts == 1 and slot.placement["pid"] == here["pid"]
+    ray.kill(actor)
+
+
 def test_a_killed_worker_is_replaced_and_the_result_is_unchanged(ray_cluster, tmp_path):
     overrides = (*SAME_THREADS, "federation.rounds=3", "runtime.num_workers=2")
     fault_free = run_ray(small_config(tmp_path / "a", *overrides), tmp_path / "a" / "run")
