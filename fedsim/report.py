@@ -186,7 +186,7 @@ def plot_scaling(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[
     figures = []
     for key in keys:
         xs = _numeric([r.values[key] for r in finished])
-        if xs is None or len(set(xs)) < 2:
+        if key == ATTACK_SHARE or xs is None or len(set(xs)) < 2:  # attack shares: plot_robustness
             continue
         groups: dict[str, list[tuple[float, RunData]]] = {}
         for x, run in zip(xs, finished):
@@ -234,6 +234,32 @@ def plot_tradeoffs(runs: list[RunData], metric: str, out_dir: Path) -> list[tupl
         figures.append((_save(fig, out_dir, name, ax), f"Final test {metric} against {xlabel}, one point per run "
                                                        f"({what})."))
     return figures
+
+
+ATTACK_SHARE = "attack.fraction"
+
+
+def plot_robustness(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[str, str]]:
+    """For a sweep over the share of attacking clients: the final metric against it, a panel per attack kind
+    and a line per the other swept values (the aggregation rule, in the robustness study)."""
+    finished = [r for r in runs if r.finished and ATTACK_SHARE in r.values]
+    if len({r.values[ATTACK_SHARE] for r in finished}) < 2:
+        return []
+    kinds = list(dict.fromkeys(r.values.get("attack.kind", "") for r in finished))
+    fig, axs = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.8), dpi=110, squeeze=False, sharey=True)
+    for ax, kind in zip(axs[0], kinds):
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for run in finished:
+            if run.values.get("attack.kind", "") == kind:
+                rest = legend_label({k: v for k, v in run.values.items() if k not in (ATTACK_SHARE, "attack.kind")})
+                lines.setdefault(rest, []).append((float(run.values[ATTACK_SHARE]), run.final(metric)))
+        for rest, points in lines.items():
+            points.sort()
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=rest or None)
+        ax.set(title=kind or "attack", xlabel="share of attacking clients", ylabel=f"final test {metric}")
+        ax.grid(alpha=0.3)
+    return [(_save(fig, out_dir, "robustness.png", axs[0][0]),
+             f"Final test {metric} against the share of attacking clients, a panel per attack.")]
 
 
 def plot_staleness(runs: list[RunData], out_dir: Path) -> list[tuple[str, str]]:
@@ -311,7 +337,8 @@ def write_report(path: Path, metric: Optional[str] = None, out: Optional[Path] =
     out = out or path / "report"
     out.mkdir(parents=True, exist_ok=True)
     figures = (plot_curves(runs, metric, out) + plot_modality_contribution(runs, metric, out)
-               + plot_scaling(runs, metric, out) + plot_tradeoffs(runs, metric, out) + plot_staleness(runs, out))
+               + plot_scaling(runs, metric, out) + plot_tradeoffs(runs, metric, out)
+               + plot_robustness(runs, metric, out) + plot_staleness(runs, out))
     body = "".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
                    f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in figures)
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fedsim report: {html.escape(path.name)}"

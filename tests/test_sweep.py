@@ -285,6 +285,26 @@ def test_report_plots_accuracy_against_epsilon_and_bytes_only_for_runs_that_spen
     assert "tradeoff" not in (plain / "report" / "index.html").read_text()
 
 
+def test_report_plots_accuracy_against_the_attackers_share_a_panel_per_attack(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    grid = [{"algorithm.server.name": rule, "attack.kind": kind, "attack.fraction": str(share)}
+            for rule in ("fedavg", "median") for kind in ("sign_flip", "free_rider") for share in (0.0, 0.2)]
+    runs = [{"label": "-".join(values.values()), "values": values} for values in grid]
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.json").write_text(json.dumps({"runs": runs}))
+    for run in runs:
+        final = 0.8 - float(run["values"]["attack.fraction"])
+        write_run(sweep_dir / run["label"], [{"accuracy": a} for a in (0.3, final)])
+    assert main(["report", str(sweep_dir)]) == 0
+    page = (sweep_dir / "report" / "index.html").read_text()
+    assert 'src="robustness.png"' in page and "scaling_fraction" not in page  # one figure for the attack share
+
+    plain = tmp_path / "plain"
+    write_run(plain, [{"accuracy": a} for a in (0.3, 0.6)])
+    assert main(["report", str(plain)]) == 0
+    assert "robustness" not in (plain / "report" / "index.html").read_text()
+
+
 def test_report_defaults_to_the_runs_headline_metric(tmp_path):
     evals = [{"accuracy": a, "macro_f1": a / 2, "roc_auc": a / 3} for a in (0.3, 0.6)]
     headline, older = tmp_path / "headline", tmp_path / "older"
