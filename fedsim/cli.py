@@ -1,4 +1,5 @@
-"""The ``fedsim`` command line."""
+"""fedsim: simulate federated fine-tuning of multimodal LLMs (4-bit backbones, LoRA adapters), on Ray or in
+one process. "fedsim COMMAND --help" says more about each command."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import datasets
 
+from fedsim import __version__
 from fedsim.checkpoint import check_checkpoint
 from fedsim.config import ConfigError, ExperimentConfig
 from fedsim.output import default_run_dir
@@ -21,10 +23,16 @@ from fedsim.validation import load_config
 log = logging.getLogger("fedsim")
 
 
-def _split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
-    """``a.yaml b.yaml key=value ...`` -> (YAML layers, overrides)."""
+QUICKSTART = Path(__file__).with_name("quickstart.yaml")  # the embedded default of ``fedsim run``
+
+
+def _split_config_args(items: list[str], default: Path | None = None) -> tuple[list[str], list[str]]:
+    """``a.yaml b.yaml key=value ...`` -> (YAML layers, overrides); ``default`` when no YAML is given."""
     files = [i for i in items if "=" not in i]
     overrides = [i for i in items if "=" in i]
+    if not files and default is not None:
+        log.info("no experiment YAML given: running the quickstart (%s)", default)
+        files, items = [str(default)], [str(default), *items]
     if not files:
         raise ConfigError("no experiment YAML file given (before the key=value overrides)")
     if items[:len(files)] != files:
@@ -32,8 +40,9 @@ def _split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
     return files, overrides
 
 
-def _load(args: argparse.Namespace):
-    return load_config(*_split_config_args(args.config))  # every config error surfaces here, before any work
+def _load(args: argparse.Namespace, default: Path | None = None):
+    # every config error surfaces here, before any work
+    return load_config(*_split_config_args(args.config, default))
 
 
 TRUST_KEY, ADDRESS_KEY = "model.trust_remote_code", "runtime.address"
@@ -94,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         cfg = _resume_config(run_dir, args.config)
     else:
-        cfg = _load(args)
+        cfg = _load(args, default=QUICKSTART)
         run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg.name)
         run_dir.mkdir(parents=True, exist_ok=True)  # to hold the lock
     cfg.output.dir = str(run_dir)
@@ -156,8 +165,9 @@ CONFIG_HELP = ("experiment YAML file(s), merged in order, then key=value overrid
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsim", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one experiment")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run one experiment (without a config: the quickstart)")
     run.add_argument("config", nargs="*", metavar="CONFIG", help=CONFIG_HELP)
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoint (RUN_DIR/checkpoint/) with the "
@@ -165,11 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "repeated after RUN_DIR, and a saved runtime.address is ignored unless given again "
                           "after RUN_DIR (runtime.address=...)")
     run.set_defaults(func=_run)
-    part = sub.add_parser("partition", help="show what each client holds (samples, labels, modalities) and plot it")
+    part = sub.add_parser("partition", help="show what each client holds and plot it")
     part.add_argument("config", nargs="+", metavar="CONFIG", help=CONFIG_HELP)
     part.add_argument("--out", help="PNG to write (default: <experiment name>-partition.png)")
     part.set_defaults(func=_partition)
-    sweep = sub.add_parser("sweep", help="run the cross product of a grid of config values, one run per point",
+    sweep = sub.add_parser("sweep", help="run a grid of config values, one run per point",
                            description="Runs every point of the grid as its own run under one sweep directory "
                                        "and writes sweep.csv. Run the same command again to continue an "
                                        "interrupted sweep: finished runs are skipped.")
@@ -180,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="runs at once (they share the Ray cluster at RAY_ADDRESS if set); default 1")
     sweep.add_argument("--out", help="sweep directory (default runs/sweep-<experiment name>)")
     sweep.set_defaults(func=_sweep)
-    report = sub.add_parser("report", help="plot a run or a sweep: PNG figures and an HTML page beside them")
+    report = sub.add_parser("report", help="plot a run or a sweep (PNG figures and an HTML page)")
     report.add_argument("path", metavar="RUN_OR_SWEEP_DIR")
     report.add_argument("--metric", help="evaluation metric to plot (default: accuracy when there is one)")
     report.add_argument("--out", help="folder for the figures and index.html (default RUN_OR_SWEEP_DIR/report)")

@@ -1,10 +1,16 @@
 """The ``fedsim`` command line, as a user calls it."""
 
+import configparser
+import gzip
+import importlib.metadata
 import json
 import os
 
+import jsonschema
 import pytest
+import yaml
 
+from fedsim import __version__
 from fedsim.cli import _resume_config, main
 from fedsim.config import to_yaml
 from fedsim.runlock import run_lock
@@ -25,7 +31,8 @@ def test_a_bad_key_fails_before_any_work_with_exit_code_2(tmp_path, capsys):
 @pytest.mark.slow
 def test_run_writes_the_run_directory_and_prints_the_summary(tmp_path, capsys):
     run = tmp_path / "run"
-    code = main(["run", QUICKSTART, "runtime.engine=sequential", "federation.rounds=1", "data.num_train=120",
+    # no YAML: the embedded quickstart, made smaller
+    code = main(["run", "runtime.engine=sequential", "federation.rounds=1", "data.num_train=120",
                  "data.num_test=20", "partition.num_clients=4", "federation.clients_per_round=2",
                  "training.local_epochs=1", "output.progress=never", f"output.dir={run}"])
     assert code == 0
@@ -34,6 +41,28 @@ def test_run_writes_the_run_directory_and_prints_the_summary(tmp_path, capsys):
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_model.safetensors"):
         assert (run / name).exists(), name
     assert json.loads((run / "summary.json").read_text())["adapter_sha256"] == printed["adapter_sha256"]
+    assert load_config(run / "config.yaml").name == "quickstart"
+
+
+def test_version_help_licence_and_citation_agree_with_the_package(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"fedsim {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for command in ("run", "partition", "sweep", "report"):  # one line each, with what it does
+        assert sum(line.split()[:1] == [command] and len(line.split()) > 3 for line in lines) == 1, command
+
+    citation = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    schema = json.loads(gzip.decompress((REPO / "tests" / "schemas" / "cff-1.2.0.schema.json.gz").read_bytes()))
+    jsonschema.Draft7Validator(schema).validate(citation)  # the Citation File Format's own schema
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    assert citation["version"] == importlib.metadata.version("fedsim") == __version__
+    assert citation["license"] == setup["metadata"]["license"] == "Apache-2.0"
+    assert (REPO / "LICENSE").read_text().split()[:4] == ["Apache", "License", "Version", "2.0,"]
 
 
 def test_partition_prints_each_client_and_writes_its_figure(tmp_path, capsys):
