@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=_sweep)
     report = sub.add_parser("report", help="plot a run or a sweep (PNG figures and an HTML page)")
     report.add_argument("path", metavar="RUN_OR_SWEEP_DIR")
-    report.add_argument("--metric", help="evaluation metric to plot (default: accuracy when there is one)")
+    report.add_argument("--metric", help="evaluation metric to plot (default: the runs' headline metric, else the "
+                                          "first of accuracy, macro_f1, token_f1 they evaluated)")
     report.add_argument("--out", help="folder for the figures and index.html (default RUN_OR_SWEEP_DIR/report)")
     report.set_defaults(func=_report)
     return parser

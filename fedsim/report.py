@@ -181,7 +181,7 @@ def plot_scaling(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[
     panels: list[tuple[str, Callable[[RunData], float]]] = [
         (f"final test {metric}", lambda r: r.final(metric)),
         ("simulated seconds per round", lambda r: r.summary["simulated_seconds"] / max(r.summary["rounds"], 1)),
-        ("wall seconds per round", lambda r: r.summary["train_seconds"] / max(r.summary["rounds"], 1)),
+        ("training seconds per round (wall clock)", lambda r: r.summary["train_seconds"] / max(r.summary["rounds"], 1)),
     ]
     figures = []
     for key in keys:
@@ -205,8 +205,8 @@ def plot_scaling(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[
                 ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
         name = f"scaling_{short}.png"
-        figures.append((_save(fig, out_dir, name, axs[0]), f"Final test {metric}, simulated and wall-clock "
-                                                           f"seconds per round against {key}."))
+        figures.append((_save(fig, out_dir, name, axs[0]), f"Final test {metric}, simulated seconds and "
+                                                           f"wall-clock training seconds per round against {key}."))
     return figures
 
 
