@@ -32,7 +32,7 @@ def _split_config_args(items: list[str], default: Path | None = None) -> tuple[l
     overrides = [i for i in items if "=" in i]
     if not files and default is not None:
         log.info("no experiment YAML given: running the quickstart (%s)", default)
-        files, items = [str(default)], [str(default), *items]
+        return [str(default)], overrides
     if not files:
         raise ConfigError("no experiment YAML file given (before the key=value overrides)")
     if items[:len(files)] != files:

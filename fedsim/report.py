@@ -174,6 +174,12 @@ def _numeric(values: list[str]) -> Optional[list[float]]:
         return None
 
 
+def _spans_decades(xs: list[float]) -> bool:
+    """Whether positive values span 100x or more (N = 10^3 .. 10^6, epsilons): on a linear axis all but the
+    largest would crowd into one corner."""
+    return min(xs) > 0 and max(xs) / min(xs) >= 100
+
+
 def plot_scaling(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[str, str]]:
     """For each numeric swept key: final metric, simulated and wall seconds per round against its value."""
     finished = [r for r in runs if r.finished]
@@ -194,8 +200,7 @@ def plot_scaling(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[
             groups.setdefault(rest, []).append((x, run))
         fig, axs = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), dpi=110)
         short = short_key(key)
-        # Values spanning decades (N = 10^3 .. 10^6) would crowd all but the largest into one corner.
-        xscale = "log" if min(xs) > 0 and max(xs) / min(xs) >= 100 else "linear"
+        xscale = "log" if _spans_decades(xs) else "linear"
         for ax, (ylabel, value_of) in zip(axs, panels):
             for rest, members in groups.items():
                 members.sort(key=lambda item: item[0])
@@ -228,8 +233,7 @@ def plot_tradeoffs(runs: list[RunData], metric: str, out_dir: Path) -> list[tupl
         fig, ax = _new_axes(f"final test {metric} vs {xlabel}", xlabel, f"final test {metric}")
         for x, y, label in sorted(points):
             ax.plot([x], [y], marker="o", linestyle="", label=label)
-        xs = [x for x, _, _ in points]
-        if min(xs) > 0 and max(xs) / min(xs) >= 100:  # epsilons span decades
+        if _spans_decades([x for x, _, _ in points]):  # epsilons
             ax.set_xscale("log")
         figures.append((_save(fig, out_dir, name, ax), f"Final test {metric} against {xlabel}, one point per run "
                                                        f"({what})."))
