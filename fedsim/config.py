@@ -334,6 +334,15 @@ class OutputConfig:
     dir: Optional[str] = None  # default runs/<experiment>-<timestamp>
     save_adapter: bool = True
     progress: str = "auto"  # auto (a bar only on a terminal) | always | never
+    # Experiment trackers that also receive the run's metrics, config, summary and adapter: any of tensorboard,
+    # mlflow, wandb, each an optional extra (pip install 'fedsim[mlflow]'); offline by default (docs/trackers.md).
+    trackers: list[str] = field(default_factory=list)
+    # Where TensorBoard's logs (tensorboard/<run name>/) and MLflow's file store (mlruns/) go (None: the run
+    # directory); ``fedsim sweep`` sets it to the sweep directory, so that its runs share them.
+    tracker_dir: Optional[str] = None
+    # The group of runs the trackers file this one under: MLflow's experiment and the W&B group (None: no
+    # W&B group, and the experiment's name for MLflow); ``fedsim sweep`` sets it to the sweep's name.
+    tracker_group: Optional[str] = None
 
 
 @dataclass

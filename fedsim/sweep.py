@@ -137,6 +137,12 @@ class Sweep:
         atomic_write_text(self.dir / MANIFEST, json.dumps(manifest, indent=1))
 
     # ------------------------------------------------------------------------------------------ running
+    def tracker_overrides(self) -> list[str]:
+        """The sweep's runs are one group to their trackers (output.trackers): one TensorBoard log directory and
+        MLflow store in the sweep directory, one MLflow experiment and W&B group named after it. Given before the
+        sweep's own overrides, which may set them otherwise."""
+        return [f"output.tracker_dir={self.dir}", f"output.tracker_group={self.dir.resolve().name}"]
+
     def command(self, point: Point) -> list[str]:
         """The ``fedsim run`` that continues ``point``: a resume from its checkpoint, else a fresh run (an
         earlier directory without a checkpoint set aside first)."""
@@ -147,8 +153,8 @@ class Sweep:
         except FileNotFoundError:
             if run_dir.exists():  # interrupted or failed before its first checkpoint
                 set_aside(run_dir)
-            return cli + [*self.configs, *self.overrides, *point.overrides(), f"output.dir={run_dir}",
-                          "output.progress=never"]
+            return cli + [*self.configs, *self.tracker_overrides(), *self.overrides, *point.overrides(),
+                          f"output.dir={run_dir}", "output.progress=never"]
         # --resume trusts some saved values only when told again: this sweep's own config tells it
         point_cfg = load_config(self.configs, self.overrides + point.overrides())
         return cli + ["--resume", str(run_dir), *resume_overrides(point_cfg)]

@@ -18,6 +18,7 @@ from fedsim.config import ConfigError, ExperimentConfig, check_choice, check_val
 from fedsim.data import DATASETS, check_data_source
 from fedsim.scenarios import check_scenarios
 from fedsim.scheduler import check_scheduler_config
+from fedsim.trackers import TRACKERS
 
 
 def load_config(path: str | Path | Sequence[str | Path] | None = None,
@@ -42,6 +43,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_attack(cfg)
     _check_compression(cfg)
     _check_model(cfg)
+    _check_trackers(cfg)
     check_data(cfg)
 
 
@@ -73,6 +75,19 @@ def _check_model(cfg: ExperimentConfig) -> None:
         fail("model.revision", model.revision, "a full 40-hex commit hash with model.trust_remote_code=true: the "
              "model's own code runs on every node, and a branch or tag can move to other code (a local model "
              "folder needs none: nothing is fetched)")
+
+
+def _check_trackers(cfg: ExperimentConfig) -> None:
+    """Known, distinct trackers whose libraries are installed: a missing one is found here, not after the model
+    has loaded and the run has begun."""
+    trackers = list(cfg.output.trackers)
+    if len(set(trackers)) != len(trackers):
+        fail("output.trackers", trackers, "a list of distinct tracker names")
+    for name in trackers:
+        check_choice("output.trackers", name, list(TRACKERS))
+        if not TRACKERS[name].installed():
+            fail("output.trackers", name, f"trackers whose library is installed: {name} needs pip install "
+                 f"'{TRACKERS[name].requirement}'")
 
 
 def _check_algorithm(cfg: ExperimentConfig) -> None:

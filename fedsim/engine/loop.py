@@ -35,6 +35,7 @@ from fedsim.output import RunWriter, library_versions
 from fedsim.scheduler import AsyncPlanner, Clock, DeviceProfiles, SyncPlanner, build_availability
 from fedsim.seeding import rng_for, sample_without_replacement
 from fedsim.statestore import STATES_DIR, StateManifest
+from fedsim.trackers import Trackers
 from fedsim.training import round_lr, samples_per_task
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,11 @@ def mean(values: Iterable[float]) -> float:
 
 class FederationLoop:
     def __init__(self, cfg: ExperimentConfig, writer: RunWriter, executor: Executor, aggregator: AggregatorLike,
-                 shard_sizes: Sequence[int], adapter_bytes: int, personalized: bool, asynchronous: bool):
+                 shard_sizes: Sequence[int], adapter_bytes: int, personalized: bool, asynchronous: bool,
+                 trackers: Trackers | None = None):
         self.cfg = cfg
         self.writer = writer
+        self.trackers = trackers or Trackers()  # output.trackers: they receive what the writer writes
         self.executor = executor
         self.aggregator = aggregator
         self.shard_sizes = shard_sizes
@@ -256,11 +259,19 @@ class FederationLoop:
             self.accountant.step(self.current_version - self.accountant.steps)
             record["epsilon"] = self.accountant.epsilon()
         self.writer.log_round(record)
+        self.trackers.log_step(record)
         log.info("round %d/%d: loss %.4f, simulated %.1fs%s", step, total, record.get("train_loss", float("nan")),
                  self.tally.simulated_s, f", eval {record['eval']}" if "eval" in record else "")
 
     # --------------------------------------------------------------------------------------- run
     def run(self, rounds: int) -> None:
+        try:
+            self.run_rounds(rounds)
+        except BaseException:
+            self.trackers.fail()
+            raise
+
+    def run_rounds(self, rounds: int) -> None:
         self.initial_handle = self.publish()
         resumed = self.first_round > 1
         if (self.cfg.eval.zero_shot or rounds == 0) and not resumed:
@@ -452,16 +463,19 @@ def busy_fractions(stats: dict[str, Any], rounds_wall_s: float) -> dict[str, Any
 def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: Executor,
                    aggregator: AggregatorLike, shard_sizes: Sequence[int], adapter_bytes: int,
                    personalized: bool, asynchronous: bool, trains: bool, resume: bool = False, *,
-                   headline_metric: str) -> dict[str, Any]:
+                   headline_metric: str, chance_metrics: dict[str, float] | None = None) -> dict[str, Any]:
     """Run every round of ``cfg`` (with ``resume``: those after the run directory's checkpoint) and write
     the run directory; returns the summary. ``headline_metric`` (the data's ``DatasetSplits.metric``: roc_auc
-    for Hateful-Memes, macro_f1 for CrisisMMD, accuracy otherwise) names the metric the benchmark reports."""
+    for Hateful-Memes, macro_f1 for CrisisMMD, accuracy otherwise) names the metric the benchmark reports;
+    ``chance_metrics`` (fedsim.chance, from the test split) what guessing scores, so that a report can draw it."""
     started = time.perf_counter()
     ckpt = read_checkpoint(run_dir) if resume else None
     writer = RunWriter(run_dir, resume_round=ckpt.round if ckpt else None)
     writer.write_config(to_yaml(cfg))
     executor.open_client_states(writer.dir / STATES_DIR, ckpt.clients if ckpt else None)
-    loop = FederationLoop(cfg, writer, executor, aggregator, shard_sizes, adapter_bytes, personalized, asynchronous)
+    trackers = Trackers.start(cfg, writer.dir, resumed_after=ckpt.round if ckpt else None)
+    loop = FederationLoop(cfg, writer, executor, aggregator, shard_sizes, adapter_bytes, personalized, asynchronous,
+                          trackers)
     if ckpt is not None:
         loop.restore(ckpt)
         log.info("resuming %s after round %d", run_dir, ckpt.round)
@@ -484,6 +498,7 @@ def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: 
         "global_version": version,
         "client_updates": tally.updates,
         "headline_metric": headline_metric,
+        "chance_metrics": chance_metrics or {},
         "final_metrics": loop.metrics,
         # personalized runs: how many clients' own adapters each evaluation scored (eval.personalized_clients)
         "personalized_clients_evaluated": ((cfg.eval.personalized_clients or cfg.partition.num_clients)
@@ -513,4 +528,5 @@ def run_federation(cfg: ExperimentConfig, run_dir: Path, engine: str, executor: 
         "run_dir": str(writer.dir),
     }
     writer.write_summary(summary)
+    trackers.finish(summary, writer)
     return summary
