@@ -1,11 +1,13 @@
-"""The configuration reference (docs/configuration.md), generated from the code so that it cannot drift from it.
+"""The reference pages, generated from the code so that they cannot drift from it: the configuration reference
+(docs/configuration.md, below), the output reference (docs/outputs.md, from fedsim.run_files) and the command
+reference (docs/commands.md, from fedsim.commands_reference).
 
 Every key of ``ExperimentConfig`` gets a table row: its type and default from the dataclasses, its description
 from the comments beside the field in fedsim/config.py, its allowed values from ``CHOICES`` and the range
 tuples, and the ``expected`` text of every ``fail("key", ...)`` in fedsim/config.py and fedsim/validation.py.
 Those two files are read with ``ast``, not imported for their rules: fedsim.validation pulls in the registries,
-torch included. ``python -m fedsim.reference --write`` rewrites the page; tests/test_reference.py fails when the
-committed page differs from what the code generates.
+torch included. ``python -m fedsim.reference --write`` rewrites the three pages; tests/test_reference.py and
+tests/test_outputs_reference.py fail when a committed page differs from what the code generates.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ from typing import Any, Iterator
 from fedsim import config
 from fedsim.config import ExperimentConfig
 from fedsim.output import atomic_write_text
+from fedsim.run_files import outputs_reference
 
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+PAGE = DOCS / "configuration.md"
+OUTPUTS_PAGE = DOCS / "outputs.md"
+COMMANDS_PAGE = DOCS / "commands.md"
 RULE_SOURCES = (Path(config.__file__), Path(__file__).with_name("validation.py"))
 RANGES = {"> 0": config.POSITIVE, ">= 0": config.NON_NEGATIVE, "in [0, 1]": config.UNIT_INTERVAL}
 HEADER = """# Configuration reference
@@ -175,14 +181,21 @@ def _prose(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fedsim.reference",
-                                     description="Print the configuration reference (Markdown).")
-    parser.add_argument("--write", action="store_true", help=f"write it to {PAGE} instead")
-    if parser.parse_args(argv).write:
-        atomic_write_text(PAGE, configuration_reference())
-    else:
-        print(configuration_reference(), end="")
+    from fedsim.commands_reference import commands_reference
 
+    pages = {"configuration": (PAGE, configuration_reference), "outputs": (OUTPUTS_PAGE, outputs_reference),
+             "commands": (COMMANDS_PAGE, commands_reference)}
+    parser = argparse.ArgumentParser(prog="python -m fedsim.reference",
+                                     description="Print a reference page (Markdown), or write them all to docs/.")
+    parser.add_argument("--page", choices=list(pages), default="configuration", help="the page to print")
+    parser.add_argument("--write", action="store_true",
+                        help="write every page instead: docs/configuration.md, docs/outputs.md, docs/commands.md")
+    args = parser.parse_args(argv)
+    if args.write:
+        for path, generate in pages.values():
+            atomic_write_text(path, generate())
+    else:
+        print(pages[args.page][1](), end="")
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ from fedsim.models.loading import load_model
 from fedsim.output import read_metrics
 
 from conftest import run_killed_while_checkpointing, small_config
+from outputs_check import check_run_dir
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +58,7 @@ def test_sync_result_does_not_depend_on_worker_count(ray_cluster, tmp_path, work
     assert all("simulated_seconds" in r for r in read_metrics(tmp_path / "ray" / "run"))
     assert len(summary["workers"]) == workers and 0 < summary["busy_fraction"] <= 1
     assert all(0 < w["busy_fraction"] <= 1 and w["busy_seconds"] > 0 for w in summary["workers"])
+    check_run_dir(tmp_path / "ray" / "run")  # what docs/outputs.md says a Ray run writes
 
 
 @pytest.mark.parametrize("clients_per_batch", [1, 2])
@@ -74,6 +76,7 @@ def test_async_fedbuff_matches_the_reference(ray_cluster, tmp_path, clients_per_
     histogram = summary["staleness"]["histogram"]
     assert sum(histogram.values()) == summary["client_updates"] + summary["stale_updates"] >= 8
     assert any(int(s) > 0 for s in histogram)  # with 3 in flight and a buffer of 2, some updates are stale
+    check_run_dir(tmp_path / "ray" / "run")  # what docs/outputs.md says a Ray run writes
 
 
 @pytest.mark.parametrize("axes", [

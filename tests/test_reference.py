@@ -12,7 +12,10 @@ import pytest
 
 from fedsim import config, reference
 from fedsim.config import ConfigError, ExperimentConfig, check_values
+from fedsim.cli import build_parser
+from fedsim.commands_reference import COMMANDS, _main_of, captured_parser, commands_reference, subcommands
 from fedsim.reference import KeyRules, configuration_reference, section_markdown
+from fedsim.run_files import outputs_reference
 
 from conftest import REPO
 
@@ -122,10 +125,25 @@ def test_comments_and_defaults_reach_the_page():
     assert commented["description"] == "counted after assembly how many parts"
 
 
-def test_write_replaces_the_page(tmp_path, monkeypatch):
-    page = tmp_path / "configuration.md"
-    page.write_text("stale")
-    monkeypatch.setattr(reference, "PAGE", page)
+def test_write_replaces_every_page(tmp_path, monkeypatch):
+    for name in ("PAGE", "OUTPUTS_PAGE", "COMMANDS_PAGE"):
+        monkeypatch.setattr(reference, name, tmp_path / getattr(reference, name).name)
+    (tmp_path / "configuration.md").write_text("stale")
     reference.main(["--write"])
-    assert page.read_text() == PAGE_TEXT
-    assert [p.name for p in tmp_path.iterdir()] == ["configuration.md"]  # no temporary file left behind
+    assert (tmp_path / "configuration.md").read_text() == PAGE_TEXT
+    assert (tmp_path / "outputs.md").read_text() == outputs_reference()
+    assert (tmp_path / "commands.md").read_text() == commands_reference()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["commands.md", "configuration.md", "outputs.md"]  # no temporary file left
+
+
+def test_the_command_page_is_current_and_names_every_option():
+    page = commands_reference()
+    assert (REPO / "docs" / "commands.md").read_text() == page, (
+        "docs/commands.md differs from the code: run python -m fedsim.reference --write")
+    tops = [build_parser(), *(captured_parser(prog, _main_of(module)) for prog, module in COMMANDS)]
+    for parser in [*tops, *(sub for top in tops for sub in subcommands(top).values())]:
+        assert f"## `{parser.prog}`" in page
+        for action in parser._actions:
+            for flag in action.option_strings:
+                assert re.search(rf"(^|[\s\[,]){re.escape(flag)}\b", page, re.M), f"{parser.prog} {flag} missing"
+    assert "/work/" not in page and str(REPO) not in page  # nothing of the machine that generated it
