@@ -151,8 +151,8 @@ def _report(args: argparse.Namespace) -> int:
     from fedsim.report import write_report
 
     try:
-        page = write_report(Path(args.path), args.metric, Path(args.out) if args.out else None)
-    except ValueError as err:  # a --metric the runs never evaluated
+        page = write_report(Path(args.path), args.metric, Path(args.out) if args.out else None, args.chance)
+    except ValueError as err:  # a --metric the runs never evaluated, a --chance that is no fraction
         raise ConfigError(str(err)) from None
     print(f"report: {page}")
     return 0
@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--metric", help="evaluation metric to plot (default: the runs' headline metric, else the "
                                           "first of accuracy, macro_f1, token_f1 they evaluated)")
     report.add_argument("--out", help="folder for the figures and index.html (default RUN_OR_SWEEP_DIR/report)")
+    report.add_argument("--chance", type=float, help="chance level of the metric as a fraction (0.25: 4 options), "
+                                                     "drawn as a line; for runs whose summary.json predates "
+                                                     "chance_metrics (it wins over what runs recorded)")
     report.set_defaults(func=_report)
     return parser
 

@@ -5,11 +5,16 @@ its swept values); for every numeric swept key, the final metric and seconds per
 asynchronous runs, the staleness histogram; for runs evaluated with ``eval.ablations``, the metric with
 both modalities and with each one removed. Runs still in progress are drawn from their metrics.jsonl.
 The default metric is the runs' ``headline_metric`` (summary.json), else the first of PREFERRED_METRICS.
+
+Metrics that are fractions (FRACTION_METRICS) are drawn in percent, with a dash-dot line at their chance level:
+the runs' ``chance_metrics`` (summary.json, fedsim.chance), or ``chance`` for runs written before it was
+recorded. The x axis is the round of synchronous runs and the global version of asynchronous ones.
 """
 
 from __future__ import annotations
 
 import html
+import io
 import json
 import logging
 import math
@@ -21,14 +26,20 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedsim.evaluation import ABLATIONS  # noqa: E402
-from fedsim.output import atomic_write_text, read_metrics  # noqa: E402
+from fedsim.output import atomic_write_bytes, atomic_write_text, read_metrics  # noqa: E402
 from fedsim.sweep import MANIFEST, short_key  # noqa: E402
 
 PREFERRED_METRICS = ("accuracy", "macro_f1", "token_f1")
 ABLATION_STYLES = ("--", ":")  # line styles of the ablations, in ABLATIONS order; the full metric is solid
+# What fedsim.evaluation reports that lies in [0, 1], by name less any source or ablation prefix: drawn in %.
+FRACTION_METRICS = frozenset({"accuracy", "macro_f1", "roc_auc", "token_f1", "closed_accuracy", "open_accuracy",
+                              "open_token_f1"})
+STEP_NAMES = {"sync": "round", "async": "global version"}  # what the x axis counts, by summary.json's mode
+LAYOUT = "constrained"  # laid out when written, so that drawing a figure (as the tests do) costs no text layout
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +128,90 @@ def pick_metric(runs: list[RunData], metric: Optional[str]) -> str:
     return metric
 
 
+def is_fraction(metric: str) -> bool:
+    return metric.split("/")[-1] in FRACTION_METRICS
+
+
+def check_chance(chance: Optional[float], metric: Optional[str]) -> None:
+    """A ``--chance`` is a fraction, for a metric that is one (ValueError naming the problem)."""
+    if chance is None:
+        return
+    if not 0 <= chance <= 1:
+        raise ValueError(f"--chance {chance:g} is not a fraction in [0, 1] (a chance level of 25% is 0.25)")
+    if metric is not None and not is_fraction(metric):
+        raise ValueError(f"--chance applies to metrics that are fractions ({', '.join(sorted(FRACTION_METRICS))}), "
+                         f"not to {metric!r}")
+
+
+def recorded_chance(runs: list[RunData], metric: str) -> Optional[float]:
+    """The chance level of ``metric`` that the finished runs recorded (summary.json's ``chance_metrics``; an
+    ablated metric has the full one's), when they agree; None when no run recorded one (runs written before
+    the field, metrics without a chance level) or they differ."""
+    prefix, _, rest = metric.partition("/")
+    key = rest if prefix in ABLATIONS else metric
+    levels = {run.summary["chance_metrics"][key] for run in runs
+              if run.summary and key in run.summary.get("chance_metrics", {})}
+    if len(levels) > 1:
+        log.warning("the runs record different chance levels of %s (%s); drawing none (use --chance)", metric,
+                    sorted(levels))
+        return None
+    return next(iter(levels), None)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The plotted metric: a fraction is drawn in percent, with a line at its chance level when known."""
+
+    name: str
+    chance: Optional[float] = None  # as a fraction, like the recorded values
+
+    @property
+    def scale(self) -> float:
+        """Drawn value per recorded value."""
+        return 100.0 if is_fraction(self.name) else 1.0
+
+    def axis_label(self, what: str) -> str:
+        """``test accuracy (%)`` for ``what="test"``."""
+        return f"{what} {self.name}" + (" (%)" if self.scale == 100 else "")
+
+    def draw_chance(self, ax) -> None:
+        if self.chance is not None:
+            level = self.chance * self.scale
+            ax.axhline(level, color="0.45", linestyle="-.", linewidth=1.2, zorder=1.5,
+                       label=f"chance ({level:.3g}{'%' if self.scale == 100 else ''})")
+
+
+def plotted_metric(runs: list[RunData], metric: Optional[str], chance: Optional[float]) -> Metric:
+    """``metric`` (None: the default) with ``chance`` as its chance level, else the one the runs recorded."""
+    name = pick_metric(runs, metric)
+    check_chance(chance, name)
+    return Metric(name, chance if chance is not None else recorded_chance(runs, name))
+
+
+def step_name(runs: list[RunData]) -> str:
+    """What a metric-per-step axis counts: ``round`` for synchronous runs, ``global version`` for asynchronous
+    ones, both when the runs mix the two or a run in progress has not said yet (summary.json holds the mode)."""
+    names = {STEP_NAMES.get((run.summary or {}).get("mode")) for run in runs}
+    return names.pop() if len(names) == 1 and None not in names else "round / global version"
+
+
 # ------------------------------------------------------------------------------------------------ figures
+@dataclass
+class Drawn:
+    """A figure drawn but not yet written: its file name, its caption on the page and the matplotlib figure,
+    whose axes a test can read back."""
+
+    name: str
+    caption: str
+    figure: Figure
+
+    def write(self, out_dir: Path) -> None:
+        buffer = io.BytesIO()
+        self.figure.savefig(buffer, format="png")
+        plt.close(self.figure)
+        atomic_write_bytes(out_dir / self.name, buffer.getvalue())
+
+
 def _time_unit(seconds: float) -> tuple[float, str]:
     return next(((scale, unit) for scale, unit in ((3600.0, "h"), (60.0, "min")) if seconds >= 3 * scale), (1.0, "s"))
 
@@ -128,42 +222,42 @@ def _byte_unit(nbytes: float) -> tuple[float, str]:
 
 
 def _new_axes(title: str, xlabel: str, ylabel: str, width: float = 6.4):
-    fig, ax = plt.subplots(figsize=(width, 4.0), dpi=110)
+    fig, ax = plt.subplots(figsize=(width, 4.0), dpi=110, layout=LAYOUT)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     return fig, ax
 
 
-def _save(fig, out_dir: Path, name: str, legend_ax=None) -> str:
+def _finish(fig, name: str, caption: str, legend_ax=None) -> Drawn:
     if legend_ax is not None and legend_ax.get_legend_handles_labels()[0]:
         legend_ax.legend(fontsize="small", loc="best")
-    fig.tight_layout()
-    fig.savefig(out_dir / name)
-    plt.close(fig)
-    return name
+    return Drawn(name, caption, fig)
 
 
-def plot_curves(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[str, str]]:
-    """Metric against round, simulated time and bytes: (file, caption) for each figure."""
-    curves = {run.label: run.curve(metric) for run in runs}
+def plot_curves(runs: list[RunData], metric: Metric) -> list[Drawn]:
+    """Metric against step (round or global version), simulated time and bytes."""
+    curves = {run.label: run.curve(metric.name) for run in runs}
     longest_s = max((p[1] for c in curves.values() for p in c), default=0.0)
     most_bytes = max((p[2] for c in curves.values() for p in c), default=0.0)
     (t_scale, t_unit), (b_scale, b_unit) = _time_unit(longest_s), _byte_unit(most_bytes)
+    step = step_name(runs)
     axes: list[tuple[str, str, int, float, str]] = [
-        ("round", "round (asynchronous: global version)", 0, 1.0, "metric_vs_round.png"),
+        (step, step, 0, 1.0, "metric_vs_round.png"),
         ("simulated time", f"simulated time ({t_unit})", 1, t_scale, "metric_vs_simulated_time.png"),
         ("communication", f"bytes communicated, up + down ({b_unit})", 2, b_scale, "metric_vs_bytes.png"),
     ]
     figures = []
     for what, xlabel, index, scale, name in axes:
-        fig, ax = _new_axes(f"test {metric} vs {what}", xlabel, f"test {metric}")
+        fig, ax = _new_axes(f"test {metric.name} vs {what}", xlabel, metric.axis_label("test"))
         for label, curve in curves.items():
             if curve:
-                ax.plot([p[index] / scale for p in curve], [p[3] for p in curve], marker="o", ms=3, label=label)
+                ax.plot([p[index] / scale for p in curve], [p[3] * metric.scale for p in curve], marker="o", ms=3,
+                        label=label)
+        metric.draw_chance(ax)
         if index == 0:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        figures.append((_save(fig, out_dir, name, ax), f"Test {metric} against {what}, one line per run "
-                                                       "(the first point is the zero-shot model)."))
+        figures.append(_finish(fig, name, f"Test {metric.name} against {what}, one line per run (the first point is "
+                                          "the zero-shot model).", ax))
     return figures
 
 
@@ -180,12 +274,12 @@ def _spans_decades(xs: list[float]) -> bool:
     return min(xs) > 0 and max(xs) / min(xs) >= 100
 
 
-def plot_scaling(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[str, str]]:
+def plot_scaling(runs: list[RunData], metric: Metric) -> list[Drawn]:
     """For each numeric swept key: final metric, simulated and wall seconds per round against its value."""
     finished = [r for r in runs if r.finished]
     keys = list(finished[0].values) if finished else []
     panels: list[tuple[str, Callable[[RunData], float]]] = [
-        (f"final test {metric}", lambda r: r.final(metric)),
+        (metric.axis_label("final test"), lambda r: r.final(metric.name) * metric.scale),
         ("simulated seconds per round", lambda r: r.summary["simulated_seconds"] / max(r.summary["rounds"], 1)),
         ("training seconds per round (wall clock)", lambda r: r.summary["train_seconds"] / max(r.summary["rounds"], 1)),
     ]
@@ -198,24 +292,25 @@ def plot_scaling(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[
         for x, run in zip(xs, finished):
             rest = legend_label({k: v for k, v in run.values.items() if k != key})
             groups.setdefault(rest, []).append((x, run))
-        fig, axs = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), dpi=110)
+        fig, axs = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), dpi=110, layout=LAYOUT)
         short = short_key(key)
         xscale = "log" if _spans_decades(xs) else "linear"
         for ax, (ylabel, value_of) in zip(axs, panels):
             for rest, members in groups.items():
                 members.sort(key=lambda item: item[0])
                 ax.plot([x for x, _ in members], [value_of(r) for _, r in members], marker="o", label=rest or None)
-            ax.set(title=f"{ylabel} vs {short}", xlabel=key, ylabel=ylabel, xscale=xscale)
+            ax.set(title=f"{ylabel.removesuffix(' (%)')} vs {short}", xlabel=key, ylabel=ylabel, xscale=xscale)
             if "seconds" in ylabel:  # durations from zero, so a small difference does not look like a large one
                 ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-        name = f"scaling_{short}.png"
-        figures.append((_save(fig, out_dir, name, axs[0]), f"Final test {metric}, simulated seconds and "
-                                                           f"wall-clock training seconds per round against {key}."))
+        metric.draw_chance(axs[0])
+        figures.append(_finish(fig, f"scaling_{short}.png", f"Final test {metric.name}, simulated seconds and "
+                                                           f"wall-clock training seconds per round against {key}.",
+                               axs[0]))
     return figures
 
 
-def plot_tradeoffs(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[str, str]]:
+def plot_tradeoffs(runs: list[RunData], metric: Metric) -> list[Drawn]:
     """Final metric against what a run spent, one point per run: privacy (epsilon, for runs with DP) and
     uplink bytes (for sweeps where some run compresses its updates)."""
     finished = [r for r in runs if r.finished]
@@ -226,47 +321,51 @@ def plot_tradeoffs(runs: list[RunData], metric: str, out_dir: Path) -> list[tupl
              "tradeoff_bytes.png", "compression")]
     figures = []
     for xlabel, spent, name, what in axes:
-        points = [(spent(r), r.final(metric), r.label) for r in finished]
+        points = [(spent(r), r.final(metric.name) * metric.scale, r.label) for r in finished]
         points = [p for p in points if p[0] is not None and math.isfinite(p[0])]
         if len(points) < 2:
             continue
-        fig, ax = _new_axes(f"final test {metric} vs {xlabel}", xlabel, f"final test {metric}")
+        fig, ax = _new_axes(f"final test {metric.name} vs {xlabel}", xlabel, metric.axis_label("final test"))
         for x, y, label in sorted(points):
             ax.plot([x], [y], marker="o", linestyle="", label=label)
+        metric.draw_chance(ax)
         if _spans_decades([x for x, _, _ in points]):  # epsilons
             ax.set_xscale("log")
-        figures.append((_save(fig, out_dir, name, ax), f"Final test {metric} against {xlabel}, one point per run "
-                                                       f"({what})."))
+        figures.append(_finish(fig, name, f"Final test {metric.name} against {xlabel}, one point per run ({what}).",
+                               ax))
     return figures
 
 
 ATTACK_SHARE = "attack.fraction"
 
 
-def plot_robustness(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[str, str]]:
+def plot_robustness(runs: list[RunData], metric: Metric) -> list[Drawn]:
     """For a sweep over the share of attacking clients: the final metric against it, a panel per attack kind
     and a line per the other swept values (the aggregation rule, in the robustness study)."""
     finished = [r for r in runs if r.finished and ATTACK_SHARE in r.values]
     if len({r.values[ATTACK_SHARE] for r in finished}) < 2:
         return []
     kinds = list(dict.fromkeys(r.values.get("attack.kind", "") for r in finished))
-    fig, axs = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.8), dpi=110, squeeze=False, sharey=True)
+    fig, axs = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.8), dpi=110, squeeze=False, sharey=True,
+                            layout=LAYOUT)
     for ax, kind in zip(axs[0], kinds):
         lines: dict[str, list[tuple[float, float]]] = {}
         for run in finished:
             if run.values.get("attack.kind", "") == kind:
                 rest = legend_label({k: v for k, v in run.values.items() if k not in (ATTACK_SHARE, "attack.kind")})
-                lines.setdefault(rest, []).append((float(run.values[ATTACK_SHARE]), run.final(metric)))
+                lines.setdefault(rest, []).append((float(run.values[ATTACK_SHARE]),
+                                                   run.final(metric.name) * metric.scale))
         for rest, points in lines.items():
             points.sort()
             ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=rest or None)
-        ax.set(title=kind or "attack", xlabel="share of attacking clients", ylabel=f"final test {metric}")
+        metric.draw_chance(ax)
+        ax.set(title=kind or "attack", xlabel="share of attacking clients", ylabel=metric.axis_label("final test"))
         ax.grid(alpha=0.3)
-    return [(_save(fig, out_dir, "robustness.png", axs[0][0]),
-             f"Final test {metric} against the share of attacking clients, a panel per attack.")]
+    return [_finish(fig, "robustness.png", f"Final test {metric.name} against the share of attacking clients, "
+                                           "a panel per attack.", axs[0][0])]
 
 
-def plot_staleness(runs: list[RunData], out_dir: Path) -> list[tuple[str, str]]:
+def plot_staleness(runs: list[RunData]) -> list[Drawn]:
     async_runs = [r for r in runs if r.finished and r.summary["mode"] == "async"]
     if not async_runs:
         return []
@@ -279,14 +378,15 @@ def plot_staleness(runs: list[RunData], out_dir: Path) -> list[tuple[str, str]]:
         total = sum(hist.values()) or 1
         ax.bar([s - 0.4 + width * (i + 0.5) for s in hist], [n / total for n in hist.values()], width=width,
                label=f"{run.label} (mean {run.summary['staleness']['mean']:.2f})")
-    return [(_save(fig, out_dir, "staleness.png", ax), "How many versions behind each asynchronous update was "
-                                                        "when it reached the server.")]
+    return [_finish(fig, "staleness.png", "How many versions behind each asynchronous update was when it reached "
+                                          "the server.", ax)]
 
 
-def plot_modality_contribution(runs: list[RunData], metric: str, out_dir: Path) -> list[tuple[str, str]]:
-    """Per run evaluated with ablations, one panel: the metric over rounds with both modalities (full)
+def plot_modality_contribution(runs: list[RunData], metric: Metric) -> list[Drawn]:
+    """Per run evaluated with ablations, one panel: the metric over its steps with both modalities (full)
     and with each ablation's modality removed."""
-    variants = [("full", metric, "-"), *((a, f"{a}/{metric}", style) for a, style in zip(ABLATIONS, ABLATION_STYLES))]
+    variants = [("full", metric.name, "-"),
+                *((a, f"{a}/{metric.name}", style) for a, style in zip(ABLATIONS, ABLATION_STYLES))]
     panels = [(run, [run.curve(key) for _, key, _ in variants]) for run in runs]
     panels = [(run, curves) for run, curves in panels if any(curves[1:])]
     if not panels:
@@ -294,34 +394,38 @@ def plot_modality_contribution(runs: list[RunData], metric: str, out_dir: Path) 
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     size = (6.4, 4.0) if len(panels) == 1 else (4.2 * cols, 3.3 * rows)  # one panel: as large as the other figures
-    fig, axs = plt.subplots(rows, cols, figsize=size, dpi=110, sharey=True, squeeze=False)
+    fig, axs = plt.subplots(rows, cols, figsize=size, dpi=110, sharey=True, squeeze=False, layout=LAYOUT)
     for i, (ax, (run, curves)) in enumerate(zip(axs.flat, panels)):
         for (name, _, style), curve, color in zip(variants, curves, ("C0", "C1", "C2")):
             if curve:
-                ax.plot([p[0] for p in curve], [p[3] for p in curve], linestyle=style, color=color, marker="o", ms=3,
-                        label=name)
-        ax.set(xlabel="round (asynchronous: global version)", ylabel=f"test {metric}" if i % cols == 0 else "")
+                ax.plot([p[0] for p in curve], [p[3] * metric.scale for p in curve], linestyle=style, color=color,
+                        marker="o", ms=3, label=name)
+        metric.draw_chance(ax)
+        ax.set(xlabel=step_name([run]), ylabel=metric.axis_label("test") if i % cols == 0 else "")
         ax.set_title(run.label, fontsize="small")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in axs.flat[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"test {metric} with a modality removed")
-    return [(_save(fig, out_dir, "modality_contribution.png", axs.flat[0]),
-             f"Test {metric} against round, one panel per run: with both modalities (full, solid), without images "
-             "(no_image, dashed) and without text (no_text, dotted); the gap below full is what the removed modality "
-             "contributes.")]
+    fig.suptitle(f"test {metric.name} with a modality removed")
+    step = step_name(runs)
+    return [_finish(fig, "modality_contribution.png",
+                    f"Test {metric.name} against {step}, one panel per run: with both modalities (full, solid), "
+                    "without images (no_image, dashed) and without text (no_text, dotted); the gap below full is "
+                    "what the removed modality contributes.", axs.flat[0])]
 
 
 # ------------------------------------------------------------------------------------------------ page
-def _table(runs: list[RunData], metric: str) -> str:
+def _table(runs: list[RunData], metric: Metric) -> str:
     keys = list(dict.fromkeys(k for r in runs for k in r.values))
-    header = ["run", *keys, "status", f"final {metric}", "rounds", "simulated s", "wall s", "MB up+down", "updates"]
+    header = ["run", *keys, "status", metric.axis_label("final"), "rounds", "simulated s", "wall s", "MB up+down",
+              "updates"]
     rows = []
     for run in runs:
         s = run.summary or {}
         cells = [run.label, *(run.values.get(k, "") for k in keys), "done" if run.finished else "in progress",
-                 f"{run.final(metric):.4f}", s.get("rounds", len(run.records)),
+                 f"{run.final(metric.name) * metric.scale:.{2 if metric.scale == 100 else 4}f}",
+                 s.get("rounds", len(run.records)),
                  f"{s['simulated_seconds']:.1f}" if s else "", f"{s['wall_seconds']:.1f}" if s else "",
                  f"{(s['bytes_up'] + s['bytes_down']) / 1e6:.2f}" if s else "", s.get("client_updates", "")]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
@@ -334,21 +438,30 @@ STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#22
          "th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:0.9em}")
 
 
-def write_report(path: Path, metric: Optional[str] = None, out: Optional[Path] = None) -> Path:
-    """Write the PNGs and ``index.html`` into ``out`` (default PATH/report/); returns the HTML page."""
+def draw_figures(runs: list[RunData], metric: Metric) -> list[Drawn]:
+    return (plot_curves(runs, metric) + plot_modality_contribution(runs, metric) + plot_scaling(runs, metric)
+            + plot_tradeoffs(runs, metric) + plot_robustness(runs, metric) + plot_staleness(runs))
+
+
+def write_report(path: Path, metric: Optional[str] = None, out: Optional[Path] = None,
+                 chance: Optional[float] = None) -> Path:
+    """Write the PNGs and ``index.html`` into ``out`` (default PATH/report/); returns the HTML page.
+    ``chance``: the metric's chance level as a fraction, for runs that did not record it (it wins over theirs)."""
+    check_chance(chance, metric)
     runs = load_runs(path)
-    metric = pick_metric(runs, metric)
+    plotted = plotted_metric(runs, metric, chance)
     out = out or path / "report"
     out.mkdir(parents=True, exist_ok=True)
-    figures = (plot_curves(runs, metric, out) + plot_modality_contribution(runs, metric, out)
-               + plot_scaling(runs, metric, out) + plot_tradeoffs(runs, metric, out)
-               + plot_robustness(runs, metric, out) + plot_staleness(runs, out))
-    body = "".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
-                   f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in figures)
+    figures = draw_figures(runs, plotted)
+    for figure in figures:
+        figure.write(out)
+    body = "".join(f'<figure><img src="{html.escape(f.name)}" alt="{html.escape(f.caption)}">'
+                   f"<figcaption>{html.escape(f.caption)}</figcaption></figure>" for f in figures)
+    chance_text = f"; chance level: {plotted.chance * plotted.scale:.3g}%" if plotted.chance is not None else ""
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fedsim report: {html.escape(path.name)}"
             f"</title><style>{STYLE}</style></head><body><h1>fedsim report: {html.escape(path.name)}</h1>"
-            f"<p>{len(runs)} run(s) from <code>{html.escape(str(path))}</code>; metric: {html.escape(metric)}.</p>"
-            f"{_table(runs, metric)}{body}</body></html>")
+            f"<p>{len(runs)} run(s) from <code>{html.escape(str(path))}</code>; metric: {html.escape(plotted.name)}"
+            f"{html.escape(chance_text)}.</p>{_table(runs, plotted)}{body}</body></html>")
     index = out / "index.html"
     atomic_write_text(index, page)
     return index

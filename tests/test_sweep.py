@@ -337,3 +337,97 @@ def test_studies_and_their_gpu_twins_differ_only_in_values(study):
         sweep = Sweep.plan([str(path)], [], [], None)  # every point's config is valid
         assert len(sweep.points()) >= 2
     assert cpu_yaml["model"]["name"] == "tiny"
+
+
+# ------------------------------------------------------------------------- figures: percent, chance, round/version
+def metric_lines(ax):
+    """An axes' lines by label: (x data, y data)."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def test_report_draws_fractions_in_percent_with_the_chance_line_over_rounds_or_versions(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from fedsim.report import Metric, check_chance, draw_figures, load_runs, plot_curves, plotted_metric
+
+    sweep_dir = tmp_path / "sweep"
+    grid = [{"attack.fraction": share, "seed": seed} for share in ("0.0", "0.2") for seed in ("1", "2")]
+    manifest = [{"label": f"fraction={v['attack.fraction']}-seed={v['seed']}", "values": v} for v in grid]
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.json").write_text(json.dumps({"runs": manifest}))
+    for run in manifest:  # seed 2 runs asynchronously: the figures over steps mix rounds and versions
+        write_run(sweep_dir / run["label"], [with_ablations(a) for a in (0.3, 0.6)],
+                  mode="async" if run["values"]["seed"] == "2" else "sync", chance_metrics={"accuracy": 0.25},
+                  staleness={"histogram": {"0": 1, "1": 1}, "mean": 0.5},
+                  privacy={"epsilon": 1.0 + float(run["values"]["attack.fraction"])})
+    runs = load_runs(sweep_dir)
+    metric = plotted_metric(runs, None, None)
+    assert metric == Metric("accuracy", 0.25)  # the level the runs recorded
+    figures = draw_figures(runs, metric)
+    try:
+        drawn = {f.name: f.figure.axes for f in figures}
+        labelled = [*(drawn[name][0] for name in ("metric_vs_round.png", "metric_vs_simulated_time.png",
+                                                 "metric_vs_bytes.png", "scaling_seed.png", "tradeoff_epsilon.png",
+                                                 "robustness.png"))]
+        modality = drawn["modality_contribution.png"][:4]  # 4 panels in rows of 3, the y label on the first column
+        for ax in labelled + modality:
+            assert metric_lines(ax)["chance (25%)"][1] == [25.0, 25.0], ax.get_title()  # at 100 x chance
+        for ax in labelled + [modality[0], modality[3]]:
+            assert "%" in ax.get_ylabel(), ax.get_title()
+        assert metric_lines(drawn["metric_vs_round.png"][0])["fraction=0.0, seed=1"] == ([0, 1], [30.0, 60.0])
+        assert metric_lines(drawn["modality_contribution.png"][0])["no_image"][1] == [15.0, 30.0]
+        assert metric_lines(drawn["robustness.png"][0])["seed=1"][1] == [60.0, 60.0]  # final accuracy, x100
+        seconds = drawn["scaling_seed.png"][1]  # seconds stay seconds, with no chance line
+        assert "%" not in seconds.get_ylabel() and [y for _, y in metric_lines(seconds).values()] == [[10.0, 10.0]] * 2
+        assert drawn["metric_vs_round.png"][0].get_xlabel() == "round / global version"
+        assert [ax.get_xlabel() for ax in modality] == ["round", "global version", "round", "global version"]
+    finally:
+        for figure in figures:
+            plt.close(figure.figure)
+
+    lone_async = load_runs(sweep_dir / "fraction=0.0-seed=2")
+    older = tmp_path / "older"  # written before summary.json had chance_metrics
+    write_run(older, [{"accuracy": a, "macro_f1": a} for a in (0.3, 0.6)])
+    older_runs = load_runs(older)
+    assert plotted_metric(older_runs, None, None) == Metric("accuracy", None)  # no line
+    assert plotted_metric(older_runs, "macro_f1", 0.2) == Metric("macro_f1", 0.2)  # --chance
+    figures = plot_curves(lone_async, Metric("accuracy")) + plot_curves(older_runs, Metric("accuracy"))
+    try:
+        assert figures[0].figure.axes[0].get_xlabel() == "global version"
+        by_round = figures[3].figure.axes[0]
+        assert by_round.get_xlabel() == "round" and not any("chance" in label for label in metric_lines(by_round))
+    finally:
+        for figure in figures:
+            plt.close(figure.figure)
+    with pytest.raises(ValueError, match="fractions"):
+        check_chance(0.25, "train_loss")
+    assert main(["report", str(older), "--chance", "25"]) == 2  # refused before anything is drawn
+    assert not (older / "report").exists()
+
+
+@pytest.mark.slow
+def test_a_run_records_the_chance_level_of_its_task_and_its_report_draws_it(tmp_path):
+    import matplotlib.pyplot as plt
+    from conftest import small_config
+
+    from fedsim.engine.sequential import run_sequential
+    from fedsim.report import load_runs, plot_curves, plotted_metric
+
+    cfg = small_config(tmp_path, "data.num_train=40", "data.num_test=8", "partition.num_clients=2",
+                       "federation.clients_per_round=2", "federation.rounds=1", "runtime.engine=sequential")
+    summary = run_sequential(cfg, tmp_path / "run")
+    # 4 options: 1/4, whatever 8 drawn labels' majority; macro_f1 has no chance level
+    assert summary["chance_metrics"] == {"accuracy": 0.25}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["chance_metrics"] == {"accuracy": 0.25}
+    runs = load_runs(tmp_path / "run")
+    figures = plot_curves(runs, plotted_metric(runs, None, None))
+    try:
+        ax = figures[0].figure.axes[0]
+        lines = metric_lines(ax)
+        assert ax.get_xlabel() == "round" and "%" in ax.get_ylabel()
+        assert lines["chance (25%)"][1] == [25.0, 25.0]
+        assert lines[runs[0].label][1] == pytest.approx([100 * summary["zero_shot_metrics"]["accuracy"],
+                                                         100 * summary["final_metrics"]["accuracy"]])
+    finally:
+        for figure in figures:
+            plt.close(figure.figure)

@@ -6,7 +6,7 @@ aggregator and loop, with client tasks run in this process instead of on workers
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 
 from fedsim.aggregator import Aggregator, build_aggregator
 from fedsim.algorithms import ServerStrategy
+from fedsim.chance import chance_metrics
 from fedsim.client import ClientTrainer
 from fedsim.clientdata import load_client_data
 from fedsim.config import ExperimentConfig
@@ -37,6 +38,7 @@ class SequentialParts:
     shard_sizes: np.ndarray
     adapter_bytes: int
     headline_metric: str  # the metric the data's benchmark reports (DatasetSplits.metric)
+    chance_metrics: dict[str, float] = field(default_factory=dict)  # what guessing scores (fedsim.chance)
 
 
 def build_sequential(cfg: ExperimentConfig, loaded: LoadedModel | None = None) -> SequentialParts:
@@ -52,7 +54,7 @@ def build_sequential(cfg: ExperimentConfig, loaded: LoadedModel | None = None) -
     initial = get_weights(loaded.model)
     aggregator.init(initial)
     return SequentialParts(InProcessExecutor(trainer, evaluator), aggregator, strategy, shard_sizes, nbytes(initial),
-                           data.metric)
+                           data.metric, chance_metrics(cfg, data.test))
 
 
 def run_sequential(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -62,4 +64,4 @@ def run_sequential(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -
     strategy = parts.strategy
     return run_federation(cfg, run_dir, "sequential", parts.executor, parts.aggregator, parts.shard_sizes,
                           parts.adapter_bytes, strategy.personalized, strategy.asynchronous, strategy.trains, resume,
-                          headline_metric=parts.headline_metric)
+                          headline_metric=parts.headline_metric, chance_metrics=parts.chance_metrics)
