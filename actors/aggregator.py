@@ -19,6 +19,7 @@ import ray
 
 from fedsim.aggregator import Aggregator, build_aggregator
 from fedsim.config import ExperimentConfig
+from fedsim.plugins import import_plugins
 from fedsim.engine.inprocess import personalized_digest
 from fedsim.messages import ClientUpdate, NamedTensors
 from fedsim.statestore import ClientStateStore, StateManifest
@@ -32,6 +33,7 @@ class AggregatorActor:
         self.states: ClientStateStore | None = None  # once open_states() has the run directory
 
     def start(self, cfg: ExperimentConfig, initial: NamedTensors, client_sizes: Sequence[int]) -> int:
+        import_plugins(cfg.plugins)  # a user's server strategy is registered in this process too
         self.aggregator = build_aggregator(cfg, client_sizes)
         self.aggregator.init(initial)
         return self.aggregator.version

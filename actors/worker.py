@@ -24,6 +24,7 @@ import torch
 from fedsim.client import ClientTrainer, split_state
 from fedsim.engine.inprocess import batching
 from fedsim.config import ExperimentConfig
+from fedsim.plugins import import_plugins
 from fedsim.clientdata import load_client_data
 from fedsim.evaluation import BatchScores, Evaluator
 from fedsim.messages import ClientTask, NamedTensors, Published
@@ -57,6 +58,7 @@ def cap_gpu_memory(fraction: float) -> float | None:
 @ray.remote(max_restarts=WORKER_RESTARTS, max_task_retries=0)
 class ClientWorker:
     def __init__(self, cfg: ExperimentConfig, personalized: bool, index: int):
+        import_plugins(cfg.plugins)  # the user's strategies, datasets and steps, registered in this process too
         # Before anything touches the GPU: the model below must already fit in this worker's share.
         self.gpu_memory_fraction = cap_gpu_memory(cfg.runtime.gpus_per_worker)
         # Ray pins OMP_NUM_THREADS=1 in actors; give torch the cores this worker reserved.

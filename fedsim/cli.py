@@ -14,8 +14,9 @@ import datasets
 
 from fedsim import __version__
 from fedsim.checkpoint import check_checkpoint
-from fedsim.config import ConfigError, ExperimentConfig
+from fedsim.config import ConfigError, ExperimentConfig, merge_config
 from fedsim.output import default_run_dir
+from fedsim.plugins import resolved
 from fedsim.runlock import DirectoryInUse, run_lock
 from fedsim.statestore import StateStoreError
 from fedsim.validation import load_config
@@ -45,27 +46,39 @@ def _load(args: argparse.Namespace, default: Path | None = None):
     return load_config(*_split_config_args(args.config, default))
 
 
-TRUST_KEY, ADDRESS_KEY = "model.trust_remote_code", "runtime.address"
+TRUST_KEY, ADDRESS_KEY, PLUGINS_KEY = "model.trust_remote_code", "runtime.address", "plugins"
+
+
+def plugins_override(plugins: list[str]) -> str:
+    return f"{PLUGINS_KEY}={json.dumps(plugins)}"
 
 
 def _resume_config(run_dir: Path, items: list[str]) -> ExperimentConfig:
     """The config a run saved, refused when it turns on remote code that ``items`` (the command line after
     ``--resume RUN_DIR``) does not confirm with ``model.trust_remote_code=true``, and without its
-    ``runtime.address`` unless ``items`` gives one.
+    ``runtime.address`` unless ``items`` gives one, and refused when it imports plugins that ``items`` does not
+    repeat (``plugins=[...]``), before any of them is imported.
 
     A run directory may come from someone else: with remote code on, loading the model runs the Python
-    files that come with it, and a saved address points the driver at someone else's cluster.
+    files that come with it, plugins are Python code too, and a saved address points the driver at someone
+    else's cluster.
     """
-    if any(item.split("=", 1)[0] not in (TRUST_KEY, ADDRESS_KEY) for item in items):
+    if any(item.split("=", 1)[0] not in (TRUST_KEY, ADDRESS_KEY, PLUGINS_KEY) for item in items):
         raise ConfigError(f"fedsim run --resume RUN_DIR takes no config files or overrides (got {' '.join(items)}): "
                           f"the run continues with the config.yaml it saved; only {TRUST_KEY}=true may follow, "
-                          f"to confirm a saved config that runs the model's own code, and {ADDRESS_KEY}=..., "
-                          "the Ray cluster to join")
+                          f"to confirm a saved config that runs the model's own code, {PLUGINS_KEY}=[...], to "
+                          f"confirm the plugins it imports, and {ADDRESS_KEY}=..., the Ray cluster to join")
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(saved)
     given = {item.split("=", 1)[0] for item in items}
+    plugins = merge_config(saved).plugins  # not imported yet: that runs their code
+    if plugins and (PLUGINS_KEY not in given or resolved(merge_config(saved, items).plugins) != plugins):
+        raise ConfigError(
+            f"{saved} imports plugins {plugins}: resuming would run their code on this machine and on every "
+            "worker. A run directory may come from someone else; if you trust them, say so: fedsim run --resume "
+            f"{run_dir} '{plugins_override(plugins)}'")
+    cfg = load_config(saved)
     confirmed = load_config(saved, items)  # the command line's values, parsed as any override is
     trusted = TRUST_KEY in given and confirmed.model.trust_remote_code
     if cfg.model.trust_remote_code and not trusted:
@@ -87,6 +100,7 @@ def resume_overrides(cfg: ExperimentConfig) -> list[str]:
     """What ``fedsim run --resume`` needs after RUN_DIR to continue a run of ``cfg`` as ``cfg`` asks: the
     confirmations of the saved values it does not trust on its own."""
     return ([f"{TRUST_KEY}=true"] if cfg.model.trust_remote_code else []) + \
+        ([plugins_override(cfg.plugins)] if cfg.plugins else []) + \
         ([f"{ADDRESS_KEY}={cfg.runtime.address}"] if cfg.runtime.address else [])
 
 

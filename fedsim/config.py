@@ -349,6 +349,10 @@ class OutputConfig:
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
+    # Your own modules (server or client strategies, datasets, scenario steps, trackers: docs/extending.md),
+    # imported in every process of the run before the config is checked: module names importable there, or
+    # paths of .py files (made absolute when the config loads).
+    plugins: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)

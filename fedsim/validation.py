@@ -16,6 +16,7 @@ from fedsim.algorithms import CLIENT_STRATEGIES, SERVER_STRATEGIES, RobustStrate
 from fedsim.algorithms.server import AdaptiveServer
 from fedsim.config import ConfigError, ExperimentConfig, check_choice, check_values, fail, merge_config
 from fedsim.data import DATASETS, check_data_source
+from fedsim.plugins import import_plugins, resolved
 from fedsim.scenarios import check_scenarios
 from fedsim.scheduler import check_scheduler_config
 from fedsim.trackers import TRACKERS
@@ -27,6 +28,8 @@ def load_config(path: str | Path | Sequence[str | Path] | None = None,
     schema, validate, and return typed dataclasses. Without a ``name`` key in any file, the experiment is
     named after the files' stems joined by '-'."""
     cfg = merge_config(path, overrides)
+    cfg.plugins = resolved(cfg.plugins)
+    import_plugins(cfg.plugins)  # before the checks: the config may name the classes they register
     validate(cfg)
     return cfg
 
