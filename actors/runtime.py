@@ -13,7 +13,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.executor import RayExecutor, RemoteAggregator, ServerLost
 from actors.local_ray import reload_ray_auth, start_local_ray, stop_local_ray
 from fedsim.algorithms import SERVER_STRATEGIES
+from fedsim.chance import chance_metrics
 from fedsim.checkpoint import check_checkpoint
+from fedsim.plugins import import_plugins
 from fedsim.config import ConfigError, ExperimentConfig
 from fedsim.engine.loop import run_federation
 from fedsim.clientdata import load_client_data
@@ -53,6 +55,7 @@ DATA_CHECK_TIMEOUT_S = 120.0  # the check reads a few files: a node that cannot 
 @ray.remote(num_cpus=0)
 def _data_problem_here(cfg: ExperimentConfig) -> str | None:
     try:
+        import_plugins(cfg.plugins)  # a user's dataset adapter checks its own files
         check_data(cfg)
     except ConfigError as err:
         return str(err)
@@ -75,7 +78,7 @@ def check_data_on_nodes(cfg: ExperimentConfig) -> None:
                 for n, problem in zip(nodes, answers) if problem]
     if problems:
         raise RuntimeError("the run's data cannot be read on every node that may run a worker; put it on storage "
-                           "they all read (cluster/README.md, Data on clusters):\n  " + "\n  ".join(problems))
+                           "they all read (docs/clusters.md, Data on clusters):\n  " + "\n  ".join(problems))
 
 
 SERVER_RECOVERIES = 3  # aggregator actors a run may lose and recreate before it gives up
@@ -98,7 +101,8 @@ def run_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[
                 aggregator = RemoteAggregator(executor.server, cfg, initial, shard_sizes)
                 return run_federation(cfg, run_dir, "ray", executor, aggregator, shard_sizes,
                                       nbytes(initial), strategy_cls.personalized, strategy_cls.asynchronous,
-                                      strategy_cls.trains, resume, headline_metric=data.metric)
+                                      strategy_cls.trains, resume, headline_metric=data.metric,
+                                      chance_metrics=chance_metrics(cfg, data.test))
             except ServerLost as lost:
                 resume = recover_from(lost, cfg, run_dir, executor)
     finally:

@@ -15,7 +15,7 @@ growth per registered client well under 1 KB), and plots the curves. ``--scaffol
 disk-backed state store) at N beside FedAvg at N, then kills a SCAFFOLD run once its first checkpoint is
 written, resumes it and checks that it ends on the uninterrupted run's ``adapter_sha256``.
 
-    python experiments/bench_scaling.py --out experiments/figures/scaling.png --scaffold 100000
+    python experiments/bench_scaling.py --out docs/figures/scaling.png --scaffold 100000
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ code under test reporting it; runs that report ``busy_fraction`` in their summar
 the same torch thread count per training process, so the comparison measures the runtime, not threads.
 
     python experiments/bench_throughput.py --clients 200 --per-round 20 --steps 5 --rounds 3
-    # clients trained together: B = 1, 2, 4, 8, 16 on both engines (the figures in the README)
+    # clients trained together: B = 1, 2, 4, 8, 16 on both engines (the figures in docs/results.md)
     python experiments/bench_throughput.py --clients 200 --per-round 20 --steps 2 --batch-size 4 --rounds 5 \\
         --workers 2 --batch 1,2,4,8,16
     # quantity-skewed clients (task durations follow shard sizes), 2 workers, no sequential run:
