@@ -6,6 +6,7 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- fedsim run experiments/quickstart.yaml
     python cluster/local.py add-node --cpus 1 --gpus 1   # one more worker node joins (an autoscaler's stand-in)
     python cluster/local.py kill-node 1      # lose worker node 1 (its raylet and everything on it)
+    python cluster/local.py kill-node 1 --wait   # the same, returning once the cluster has marked it dead
     python cluster/local.py listeners        # every listening socket of the cluster's processes, as JSON
     python cluster/local.py stop             # stop exactly the nodes this script started
 
@@ -35,6 +36,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -75,7 +77,8 @@ def auth_env() -> dict[str, str]:
         raise SystemExit(f"local.py: RAY_AUTH_MODE={mode!r}, but this script starts clusters with token "
                          "authentication only; export RAY_AUTH_MODE=token (or unset it) and try again")
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    if not env.get("RAY_AUTH_TOKEN"):
+    token_file = Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not env.get("RAY_AUTH_TOKEN") and not (token_file.is_file() and token_file.stat().st_size):
         subprocess.run([ray_cli(), "get-auth-token", "--generate"], env=env, check=True,
                        stdout=subprocess.DEVNULL)
     return env
@@ -128,28 +131,52 @@ def _alive(pid: int) -> bool:
         return True  # no /proc to ask: it answered the signal
 
 
-_PROBE = ("import json, ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
-          "print(json.dumps([{'alive': n['Alive'], 'resources': n['Resources']} for n in ray.nodes()]))")
+POLL_S = 0.25  # between reads of the node table: one local RPC each
 
 
-def _wait_until(address: str, env: dict[str, str], timeout_s: float, done, what: str) -> None:
-    """Until ``done(nodes)`` holds for the cluster's nodes (read by a short-lived client process)."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:  # a client that cannot reach the GCS retries for minutes: bound each probe
-            probe = subprocess.run([sys.executable, "-c", _PROBE, address], env=env, capture_output=True, text=True,
-                                   timeout=max(deadline - time.time(), 5.0))
-        except subprocess.TimeoutExpired:
-            break
-        lines = probe.stdout.strip().splitlines()
-        if probe.returncode == 0 and lines and done(json.loads(lines[-1])):
+class NodeTable:
+    """The cluster's node table, read from its GCS by a client in this process (no Ray driver to start, so a
+    look costs milliseconds and the nodes starting up keep the CPU)."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.client = None
+        # The cluster takes tokens only (auth_env); Ray's client sends this process's token in this mode only.
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+    def read(self) -> list[dict] | None:
+        """Every node's liveness and resources; None while the GCS does not listen yet."""
+        from ray._raylet import GcsClient
+        from ray.core.generated.gcs_pb2 import GcsNodeInfo
+        from ray.exceptions import RpcError
+
+        try:
+            if self.client is None:
+                host, port = self.address.rsplit(":", 1)
+                # A GcsClient made before the GCS listens retries for a minute before it gives up.
+                socket.create_connection((host, int(port)), timeout=1.0).close()
+                self.client = GcsClient(address=self.address)
+            infos = self.client.get_all_node_info(timeout=10).values()
+        except (OSError, RpcError):  # not up yet, or busy: the caller asks again (a wrong token raises)
+            return None
+        return [{"alive": info.state == GcsNodeInfo.GcsNodeState.ALIVE, "resources": dict(info.resources_total)}
+                for info in infos]
+
+
+def _wait_until(address: str, timeout_s: float, done, what: str) -> None:
+    """Until ``done(nodes)`` holds for the cluster's nodes."""
+    table = NodeTable(address)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        nodes = table.read()
+        if nodes is not None and done(nodes):
             return
-        time.sleep(1.0)
-    raise SystemExit(f"the local cluster did not reach {what} in {timeout_s:.0f} s")
+        time.sleep(POLL_S)
+    raise SystemExit(f"the local cluster did not show {what} within {timeout_s:.0f} s")
 
 
-def _wait_for_nodes(address: str, count: int, env: dict[str, str], timeout_s: float) -> None:
-    _wait_until(address, env, timeout_s, lambda nodes: sum(n["alive"] for n in nodes) >= count,
+def _wait_for_nodes(address: str, count: int, timeout_s: float) -> None:
+    _wait_until(address, timeout_s, lambda nodes: sum(n["alive"] for n in nodes) >= count,
                 f"{count} live nodes")
 
 
@@ -176,7 +203,7 @@ def _add_worker(state: dict, env: dict[str, str], cpus: int, gpus: int, resource
     node = {"name": name, "pid": _start_node(args, logs / f"{name}.log", env, keep_loopback=state["loopback"])}
     state["nodes"].append(node)
     _write(state)
-    _wait_until(state["address"], env, timeout_s,
+    _wait_until(state["address"], timeout_s,
                 lambda nodes: any(n["alive"] and n["resources"].get(marker) for n in nodes), f"a live {name}")
     return node
 
@@ -209,7 +236,7 @@ def start(opts: argparse.Namespace) -> None:
         pid = _start_node(head, logs / "head.log", {**env, **head_metrics_env(opts.port)})
         state["nodes"].append({"name": "head", "pid": pid})
         _write(state)
-        _wait_for_nodes(address, 1, env, opts.timeout)
+        _wait_for_nodes(address, 1, opts.timeout)
         for _ in range(opts.workers):  # one at a time: nodes joining at once contend for the same files
             _add_worker(state, env, opts.cpus_per_node, opts.gpus_per_node, {}, opts.timeout)
     except BaseException:
@@ -250,13 +277,29 @@ def _signal_session(sid: int, sig: int) -> None:
             pass
 
 
-def _signal_node(node: dict, grace_s: float) -> None:
-    """SIGTERM the node's session (its ``ray start --block`` and the processes it started), then SIGKILL."""
-    _signal_session(node["pid"], signal.SIGTERM)
+def _terminate(node: dict) -> None:
+    """SIGTERM the node's ``ray start --block``, which stops the processes it started in Ray's own order (a
+    SIGTERM to all of them at once leaves the head's GCS hanging in its shutdown); where it is gone, SIGTERM
+    what is left of its session."""
+    pid = node["pid"]
+    try:
+        if _alive(pid) and os.getsid(pid) == pid:
+            os.kill(pid, signal.SIGTERM)
+            return
+    except ProcessLookupError:
+        pass
+    _signal_session(pid, signal.SIGTERM)
+
+
+def _stop_nodes(nodes: list[dict], grace_s: float) -> None:
+    """Terminate the nodes together, then SIGKILL whatever of their sessions is left after ``grace_s``."""
+    for node in nodes:
+        _terminate(node)
     deadline = time.time() + grace_s
-    while time.time() < deadline and (_alive(node["pid"]) or _session_members(node["pid"])):
+    while time.time() < deadline and any(_alive(n["pid"]) or _session_members(n["pid"]) for n in nodes):
         time.sleep(0.2)
-    _signal_session(node["pid"], signal.SIGKILL)
+    for node in nodes:
+        _signal_session(node["pid"], signal.SIGKILL)
 
 
 def kill_node(opts: argparse.Namespace) -> None:
@@ -265,6 +308,11 @@ def kill_node(opts: argparse.Namespace) -> None:
     if node is None:
         raise SystemExit(f"no worker{opts.index} in {STATE}")
     _signal_session(node["pid"], signal.SIGKILL)  # abrupt, as a machine that goes away
+    if opts.wait:  # Ray notices by failed health checks (RAY_health_check_* on the head set how soon)
+        marker = f"fedsim_node_{opts.index}"
+        _wait_until(state["address"], opts.timeout,
+                    lambda nodes: not any(n["alive"] and n["resources"].get(marker) for n in nodes),
+                    f"worker{opts.index} as dead")
     print(f"killed worker{opts.index} (session {node['pid']})")
 
 
@@ -292,8 +340,8 @@ def stop(opts: argparse.Namespace) -> None:
         print("no local cluster started by this script")
         return
     state = json.loads(STATE.read_text())
-    for node in reversed(state["nodes"]):  # workers first, the head last
-        _signal_node(node, opts.grace)
+    _stop_nodes([n for n in state["nodes"] if n["name"] != "head"], opts.grace)  # the workers together, then the head
+    _stop_nodes([n for n in state["nodes"] if n["name"] == "head"], opts.grace)
     STATE.unlink()
     # `ray start` registered the head here for `ray.init()` without an address, and for the cluster's jobs.
     temp_dir = state.get("temp_dir") or str(Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray")
@@ -329,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     down.set_defaults(func=stop)
     kill = sub.add_parser("kill-node", help="kill worker node INDEX abruptly (SIGKILL)")
     kill.add_argument("index", type=int)
+    kill.add_argument("--wait", action="store_true", help="return once the cluster has marked the node dead")
+    kill.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits at most")
     kill.set_defaults(func=kill_node)
     ports = sub.add_parser("listeners", help="list the listening sockets of the cluster's processes (JSON)")
     ports.set_defaults(func=listeners)

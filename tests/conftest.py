@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +31,16 @@ def experiment_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def in_background(call, *args) -> Future:
+    """``call(*args)`` in a thread of its own, from now on: the test does other work (on the other core, or while
+    a subprocess waits) and takes the result, or the exception, from the future when it needs it."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(call, *args)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def small_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:

@@ -1,10 +1,13 @@
 """fedsim on a real (emulated multi-node) Ray cluster: ``ray job submit``, placement over nodes, the loss
-of a worker node, and a killed driver resumed. Clusters come from cluster/local.py (a head and worker nodes,
-each its own raylet, on 127.0.0.1 with token authentication): each node-loss test starts and stops its own,
-the other tests share one.
+of a worker node, and a killed driver resumed. The module's tests share one cluster from cluster/local.py
+(a head and worker nodes of 2 CPUs each, each node its own raylet, on 127.0.0.1 with token authentication);
+a worker node a test kills is replaced (``local.py add-node``, as an autoscaler would) before the next test,
+so each starts on 2 live worker nodes. Ray's health checks run every half second on this cluster, so that a
+killed node is marked dead in under 2 s rather than the default's 15.
 
 Drivers run as separate processes (``fedsim run`` with RAY_ADDRESS), as a user runs them: this test
-process keeps out of Ray altogether (a reference run of the sequential engine needs none).
+process keeps out of Ray altogether. The reference run of the sequential engine needs no Ray; it runs in a
+thread of this process while the cluster works.
 """
 
 from __future__ import annotations
@@ -15,60 +18,114 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
+import psutil
 import pytest
 
-from conftest import REPO
+from conftest import REPO, in_background
 
 pytestmark = pytest.mark.slow
 
 LOCAL = str(REPO / "cluster" / "local.py")
 QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")
 PORT = 6411
+CPUS = 2  # per worker node
 SMALL = ["data.num_train=160", "data.num_test=20", "partition.num_clients=4", "federation.clients_per_round=2",
          "training.local_epochs=1", "eval.every=1", "eval.zero_shot=false", "output.progress=never",
          "runtime.num_workers=2", "runtime.cpus_per_worker=1", "checkpoint.every=1"]
 FEDBUFF = ["algorithm.server.name=fedbuff", "algorithm.server.buffer_size=2", "scheduler.concurrency=3",
            "scheduler.speed=lognormal"]
-PAUSE_S = 8.0  # the driver's pause: the tasks it has in flight (well under a second each) finish meanwhile
+# Ray marks a node dead after this many failed health checks in a row, this far apart (defaults: 5, 3000 ms). A
+# killed node's raylet refuses each check at once; a live one fails a check only by not answering in 10 s
+# (health_check_timeout_ms, left as it is).
+HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
 
 
 def client_env(state_file: Path, port: int) -> dict:
     """Environment of a client of a local cluster (auth mode, address, where local.py keeps its state)."""
     return {**os.environ, "FEDSIM_LOCAL_CLUSTER": str(state_file), "RAY_AUTH_MODE": "token",
-            "RAY_ADDRESS": f"127.0.0.1:{port}", "PYTHONPATH": str(REPO),
+            "RAY_ADDRESS": f"127.0.0.1:{port}", "PYTHONPATH": str(REPO), **HEALTH_CHECKS,
             # Results over 1 KiB go to the object store of the node that made them, as a real model's updates
             # (megabytes) do; by default Ray returns results under 100 KiB inline, to the driver.
             "RAY_max_direct_call_object_size": "1024"}
 
 
-def stop_cluster(env: dict) -> None:
-    subprocess.run([sys.executable, LOCAL, "stop", "--grace", "5"], env=env, check=False)
-
-
-@pytest.fixture
-def cluster_env(tmp_path):
-    """The environment of a cluster that the test starts itself; stopped after the test."""
-    env = client_env(tmp_path / "cluster" / "state.json", PORT)
-    yield env
-    stop_cluster(env)
-
-
 def local(env: dict, *args: str) -> dict:
     done = subprocess.run([sys.executable, LOCAL, *args], env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads(done.stdout) if args[0] == "start" else {}
+    return json.loads(done.stdout) if args[0] in ("start", "add-node") else {}
 
 
-def start_cluster(env: dict, workers: int, cpus: int, head_cpus: int = 0, port: int = PORT) -> dict:
-    return local(env, "start", f"--workers={workers}", f"--cpus-per-node={cpus}", "--gpus-per-node=1",
-                 f"--head-cpus={head_cpus}", f"--port={port}", f"--dashboard-port={port + 2}")
+class Cluster:
+    """The module's cluster, its live worker nodes by index (a node's resource is ``fedsim_node_<index>``), and the
+    drivers the current test started on it."""
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.info = local(env, "start", "--workers=2", f"--cpus-per-node={CPUS}", "--gpus-per-node=1",
+                          "--head-cpus=0", f"--port={PORT}", f"--dashboard-port={PORT + 2}")
+        self.workers = [0, 1]
+        self.drivers: list[subprocess.Popen] = []
+
+    def fedsim(self, *args: str) -> subprocess.Popen:
+        """``fedsim run`` on the cluster, as a user runs it."""
+        proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", *args], env=self.env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.drivers.append(proc)
+        return proc
+
+    def end_drivers(self) -> None:
+        """Kill what a failed test left running: its workers would hold the next test's CPUs."""
+        for proc in self.drivers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        self.drivers.clear()
+
+    def replace_lost(self) -> None:
+        while len(self.workers) < 2:
+            node = local(self.env, "add-node", f"--cpus={CPUS}", "--gpus=1")
+            self.workers.append(int(node["name"].removeprefix("worker")))
+
+    def kill(self, index: int, until_marked_dead: bool) -> None:
+        """SIGKILL worker node ``index``; with ``until_marked_dead``, return once Ray has marked it dead."""
+        self.workers.remove(index)
+        local(self.env, "kill-node", str(index), *["--wait"] * until_marked_dead)
+
+    def executing(self, index: int) -> list[str]:
+        """Titles of node ``index``'s processes that are executing a call (Ray titles a worker process
+        ``ray::<class>.<method>`` while it runs a call, ``ray::<class>`` between calls)."""
+        state = json.loads(Path(self.env["FEDSIM_LOCAL_CLUSTER"]).read_text())
+        (session,) = [n["pid"] for n in state["nodes"] if n["name"] == f"worker{index}"]
+        titles = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                title = " ".join(proc.info["cmdline"] or [])
+                if title.startswith("ray::") and "." in title.split()[0] and os.getsid(proc.pid) == session:
+                    titles.append(title)
+            except (psutil.Error, OSError):
+                continue
+        return titles
 
 
-def fedsim(env: dict, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", *args], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@pytest.fixture(scope="module")
+def module_cluster(tmp_path_factory):
+    env = client_env(tmp_path_factory.mktemp("cluster") / "state.json", PORT)
+    try:
+        yield Cluster(env)
+    finally:
+        subprocess.run([sys.executable, LOCAL, "stop", "--grace", "2"], env=env, check=False)
+
+
+@pytest.fixture
+def cluster(module_cluster) -> Iterator[Cluster]:
+    """The module's cluster with 2 live worker nodes."""
+    module_cluster.replace_lost()
+    yield module_cluster
+    module_cluster.end_drivers()
 
 
 def wait_for_round(run: Path, proc: subprocess.Popen, round_idx: int, timeout_s: float = 600) -> None:
@@ -77,7 +134,7 @@ def wait_for_round(run: Path, proc: subprocess.Popen, round_idx: int, timeout_s:
         state = run / "checkpoint" / "state.json"
         if state.exists() and json.loads(state.read_text())["round"] >= round_idx:
             return
-        time.sleep(0.5)
+        time.sleep(0.25)
     raise AssertionError(f"round {round_idx} not reached: {proc.poll()} {proc.stdout.read() if proc.poll() else ''}")
 
 
@@ -87,109 +144,29 @@ def finish(proc: subprocess.Popen, timeout_s: float = 600) -> str:
     return out
 
 
-def fault_free(overrides: list[str], whole: Path) -> dict:
-    """The reference engine's summary for ``overrides``, run in this process (it needs no Ray)."""
+def fault_free(overrides: list[str], whole: Path) -> Future:
+    """The reference engine's summary for ``overrides``, run in a thread of this process (it needs no Ray)
+    while the test drives the cluster: started once the run on the cluster is past its start, whose imports
+    keep both cores busy, it takes time the run spends waiting for Ray."""
     from fedsim.engine import run_sequential
     from fedsim.validation import load_config
 
-    return run_sequential(load_config(QUICKSTART, [*overrides, f"output.dir={whole}"]), whole)
-
-
-def fault_free_and_started(env: dict, overrides: list[str], whole: Path, run: Path, cpus: int):
-    """The reference engine's summary for ``overrides`` (same thread count), and ``fedsim run`` of the same on
-    a fresh cluster of 2 worker nodes of ``cpus`` CPUs each, once its round 1 is checkpointed."""
-    expected = fault_free(overrides, whole)
-    start_cluster(env, workers=2, cpus=cpus)
-    proc = fedsim(env, QUICKSTART, *overrides, f"output.dir={run}")
-    wait_for_round(run, proc, 1)
-    return expected, proc
-
-
-def test_a_node_lost_while_the_driver_is_paused_costs_nothing_but_time(tmp_path, cluster_env):
-    """Head + 2 worker nodes (2 CPUs each): placement=spread puts one worker on each. Asynchronous FedBuff
-    with the default queue_per_worker keeps tasks in flight all the time. The driver is paused (SIGSTOP, as a
-    busy or swapped-out driver would be) while its tasks run on the workers; worker node 1 is killed with
-    what it holds: tasks it was running and results it finished that the driver has not consumed. Which of
-    the two it holds depends on timing (a task whose global adapter is not on the node yet waits for the
-    paused driver, its owner), so the test asks that lost work of either kind ran again. Ray restarts the
-    lost worker on the other node (with its placement bundle), the lost tasks run again with the same seeds,
-    and the run ends with the adapter of a fault-free run (the reference engine's, on the same thread count)."""
-    overrides = [*SMALL, *FEDBUFF, "federation.rounds=5", "runtime.placement=spread", "runtime.num_threads=1"]
-    whole, run = tmp_path / "whole", tmp_path / "run"
-    expected, proc = fault_free_and_started(cluster_env, overrides, whole, run, cpus=2)
-    os.kill(proc.pid, signal.SIGSTOP)
-    try:
-        time.sleep(PAUSE_S)
-        local(cluster_env, "kill-node", "1")
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-    out = finish(proc)
-    summary = json.loads((run / "summary.json").read_text())
-    applied = [[r["clients"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
-               for d in (whole, run)]
-    faults = [line for line in out.splitlines() if "actors.executor" in line]
-    assert summary["adapter_sha256"] == expected["adapter_sha256"], (summary["tasks_rerun"], applied, faults)
-    assert summary["final_metrics"] == expected["final_metrics"]
-    assert summary["global_version"] == 5 and summary["failed_updates"] == {}
-    assert summary["worker_restarts"] >= 1
-    # What the node held (running tasks, or results the driver had not consumed) was made again.
-    assert summary["tasks_rerun"]["finished"] + summary["tasks_rerun"]["unfinished"] >= 1, (
-        summary["tasks_rerun"], out[-3000:])
-    nodes = {tuple(w["node_resources"]) for w in summary["workers"]}
-    assert nodes <= {("fedsim_node_0",), ("fedsim_node_1",)}
-    assert all(w["node_resources"] == ["fedsim_node_0"] for w in summary["workers"] if w["restarts"])
-    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["round"] == 1
-
-
-def test_a_node_lost_right_before_an_evaluation_round_ends_on_the_fault_free_run(tmp_path, cluster_env):
-    """Two worker nodes of one CPU each, a worker on each (spread); evaluation only after round 3. The driver
-    is paused after round 1's checkpoint while worker node 1 is killed; the lost worker's bundle fits nowhere
-    now, so it never comes back. Its tasks run again on worker 0, and the evaluation and the adapter files go
-    to the live worker only (a shard sent to the lost one used to wait forever): the run ends with the
-    fault-free adapter and metrics."""
-    overrides = [*SMALL, "federation.rounds=3", "eval.every=3", "runtime.placement=spread",
-                 "runtime.num_threads=1"]
-    whole, run = tmp_path / "whole", tmp_path / "run"
-    expected, proc = fault_free_and_started(cluster_env, overrides, whole, run, cpus=1)
-    os.kill(proc.pid, signal.SIGSTOP)
-    try:
-        local(cluster_env, "kill-node", "1")
-        time.sleep(PAUSE_S)
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-    out = finish(proc)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["adapter_sha256"] == expected["adapter_sha256"], out[-3000:]
-    assert summary["final_metrics"] == expected["final_metrics"]
-    assert summary["worker_restarts"] >= 1 and summary["server_restarts"] == 0
-
-
-@pytest.fixture(scope="module")
-def shared_env(tmp_path_factory):
-    """A cluster for the tests that kill no node, started once: a head and 2 worker nodes of 2 CPUs each, on
-    its own port (the node-loss tests above start and stop theirs first)."""
-    port = PORT + 10
-    env = client_env(tmp_path_factory.mktemp("shared-cluster") / "state.json", port)
-    try:
-        yield env, start_cluster(env, workers=2, cpus=2, port=port)
-    finally:
-        stop_cluster(env)
+    return in_background(run_sequential, load_config(QUICKSTART, [*overrides, f"output.dir={whole}"]), whole)
 
 
 def worker_nodes(run: Path) -> set[str]:
     return {w["node_id"] for w in json.loads((run / "summary.json").read_text())["workers"]}
 
 
-def test_ray_job_submit_runs_an_experiment_packed_on_one_node(tmp_path, shared_env):
+def test_ray_job_submit_runs_an_experiment_packed_on_one_node(tmp_path, cluster):
     """A head on 127.0.0.1 with token authentication; the repository goes up with --working-dir. The run's
     2 workers (1 CPU each) with placement=pack fill one worker node; without the token the cluster refuses
     the client."""
-    env, info = shared_env
+    info = cluster.info
     assert info["dashboard"].startswith("http://127.0.0.1:") and info["auth_mode"] == "token"
     run = tmp_path / "run"
     ray_cli = str(Path(sys.executable).with_name("ray"))
-    env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([ray_cli, "job", "submit", "--address", info["dashboard"], "--working-dir", str(REPO),
                            "--", sys.executable, "-m", "fedsim.cli", "run", "experiments/quickstart.yaml", *SMALL,
                            "federation.rounds=1", "runtime.placement=pack", f"output.dir={run}"],
@@ -205,23 +182,103 @@ def test_ray_job_submit_runs_an_experiment_packed_on_one_node(tmp_path, shared_e
     assert refused.returncode != 0
 
 
-def test_a_killed_driver_resumes_on_the_cluster_to_the_same_adapter(tmp_path, shared_env):
+def test_a_killed_driver_resumes_on_the_cluster_to_the_same_adapter(tmp_path, cluster):
     """Asynchronous FedBuff, with tasks in flight at the checkpoint, its workers spread over both worker
     nodes; the driver is killed after round 1 and ``fedsim run --resume`` on the cluster ends on the adapter
     and metrics of a fault-free run (the reference engine's, on the same thread count). Synchronous resumes
     on Ray are tested in test_ray_runtime."""
-    env, _ = shared_env
     overrides = [*SMALL, *FEDBUFF, "federation.rounds=3", "runtime.placement=spread", "runtime.num_threads=1"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    expected = fault_free(overrides, whole)
-    proc = fedsim(env, QUICKSTART, *overrides, f"output.dir={cut}")
+    proc = cluster.fedsim(QUICKSTART, *overrides, f"output.dir={cut}")
     wait_for_round(cut, proc, 1)
     proc.kill()
     proc.wait()
     assert not (cut / "summary.json").exists()
-    finish(fedsim(env, "--resume", str(cut)))
+    resume = cluster.fedsim("--resume", str(cut))
+    reference = fault_free(overrides, whole)
+    finish(resume)
     resumed = json.loads((cut / "summary.json").read_text())
+    expected = reference.result()
     assert resumed["mode"] == "async" and resumed["resumed_after_round"] >= 1
     assert resumed["adapter_sha256"] == expected["adapter_sha256"]
     assert resumed["final_metrics"] == expected["final_metrics"]
     assert len(worker_nodes(cut)) == 2
+
+
+def pause_until_idle(cluster: Cluster, index: int, quiet_s: float = 1.0, timeout_s: float = 60.0) -> None:
+    """Until no process of worker node ``index`` has executed a call for ``quiet_s``: the tasks in flight
+    finished (their results wait on the node), or wait for an object of the paused driver."""
+    quiet_since = time.monotonic()
+    deadline = quiet_since + timeout_s
+    while time.monotonic() - quiet_since < quiet_s:
+        assert time.monotonic() < deadline, f"node {index} still executing {cluster.executing(index)}"
+        if cluster.executing(index):
+            quiet_since = time.monotonic()
+        time.sleep(0.1)
+
+
+def test_a_node_lost_while_the_driver_is_paused_costs_nothing_but_time(tmp_path, cluster):
+    """Head + 2 worker nodes (2 CPUs each): placement=spread puts one worker on each. Asynchronous FedBuff
+    with the default queue_per_worker keeps tasks in flight all the time. The driver is paused (SIGSTOP, as a
+    busy or swapped-out driver would be) while its tasks run on the workers; once they are done, one worker
+    node is killed with what it holds: tasks it was running and results it finished that the driver has not
+    consumed. Which of the two it holds depends on timing (a task whose global adapter is not on the node yet
+    waits for the paused driver, its owner), so the test asks that lost work of either kind ran again. Ray
+    restarts the lost worker on the other node (with its placement bundle), the lost tasks run again with the
+    same seeds, and the run ends with the adapter of a fault-free run (the reference engine's, on the same
+    thread count)."""
+    overrides = [*SMALL, *FEDBUFF, "federation.rounds=5", "runtime.placement=spread", "runtime.num_threads=1"]
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    kept, lost = cluster.workers
+    proc = cluster.fedsim(QUICKSTART, *overrides, f"output.dir={run}")
+    wait_for_round(run, proc, 1)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        pause_until_idle(cluster, lost)
+        cluster.kill(lost, until_marked_dead=False)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    reference = fault_free(overrides, whole)
+    out = finish(proc)
+    summary = json.loads((run / "summary.json").read_text())
+    expected = reference.result()
+    applied = [[r["clients"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+               for d in (whole, run)]
+    faults = [line for line in out.splitlines() if "actors.executor" in line]
+    assert summary["adapter_sha256"] == expected["adapter_sha256"], (summary["tasks_rerun"], applied, faults)
+    assert summary["final_metrics"] == expected["final_metrics"]
+    assert summary["global_version"] == 5 and summary["failed_updates"] == {}
+    assert summary["worker_restarts"] >= 1
+    # What the node held (running tasks, or results the driver had not consumed) was made again.
+    assert summary["tasks_rerun"]["finished"] + summary["tasks_rerun"]["unfinished"] >= 1, (
+        summary["tasks_rerun"], out[-3000:])
+    nodes = {tuple(w["node_resources"]) for w in summary["workers"]}
+    assert nodes <= {(f"fedsim_node_{kept}",), (f"fedsim_node_{lost}",)}
+    assert all(w["node_resources"] == [f"fedsim_node_{kept}"] for w in summary["workers"] if w["restarts"])
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["round"] == 1
+
+
+def test_a_node_lost_right_before_an_evaluation_round_ends_on_the_fault_free_run(tmp_path, cluster):
+    """Two worker nodes, a worker filling each (2 CPUs; spread); evaluation only after round 3. The driver is
+    paused after round 1's checkpoint while one worker node is killed and the cluster marks it dead; the lost
+    worker's bundle fits nowhere now, so it never comes back. Its tasks run again on the other worker, and the
+    evaluation and the adapter files go to the live worker only (a shard sent to the lost one used to wait
+    forever): the run ends with the fault-free adapter and metrics."""
+    overrides = [*SMALL, f"runtime.cpus_per_worker={CPUS}", "federation.rounds=3", "eval.every=3",
+                 "runtime.placement=spread", "runtime.num_threads=1"]
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    proc = cluster.fedsim(QUICKSTART, *overrides, f"output.dir={run}")
+    wait_for_round(run, proc, 1)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        cluster.kill(cluster.workers[-1], until_marked_dead=True)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    reference = fault_free(overrides, whole)
+    out = finish(proc)
+    summary = json.loads((run / "summary.json").read_text())
+    expected = reference.result()
+    assert summary["adapter_sha256"] == expected["adapter_sha256"], out[-3000:]
+    assert summary["final_metrics"] == expected["final_metrics"]
+    assert summary["worker_restarts"] >= 1 and summary["server_restarts"] == 0

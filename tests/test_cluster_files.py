@@ -1,5 +1,5 @@
 """The files in cluster/: manifests that start, an image that is what it says, and a local cluster that listens
-where cluster/README.md says.
+where docs/clusters.md says.
 
 - The RayJob is validated against KubeRay v1.7's CRD schema (its v1 openAPIV3Schema, descriptions left out,
   kept in tests/schemas/ from ray-project/kuberay ray-operator/config/crd/bases/ray.io_rayjobs.yaml; unknown fields
@@ -9,7 +9,7 @@ where cluster/README.md says.
 - The autoscaler YAML is validated with Ray's own validator and this project's rules.
 - Each rule is shown to refuse a manifest altered to break it.
 - A started local cluster's listening sockets, and which of them refuse a caller without the token, are
-  compared with the table in cluster/README.md.
+  compared with the table in docs/clusters.md.
 """
 
 from __future__ import annotations
@@ -757,8 +757,8 @@ def test_gpu_configs_read_data_from_an_absolute_path():
 # --- what a local cluster listens on ------------------------------------------------------------------------
 
 def documented_listeners() -> list[dict]:
-    """The table in cluster/README.md: listener, port expression, node kind, where it binds in each mode, token."""
-    lines = (CLUSTER / "README.md").read_text().splitlines()
+    """The table in docs/clusters.md: listener, port expression, node kind, where it binds in each mode, token."""
+    lines = (CLUSTER.parent / "docs" / "clusters.md").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| listener | port |"))
     rows = []
     for line in lines[start + 2:]:
@@ -848,7 +848,7 @@ def cluster_listeners(env: dict, info: dict) -> tuple[list[dict], str, int]:
 
 
 def check_listeners(rows: list[dict], info: dict, node_ip: str, mode: str) -> dict[str, list[tuple[int, str]]]:
-    """Every socket is a documented listener bound as the README says; returns {listener: [(port, address)]}."""
+    """Every socket is a documented listener bound as docs/clusters.md says; returns {listener: [(port, address)]}."""
     doc = documented_listeners()
     base, dashboard = info["port"], int(info["dashboard"].rsplit(":", 1)[1])
     nodes = {n["name"]: base + 1000 + (0 if n["name"] == "head" else 100 * (int(n["name"][6:]) + 1))
@@ -868,7 +868,7 @@ def check_listeners(rows: list[dict], info: dict, node_ip: str, mode: str) -> di
         found.setdefault(row["name"], []).append((sock["port"], sock["address"]))
     for (name, where), classes in seen.items():
         expected = next(r[mode] for r in doc if r["name"] == name)
-        assert classes == expected, f"{name} at {where} listens on {classes}, cluster/README.md says {expected}"
+        assert classes == expected, f"{name} at {where} listens on {classes}, docs/clusters.md says {expected}"
     missing = {r["name"] for r in doc} - {name for name, _ in seen}
     assert not missing, f"documented but not listening: {missing}"
     return found
@@ -903,7 +903,7 @@ def token_required(name: str, port: int, address: str) -> bool:
 
 
 def test_the_listener_check_refuses_an_exposed_undocumented_or_missing_socket():
-    """On sockets made up from the README's own table: it passes as is, and fails once one moves."""
+    """On sockets made up from the table of docs/clusters.md: it passes as is, and fails once one moves."""
     info = {"port": 6800, "dashboard": "http://127.0.0.1:6802", "nodes": [{"name": "head"}]}
     values = {"P": 6800, "D": 6802, "N": 7800}
     rows = [{"node": "head", "address": "127.0.0.1", "port": values[row["terms"][0][0]] + row["terms"][0][1]}
@@ -922,7 +922,7 @@ def test_the_listener_check_refuses_an_exposed_undocumented_or_missing_socket():
 @pytest.mark.slow
 def test_a_loopback_local_cluster_listens_where_the_readme_says(tmp_path):
     """Head and a worker node with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: every socket of every node, worker
-    and driver process is on 127.0.0.1, each is a listener the README lists, and the README's token column
+    and driver process is on 127.0.0.1, each is a listener docs/clusters.md lists, and its token column
     is what each answers to a caller with a wrong token."""
     with local_cluster(tmp_path, 6800, loopback=True, workers=1, head_cpus=0) as (env, info):
         assert info["loopback"] and info["client_env"]["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
@@ -941,7 +941,7 @@ def test_a_loopback_local_cluster_listens_where_the_readme_says(tmp_path):
 @pytest.mark.slow
 def test_without_the_variable_the_cluster_listens_as_a_real_clusters_nodes(tmp_path):
     """Without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray advertises the interface address and binds as on every
-    node of a real cluster: the README's right-hand column, socket by socket."""
+    node of a real cluster: the right-hand column of docs/clusters.md, socket by socket."""
     from ray._raylet import node_ip_address_from_perspective
 
     if ipaddress.ip_address(node_ip_address_from_perspective(None)).is_loopback:

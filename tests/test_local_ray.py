@@ -89,8 +89,9 @@ def client(address: str, home: Path, **auth: str) -> subprocess.Popen:
     """A driver that tries to join ``address`` from this machine's loopback, with ``auth`` as its settings."""
     env = without_ray_settings()
     # A stray ~/.ray/auth_token must not speak for the client; without the variable Ray would swap 127.0.0.1
-    # for the interface address and fail to connect for a reason other than the token.
-    env.update(HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", **auth)
+    # for the interface address and fail to connect for a reason other than the token. A refused client asks
+    # the GCS this many times, a second apart, before it gives up (Ray's default: 20).
+    env.update(HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_gcs_server_port_wait_time_s="3", **auth)
     return subprocess.Popen([sys.executable, "-c", _JOIN, address], env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
 
