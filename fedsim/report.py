@@ -170,6 +170,10 @@ class Metric:
         """Drawn value per recorded value."""
         return 100.0 if is_fraction(self.name) else 1.0
 
+    def final(self, run: RunData) -> float:
+        """``run``'s final value of the metric, as drawn."""
+        return run.final(self.name) * self.scale
+
     def axis_label(self, what: str) -> str:
         """``test accuracy (%)`` for ``what="test"``."""
         return f"{what} {self.name}" + (" (%)" if self.scale == 100 else "")
@@ -279,7 +283,7 @@ def plot_scaling(runs: list[RunData], metric: Metric) -> list[Drawn]:
     finished = [r for r in runs if r.finished]
     keys = list(finished[0].values) if finished else []
     panels: list[tuple[str, Callable[[RunData], float]]] = [
-        (metric.axis_label("final test"), lambda r: r.final(metric.name) * metric.scale),
+        (metric.axis_label("final test"), metric.final),
         ("simulated seconds per round", lambda r: r.summary["simulated_seconds"] / max(r.summary["rounds"], 1)),
         ("training seconds per round (wall clock)", lambda r: r.summary["train_seconds"] / max(r.summary["rounds"], 1)),
     ]
@@ -321,7 +325,7 @@ def plot_tradeoffs(runs: list[RunData], metric: Metric) -> list[Drawn]:
              "tradeoff_bytes.png", "compression")]
     figures = []
     for xlabel, spent, name, what in axes:
-        points = [(spent(r), r.final(metric.name) * metric.scale, r.label) for r in finished]
+        points = [(spent(r), metric.final(r), r.label) for r in finished]
         points = [p for p in points if p[0] is not None and math.isfinite(p[0])]
         if len(points) < 2:
             continue
@@ -353,8 +357,7 @@ def plot_robustness(runs: list[RunData], metric: Metric) -> list[Drawn]:
         for run in finished:
             if run.values.get("attack.kind", "") == kind:
                 rest = legend_label({k: v for k, v in run.values.items() if k not in (ATTACK_SHARE, "attack.kind")})
-                lines.setdefault(rest, []).append((float(run.values[ATTACK_SHARE]),
-                                                   run.final(metric.name) * metric.scale))
+                lines.setdefault(rest, []).append((float(run.values[ATTACK_SHARE]), metric.final(run)))
         for rest, points in lines.items():
             points.sort()
             ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=rest or None)
@@ -424,7 +427,7 @@ def _table(runs: list[RunData], metric: Metric) -> str:
     for run in runs:
         s = run.summary or {}
         cells = [run.label, *(run.values.get(k, "") for k in keys), "done" if run.finished else "in progress",
-                 f"{run.final(metric.name) * metric.scale:.{2 if metric.scale == 100 else 4}f}",
+                 f"{metric.final(run):.{2 if metric.scale == 100 else 4}f}",
                  s.get("rounds", len(run.records)),
                  f"{s['simulated_seconds']:.1f}" if s else "", f"{s['wall_seconds']:.1f}" if s else "",
                  f"{(s['bytes_up'] + s['bytes_down']) / 1e6:.2f}" if s else "", s.get("client_updates", "")]

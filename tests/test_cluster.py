@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -128,6 +129,16 @@ def cluster(module_cluster) -> Iterator[Cluster]:
     module_cluster.end_drivers()
 
 
+@contextmanager
+def paused(proc: subprocess.Popen) -> Iterator[None]:
+    """The driver stopped (SIGSTOP, as a busy or swapped-out driver is) for the body, then let go on."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
 def wait_for_round(run: Path, proc: subprocess.Popen, round_idx: int, timeout_s: float = 600) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline and proc.poll() is None:
@@ -232,12 +243,9 @@ def test_a_node_lost_while_the_driver_is_paused_costs_nothing_but_time(tmp_path,
     kept, lost = cluster.workers
     proc = cluster.fedsim(QUICKSTART, *overrides, f"output.dir={run}")
     wait_for_round(run, proc, 1)
-    os.kill(proc.pid, signal.SIGSTOP)
-    try:
+    with paused(proc):
         pause_until_idle(cluster, lost)
         cluster.kill(lost, until_marked_dead=False)
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
     reference = fault_free(overrides, whole)
     out = finish(proc)
     summary = json.loads((run / "summary.json").read_text())
@@ -270,11 +278,8 @@ def test_a_node_lost_right_before_an_evaluation_round_ends_on_the_fault_free_run
     whole, run = tmp_path / "whole", tmp_path / "run"
     proc = cluster.fedsim(QUICKSTART, *overrides, f"output.dir={run}")
     wait_for_round(run, proc, 1)
-    os.kill(proc.pid, signal.SIGSTOP)
-    try:
+    with paused(proc):
         cluster.kill(cluster.workers[-1], until_marked_dead=True)
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
     reference = fault_free(overrides, whole)
     out = finish(proc)
     summary = json.loads((run / "summary.json").read_text())
