@@ -20,7 +20,6 @@ import ray
 from fedsim.aggregator import Aggregator, build_aggregator
 from fedsim.config import ExperimentConfig
 from fedsim.plugins import import_plugins
-from fedsim.engine.inprocess import personalized_digest
 from fedsim.messages import ClientUpdate, NamedTensors
 from fedsim.statestore import ClientStateStore, StateManifest
 
@@ -98,4 +97,6 @@ class AggregatorActor:
         self.states.release()
 
     def personalized_digest(self) -> str:
+        from fedsim.engine.inprocess import personalized_digest  # the engine package: not needed before the end
+
         return personalized_digest(self.states)

@@ -44,12 +44,12 @@ import numpy as np
 import ray
 from ray.exceptions import (ActorUnavailableError, GetTimeoutError, NodeDiedError, ObjectLostError,
                             OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError)
-from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from actors.aggregator import AggregatorActor
 from actors.placement import reserve_workers
-from actors.worker import ClientWorker
+from actors.worker import ClientWorker, DataSummary
 from fedsim.config import ExperimentConfig
 from fedsim.engine.batches import Batches
 from fedsim.engine.inprocess import TASK_RETRIES, failure_reason, mean_metrics, state_cache_bytes
@@ -68,7 +68,7 @@ REPLACEMENTS = 8  # per worker, for workers Ray could not restart
 WAIT_REPORT_S = 60.0  # while only restarting workers are awaited, say so this often
 UNREACHABLE_RETRIES = 10  # the aggregator lives on the driver's node: unreachable for long, it is gone
 PERSONALIZED_CHUNK = 8  # clients per personalized evaluation call: their states travel together
-STATS_REVIVAL_WAIT_S = 30.0  # at the end of a run, how long stats wait for lost workers to come back
+STATS_REVIVAL_WAIT_S = 30.0  # at the end of a run, how long stats wait for lost workers Ray is restarting
 RESULTS_WAITING = 2  # finished results waiting for the loop, in multiples of what the workers hold at once
 SERVER_TIMEOUT_S = 600.0  # a call to the aggregator actor unanswered this long: the server is taken for lost
 FIRST_CALL_TIMEOUT_S = 1800.0  # runtime.task_timeout_s=0 before any call was measured (a GPU warms up)
@@ -276,6 +276,10 @@ class RayExecutor:
     def initial_weights(self) -> NamedTensors:
         """The adapter every worker starts from (the same LoRA init on each), from a live worker."""
         return self._scatter([lambda actor: actor.initial_weights.remote()], per_worker=1)[0]
+
+    def data_summary(self) -> DataSummary:
+        """Shard sizes, headline metric and chance levels of the run's data (the same on every worker)."""
+        return self._scatter([lambda actor: actor.data_summary.remote()], per_worker=1)[0]
 
     def _server(self):
         # Named so that users (and tests) can find a run's server: ray.util.list_named_actors().
@@ -704,10 +708,17 @@ class RayExecutor:
     def share(self, published: Published) -> ray.ObjectRef:
         return ray.put(published)
 
+    def _bundles_placed(self) -> bool:
+        """Whether every worker's placement bundle sits on a live node, so that Ray can restart a lost worker now
+        (False while Ray looks for a node for the bundles of a dead one: no worker comes back from those soon)."""
+        return self.group is None or placement_group_table(self.group).get("state") == "CREATED"
+
     def stats(self) -> dict[str, Any]:
-        # Workers coming back by now are taken in, so that each worker's node is where it runs now.
+        # Workers coming back by now are taken in, so that each worker's node is where it runs now; the wait is
+        # only for workers that can come back (a run that lost a worker for good does not wait at its end).
         if self.revivals:
-            ready, _ = ray.wait(list(self.revivals), num_returns=len(self.revivals), timeout=STATS_REVIVAL_WAIT_S)
+            wait_s = STATS_REVIVAL_WAIT_S if self._bundles_placed() else 0.0
+            ready, _ = ray.wait(list(self.revivals), num_returns=len(self.revivals), timeout=wait_s)
             for ref in ready:
                 self._revived(self.revivals[ref])
         for slot in self.slots:

@@ -11,14 +11,23 @@ Joining a cluster (``RAY_ADDRESS``, ``runtime.address``) leaves everything to th
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
 import secrets
+import signal
+import subprocess
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
 import ray
 import ray._private.ray_constants as ray_constants
+from ray._private.utils import get_num_cpus
 from ray._raylet import AuthenticationTokenLoader, Config
+
+log = logging.getLogger(__name__)
 
 LOOPBACK_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 AUTH_MODE_VAR = "RAY_AUTH_MODE"
@@ -100,3 +109,54 @@ def stop_local_ray() -> None:
     """``ray.shutdown()``, then forget the instance's token so that a later ``ray.init`` reads the environment."""
     ray.shutdown()
     reload_ray_auth()
+
+
+@contextmanager
+def local_ray_for_other_processes(min_cpus: float = 0.0) -> Iterator[dict[str, str]]:
+    """A local instance for other processes to join (a sweep's runs), started by :func:`start_local_ray` in a
+    keeper process: yields the environment (this process's, plus the instance's address and token) of a process
+    that joins it; stopped on exit, and when this process dies, however (the keeper reads EOF on its stdin).
+
+    It declares the machine's cores as its CPUs, or ``min_cpus`` logical CPUs when that is more (processes that
+    together reserve more than the cores then share them instead of waiting for each other), and the machine's
+    GPUs, never more: Ray hands a worker its GPU ids as CUDA_VISIBLE_DEVICES, where a logical GPU beyond the
+    machine's would name a device that does not exist. The token travels through a pipe and lives only in the
+    yielded mapping: give it to a child process's environment, never to a file or a command line (``ps`` shows
+    those). This process does not connect to the instance, and keeps its own signal handlers.
+    """
+    check_auth_mode(os.environ)  # the keeper would refuse it too, less legibly
+    num_cpus = max(math.ceil(get_num_cpus()), math.ceil(min_cpus))
+    keeper = subprocess.Popen([sys.executable, "-m", __name__, str(num_cpus)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        started = keeper.stdout.readline()
+        if not started:
+            raise RuntimeError(f"the local Ray instance did not start (exit {keeper.wait()}); see Ray's error above")
+        instance = json.loads(started)
+        log.info("a local Ray instance at %s (%d CPUs) for other processes to join", instance["address"], num_cpus)
+        environ = {**os.environ, **local_ray_environment(instance["token"]), "RAY_ADDRESS": instance["address"]}
+        yield {name: value for name, value in environ.items() if value is not None}
+    finally:
+        keeper.stdin.close()  # the keeper stops the instance and exits
+        keeper.wait()
+
+
+def _keep_local_ray(num_cpus: int) -> None:
+    """The keeper of :func:`local_ray_for_other_processes`: starts the instance, writes its address and token to
+    stdout, and stops it cleanly (every process, Ray's agents too) when stdin ends: its parent closed it or died.
+    Ctrl-C is the parent's to handle (it stops its runs first); SIGTERM stops the instance at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    handshake = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # whatever Ray prints goes to stderr, not into the handshake
+    start_local_ray(num_cpus=num_cpus, log_to_driver=False)  # ray.init's SIGTERM handler exits through finally
+    try:
+        token = AuthenticationTokenLoader.instance().get_raw_token()  # the one start_local_ray made
+        handshake.write(json.dumps({"address": ray.get_runtime_context().gcs_address, "token": token}) + "\n")
+        handshake.close()
+        sys.stdin.read()
+    finally:
+        stop_local_ray()
+
+
+if __name__ == "__main__":
+    _keep_local_ray(int(sys.argv[1]))

@@ -13,12 +13,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.executor import RayExecutor, RemoteAggregator, ServerLost
 from actors.local_ray import reload_ray_auth, start_local_ray, stop_local_ray
 from fedsim.algorithms import SERVER_STRATEGIES
-from fedsim.chance import chance_metrics
 from fedsim.checkpoint import check_checkpoint
 from fedsim.plugins import import_plugins
 from fedsim.config import ConfigError, ExperimentConfig
 from fedsim.engine.loop import run_federation
-from fedsim.clientdata import load_client_data
 from fedsim.messages import nbytes
 from fedsim.validation import check_data
 
@@ -89,11 +87,11 @@ def run_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[
     executor = None
     try:
         check_data_on_nodes(cfg)
-        data = load_client_data(cfg)  # the driver needs shard sizes for the clock; workers load data themselves
         strategy_cls = SERVER_STRATEGIES[cfg.algorithm.server.name]
         executor = RayExecutor(cfg, strategy_cls.personalized)  # waits for the cluster to hold its workers
         initial = executor.initial_weights()
-        shard_sizes = data.shard_sizes()
+        data = executor.data_summary()  # the workers load the data (from the seed); the driver holds none
+        shard_sizes = data.shard_sizes
         log.info("ray runtime: %d workers on %s", len(executor.slots),
                  sorted({s.placement.get("node_id", "?")[:8] for s in executor.slots}))
         while True:
@@ -102,7 +100,7 @@ def run_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict[
                 return run_federation(cfg, run_dir, "ray", executor, aggregator, shard_sizes,
                                       nbytes(initial), strategy_cls.personalized, strategy_cls.asynchronous,
                                       strategy_cls.trains, resume, headline_metric=data.metric,
-                                      chance_metrics=chance_metrics(cfg, data.test))
+                                      chance_metrics=data.chance_metrics)
             except ServerLost as lost:
                 resume = recover_from(lost, cfg, run_dir, executor)
     finally:

@@ -16,24 +16,32 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
-from fedsim.client import ClientTrainer, split_state
 from fedsim.engine.inprocess import batching
 from fedsim.config import ExperimentConfig
 from fedsim.plugins import import_plugins
-from fedsim.clientdata import load_client_data
 from fedsim.evaluation import BatchScores, Evaluator
 from fedsim.messages import ClientTask, NamedTensors, Published
 from fedsim.models.adapter import adapter_files, get_weights, set_weights
-from fedsim.models.loading import load_model
 from fedsim.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 WORKER_RESTARTS = 4  # by Ray, per actor; a worker that exhausts them is replaced by the executor
+
+
+@dataclass
+class DataSummary:
+    """What the driver needs of the run's data, from a worker that loaded it: the driver loads none."""
+
+    shard_sizes: np.ndarray  # samples per client, for the virtual clock
+    metric: str  # the headline metric (DatasetSplits.metric)
+    chance_metrics: dict[str, float]  # fedsim.chance, over the test rows the evaluation scores
 
 
 def _node_resources(node_id: str) -> list[str]:
@@ -65,10 +73,18 @@ class ClientWorker:
         threads = cfg.runtime.num_threads or max(1, int(cfg.runtime.cpus_per_worker))
         torch.set_num_threads(threads)
         self.index = index
+        # The model's libraries (peft, transformers, bitsandbytes) load here, in the worker: the driver imports
+        # this module to create the actor and holds no model.
+        from fedsim.chance import chance_metrics
+        from fedsim.client import ClientTrainer
+        from fedsim.clientdata import load_client_data
+        from fedsim.models.loading import load_model
+
         data = load_client_data(cfg)  # derived from the seed here: no client data crosses the network
         self.loaded = load_model(cfg.model, derive_seed(cfg.seed, "lora_init"))
         self.trainer = ClientTrainer(cfg, self.loaded, data, personalized)
         self.evaluator = Evaluator.for_run(cfg, self.loaded.processor, data.test, self.loaded.device)
+        self.data = DataSummary(data.shard_sizes(), data.metric, chance_metrics(cfg, data.test))
         self.tasks_done = 0
 
     @ray.method(max_task_retries=-1)
@@ -84,6 +100,9 @@ class ClientWorker:
 
     def initial_weights(self) -> NamedTensors:
         return get_weights(self.loaded.model)
+
+    def data_summary(self) -> DataSummary:
+        return self.data
 
     def batching(self) -> dict[str, Any]:
         """Clients this worker trains together, and what each extra one costs (fedsim.engine.inprocess)."""
@@ -123,6 +142,8 @@ class ClientWorker:
     def evaluate_states(self, states: list[NamedTensors | None], fallback: Published) -> list[dict[str, float]]:
         """Metrics of each personalized client's own adapter (the ``fallback`` version's for clients that have
         none)."""
+        from fedsim.client import split_state  # loaded with the trainer: a lookup
+
         return [self.evaluate(split_state(s)[0] or fallback[0]) for s in states]
 
     def adapter_files(self, published: Published) -> dict[str, bytes]:

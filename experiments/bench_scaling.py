@@ -10,7 +10,8 @@ N can exceed any fixed split and every local step costs the same whatever N is. 
 - peak memory of the run's whole process tree (driver, Ray's own processes, workers, aggregator), as PSS
   (shared pages split among the processes) and as summed RSS, sampled twice a second.
 
-It prints a table and the ratios that should hold (s/round flat in N, linear in the cohort size K; memory
+It prints a table (with each point's samples per second as a fraction of the compute floor: the backbone's
+forward and backward pass per sample, measured by ``bench_throughput.py``'s method, times the workers) and the ratios that should hold (s/round flat in N, linear in the cohort size K; memory
 growth per registered client well under 1 KB), and plots the curves. ``--scaffold N`` adds SCAFFOLD (per-client control variates in the
 disk-backed state store) at N beside FedAvg at N, then kills a SCAFFOLD run once its first checkpoint is
 written, resumes it and checks that it ends on the uninterrupted run's ``adapter_sha256``.
@@ -37,6 +38,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import psutil  # noqa: E402
+
+from bench_throughput import in_subprocess, measure_floor  # noqa: E402  (this folder: run as a script)
+from fedsim.training import samples_per_task  # noqa: E402
+from fedsim.validation import load_config  # noqa: E402
 
 QUICKSTART = Path(__file__).resolve().parent / "quickstart.yaml"
 
@@ -188,9 +193,17 @@ def main() -> None:
         for n in args.clients:
             points.append({**measure(args, n, Path(tmp) / f"fedavg-{n}"), "cohort": args.cohort})
             print(json.dumps(points[-1]), flush=True)
-        print(f"\n{'N':>9} {'s/round':>8} {'start s':>8} {'PSS MiB':>8} {'RSS MiB':>8}")
+        floor_cfg = load_config(QUICKSTART, overrides(args, args.clients[0], Path(tmp) / "floor"))
+        measured, _, _ = in_subprocess(measure_floor, floor_cfg, 1, [], [])
+        floor_s, floor_batch = min(measured)
+        per_round = args.cohort * samples_per_task(args.samples_per_client, floor_cfg.training)
+        print(f"\nfloor: the backbone's forward+backward pass, {floor_s * 1e3:.2f} ms per sample at its cheapest "
+              f"(batch of {floor_batch}, one thread; experiments/bench_throughput.py): {args.workers / floor_s:.0f} "
+              f"samples/s on the {args.workers} workers' cores; a round trains {per_round} samples")
+        print(f"{'N':>9} {'s/round':>8} {'of floor':>9} {'start s':>8} {'PSS MiB':>8} {'RSS MiB':>8}")
         for p in points:
-            print(f"{p['clients']:>9} {p['seconds_per_round']:>8.2f} {p['startup_s']:>8.1f} "
+            reached = per_round / p["seconds_per_round"] * floor_s / args.workers
+            print(f"{p['clients']:>9} {p['seconds_per_round']:>8.2f} {reached:>9.1%} {p['startup_s']:>8.1f} "
                   f"{p['peak_pss_mib']:>8.0f} {p['peak_rss_mib']:>8.0f}")
         first, last = points[0], points[-1]
         growth = last["clients"] - first["clients"]

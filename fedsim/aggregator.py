@@ -17,7 +17,7 @@ from fedsim.algorithms import ServerStrategy, build_server_strategy
 from fedsim.algorithms.fixedpoint import FixedPointSum, UpdateError
 from fedsim.config import ExperimentConfig, PrivacyConfig
 from fedsim.guard import UpdateGuard
-from fedsim.messages import ClientUpdate, NamedTensors, Published
+from fedsim.messages import ClientUpdate, NamedTensors, Published, WireTensors
 from fedsim.models.adapter import adapter_sha256
 from fedsim.seeding import derive_seed
 
@@ -176,12 +176,12 @@ class Aggregator:
 
     def snapshot(self) -> tuple[int, Published]:
         """(version, (global weights, extras broadcast to clients))."""
-        return self.strategy.version, (self.strategy.global_weights, self.strategy.broadcast_extras())
+        return self.strategy.version, (WireTensors(self.strategy.global_weights), WireTensors(self.strategy.broadcast_extras()))
 
     def state(self) -> tuple[NamedTensors, dict[str, Any]]:
         """For a checkpoint (between rounds): the strategy's tensors and the counts, as JSON."""
         noise = self.strategy.noise
-        return self.strategy.state_dict(), {"outcomes": dict(self.outcomes), "rejected": dict(self.guard.rejected),
+        return WireTensors(self.strategy.state_dict()), {"outcomes": dict(self.outcomes), "rejected": dict(self.guard.rejected),
                                             "clip": noise.state() if noise else {}}
 
     def restore(self, tensors: NamedTensors, counts: dict[str, Any]) -> None:

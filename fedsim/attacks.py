@@ -23,7 +23,8 @@ Two attacks poison an attacker's training rows instead (``poison``), and send th
 
 from __future__ import annotations
 
-import datasets
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from PIL import Image
@@ -32,6 +33,9 @@ from fedsim.config import AttackConfig, ExperimentConfig
 from fedsim.data.schema import OPTION_LETTERS
 from fedsim.messages import NamedTensors
 from fedsim.seeding import derive_seed, rng_for, sample_without_replacement
+
+if TYPE_CHECKING:  # imported where a dataset is built: the Ray driver imports this module but builds none (~95 MB)
+    import datasets
 
 KINDS = ("sign_flip", "gaussian", "scale", "free_rider")  # what an attacker sends
 POISONING = ("label_flip", "backdoor")  # what an attacker trains on
@@ -115,6 +119,8 @@ def poison(rows: list[dict], row_ids: np.ndarray, cfg: ExperimentConfig, client:
 
 def triggered_test(test: datasets.Dataset, attack_cfg: AttackConfig) -> datasets.Dataset:
     """The backdoor's success test: rows holding the trigger's modality, of another label, triggered."""
+    import datasets
+
     keep = [i for i, (has, label) in enumerate(zip(test[HAS[attack_cfg.trigger]], test["label"]))
             if has and label != attack_cfg.target_label]
     rows = [plant_trigger(test[i], attack_cfg) for i in keep]

@@ -20,11 +20,15 @@ sources' accuracies) has a chance level only when every source is multiple choic
 
 from __future__ import annotations
 
-import datasets
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from fedsim.config import ExperimentConfig
 from fedsim.evaluation import by_source, is_multiple_choice, sample_rows
+
+if TYPE_CHECKING:  # imported where a dataset is built: the Ray driver imports this module but builds none (~95 MB)
+    import datasets
 
 
 def guessing_metrics(rows: datasets.Dataset) -> dict[str, float]:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
-
-import datasets
 
 from fedsim import __version__
 from fedsim.checkpoint import check_checkpoint
@@ -201,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                        help="a swept key and its values (repeatable); replaces the YAML's sweep.grid entry")
     sweep.add_argument("--parallel", type=int, default=1,
-                       help="runs at once (they share the Ray cluster at RAY_ADDRESS if set); default 1")
+                       help="runs at once; on the Ray engine they share one Ray instance: the cluster at "
+                            "RAY_ADDRESS if set, else a local one the sweep starts for all its runs; default 1")
     sweep.add_argument("--out", help="sweep directory (default runs/sweep-<experiment name>)")
     sweep.set_defaults(func=_sweep)
     report = sub.add_parser("report", help="plot a run or a sweep (PNG figures and an HTML page)")
@@ -225,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    datasets.disable_progress_bars()  # per-step bars of dataset transforms drown the command's own output
+    # per-step bars of dataset transforms drown the command's own output; datasets reads this when first imported,
+    # here only by the processes that build data (the in-process engine, Ray workers)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:  # already imported by the caller of main()
+        sys.modules["datasets"].disable_progress_bars()
     for noisy in ("httpx", "urllib3", "filelock", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

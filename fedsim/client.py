@@ -18,7 +18,9 @@ from fedsim.attacks import POISONING, poison
 from fedsim.clientdata import ClientData
 from fedsim.config import ExperimentConfig
 from fedsim.data.collator import Collator
-from fedsim.messages import ClientTask, ClientUpdate, NamedTensors
+from fedsim.data.encoded import EncodedSamples
+from fedsim.clients_per_batch import auto_batch_size, batch_memory_left, cohort_size, engine_workers
+from fedsim.messages import ClientTask, ClientUpdate, NamedTensors, WireTensors
 from fedsim.models.adapter import get_weights, set_weights, trainable_parameters
 from fedsim.models.loading import LoadedModel, check_layer_window
 from fedsim.models.multiclient import check_batchable
@@ -64,6 +66,7 @@ class ClientTrainer:
         self.params = trainable_parameters(loaded.model)
         self.uplink = Uplink(cfg)
         self.collate = Collator(loaded.processor, cfg.data.max_length, train=True, prompt=cfg.data.prompt)
+        self.encoded = EncodedSamples(self._samples, self.collate.encode, int(cfg.runtime.sample_cache_mb * 2**20))
         # Clients trained together; with more than one, what each extra client costs in memory.
         self.clients_per_batch, self.extra_client_bytes = 1, {}
         if cfg.runtime.clients_per_batch != 1:
@@ -71,8 +74,9 @@ class ClientTrainer:
             self.extra_client_bytes = self._measure_extra_client()
             self.clients_per_batch = cfg.runtime.clients_per_batch
             if self.clients_per_batch == "auto":
-                budget = cfg.runtime.batch_memory_gb * 2**30
-                self.clients_per_batch = max(1, int(budget // sum(self.extra_client_bytes.values())))
+                budget = cfg.runtime.batch_memory_gb * 2**30 or batch_memory_left(loaded.device, cfg)
+                fit = int(budget // sum(self.extra_client_bytes.values()))
+                self.clients_per_batch = auto_batch_size(cohort_size(cfg), engine_workers(cfg), fit)
 
     def _local_run(self, begun: ClientStart) -> LocalRun:
         """A client's own LoRA tensors (copies of its starting weights), optimizer and dropout stream, for
@@ -82,7 +86,7 @@ class ClientTrainer:
                   for name, p in self.params.items()}
         generator = torch.Generator(self.loaded.device)
         generator.manual_seed(derive_seed(self.cfg.seed, "client", task.seed_round, task.client_id))
-        samples = (self._samples(task.client_id, rows) for rows in begun.batches)
+        samples = (self.encoded.get(task.client_id, rows) for rows in begun.batches)
         return LocalRun(params, samples, begun.strategy, begun.ctx, local_optimizer(params, self.cfg.training, task.lr),
                         generator)
 
@@ -97,7 +101,8 @@ class ClientTrainer:
             run = self._local_run(begun)
             run.strategy.begin(run.ctx)
             try:
-                return extra_client_bytes(self.loaded.model, run, next(run.batches), self.collate, self.loaded.device)
+                return extra_client_bytes(self.loaded.model, run, next(run.batches), self.collate.batch,
+                                          self.loaded.device)
             except ValueError as err:  # the collator's refusal of a sample, naming data.max_length
                 failure = err
         raise failure
@@ -110,7 +115,7 @@ class ClientTrainer:
         return samples
 
     def _batch(self, client: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = self.collate(self._samples(client, rows))
+        batch = self.collate.batch(self.encoded.get(client, rows))
         return {k: v.to(self.loaded.device) for k, v in batch.items()}
 
     def _start(self, task: ClientTask, weights: NamedTensors, server_extras: NamedTensors,
@@ -137,17 +142,17 @@ class ClientTrainer:
                                        task.client_id, begun.state)
         update = ClientUpdate(
             client_id=task.client_id,
-            delta=delta,
+            delta=WireTensors(delta),
             num_samples=shard_size,
             base_version=task.base_version,
-            extras=extras,
+            extras=WireTensors(extras),
             metrics={"train_loss": loss, "steps": steps, "samples_processed": samples_per_task(shard_size, self.cfg.training),
                      "compute_seconds": seconds},
         )
         new_state = {**(new_algo_state or {}), **kept}
         if self.personalized:
             new_state.update({PERSONAL + name: tensor for name, tensor in local.items()})
-        return update, new_state or None
+        return update, WireTensors(new_state) if new_state else None
 
     def train(
         self,
@@ -184,6 +189,6 @@ class ClientTrainer:
         begun = [self._start(t, weights, server_extras, s) for t, s in zip(tasks, client_states)]
         runs = [self._local_run(b) for b in begun]
         started = time.perf_counter()
-        train_together(self.loaded.model, runs, self.collate, self.loaded.device, self.cfg.training)
+        train_together(self.loaded.model, runs, self.collate.batch, self.loaded.device, self.cfg.training)
         seconds = (time.perf_counter() - started) / len(tasks)
         return [self._result(b, run.params, run.steps, run.mean_loss, seconds) for b, run in zip(begun, runs)]

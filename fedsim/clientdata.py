@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 
 from fedsim.config import ExperimentConfig
@@ -23,6 +23,9 @@ from fedsim.data.synthetic import TASK_NUM_CLASSES, Cues, client_sample, generat
 from fedsim.partition import partition
 from fedsim.scenarios import ModalityTask, apply_scenarios, build_steps
 from fedsim.seeding import derive_seed, rng_for
+
+if TYPE_CHECKING:  # imported where a dataset is built: the Ray driver imports this module but builds none (~95 MB)
+    import datasets
 
 # Per-client draws (sizes, label mixes) are made this many clients at a time from one generator per block:
 # a client's value costs one block's draw (about a millisecond), all N clients' values N / BLOCK draws.
@@ -164,6 +167,8 @@ def _modality_task(cfg: ExperimentConfig, image_splits: DatasetSplits, step: Mod
     (``step.holders``: clients 0..image_clients-1 the configured dataset and the others the text-only source,
     or a per-client draw under ``p``, where a client may hold both); train and test splits are the two
     sources concatenated."""
+    import datasets
+
     step.check("data.scenarios", cfg.partition.num_clients)
     text_splits = load_dataset_splits(step.text_data(cfg.data), derive_seed(cfg.seed, "data", 1))
     holders = step.holders(cfg.partition.num_clients, cfg.seed)

@@ -28,6 +28,7 @@ COMMANDS = (
     ("python experiments/fedmllm_table.py", "experiments/fedmllm_table.py"),
     ("python experiments/bench_stability.py", "experiments/bench_stability.py"),
     ("python experiments/bench_throughput.py", "experiments/bench_throughput.py"),
+    ("python experiments/bench_sweep.py", "experiments/bench_sweep.py"),
     ("python experiments/bench_scaling.py", "experiments/bench_scaling.py"),
     ("python experiments/bench_memory.py", "experiments/bench_memory.py"),
     ("python experiments/bench_aggregator.py", "experiments/bench_aggregator.py"),

@@ -294,9 +294,13 @@ class RuntimeConfig:
     queue_per_worker: int = 1  # tasks queued on a worker beyond the one it runs
     # Clients a worker trains together, one forward pass per step over the shared backbone with each sample
     # through its own client's LoRA weights (fedsim.models.multiclient); 1: one client at a time. ``auto``:
-    # the most clients whose adapters, optimizer states and activations fit in batch_memory_gb.
+    # the clients trained at once (a round's dispatch, or the asynchronous concurrency) split evenly into one
+    # batch per worker, or into more, as even, where their adapters, optimizer states and activations would
+    # not fit in batch_memory_gb (fedsim.engine.batches.auto_batch_size); summary.json records the B chosen.
     clients_per_batch: Union[int, str] = 1
-    batch_memory_gb: float = 0.0  # the memory budget of clients_per_batch=auto, per worker
+    # The memory budget of clients_per_batch=auto, GiB per worker; 0: half the memory free on the worker's
+    # device once its model is loaded (on CPU, split among the run's workers).
+    batch_memory_gb: float = 0.0
     # Where workers go, as a Ray placement group of one bundle per worker: pack (as few nodes as possible)
     # or spread (across nodes). A replacement for a lost worker takes the same bundle, which Ray moves to a
     # live node.
@@ -312,6 +316,10 @@ class RuntimeConfig:
     # Client states (SCAFFOLD's c_i, personal adapters) live in files under RUN_DIR/client_states/; the most
     # recently used ones are also kept in memory, up to this many MiB (0: read every state from disk).
     state_cache_mb: float = 256.0
+    # Each worker keeps the training samples it has encoded (chat template, tokenizer, image processor: as
+    # costly as a third of a forward and backward pass on the tiny preset) for the next task of their client,
+    # the most recently used up to this many MiB (0: encode every batch afresh).
+    sample_cache_mb: float = 256.0
     address: Optional[str] = None  # Ray cluster; default RAY_ADDRESS, else a local instance
 
 
@@ -416,7 +424,7 @@ NON_NEGATIVE = (
     "runtime.num_threads", "partition.min_samples", "runtime.cpus_per_worker", "runtime.gpus_per_worker",
     "runtime.queue_per_worker", "runtime.max_update_norm", "runtime.batch_memory_gb", "algorithm.server.staleness_exponent",
     "algorithm.server.max_staleness", "checkpoint.every", "runtime.resource_timeout_s", "runtime.task_timeout_s",
-    "runtime.state_cache_mb",
+    "runtime.state_cache_mb", "runtime.sample_cache_mb",
 )
 UNIT_INTERVAL = ("model.lora.dropout", "federation.fraction", "training.beta1", "training.beta2",
                  "algorithm.server.beta1", "algorithm.server.beta2", "algorithm.server.mixing",
@@ -473,11 +481,7 @@ def check_values(cfg: ExperimentConfig) -> None:
     if not cfg.model.lora.target_regex and not cfg.model.lora.target_modules:
         fail("model.lora.target_modules", [], "a non-empty list, or model.lora.target_regex")
     batch = cfg.runtime.clients_per_batch
-    if batch == "auto":
-        if not cfg.runtime.batch_memory_gb > 0:
-            fail("runtime.batch_memory_gb", cfg.runtime.batch_memory_gb,
-                 "a memory budget > 0 (GiB per worker) with runtime.clients_per_batch=auto")
-    elif not (isinstance(batch, int) and batch >= 1):
+    if batch != "auto" and not (isinstance(batch, int) and batch >= 1):
         fail("runtime.clients_per_batch", batch, "an integer >= 1, or auto")
     if batch != 1 and cfg.model.lora.modules_to_save:
         fail("runtime.clients_per_batch", batch, "1 with model.lora.modules_to_save: clients trained together "

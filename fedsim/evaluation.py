@@ -25,9 +25,8 @@ equal one worker's ``evaluate``, number for number.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import torch
 
@@ -39,6 +38,9 @@ from fedsim.metrics import classification_metrics, exact_match, normalize_answer
 from fedsim.models.adapter import inference
 from fedsim.scenarios import ModalityStep
 from fedsim.seeding import rng_for
+
+if TYPE_CHECKING:  # imported where a dataset is built: the Ray driver imports this module but builds none (~95 MB)
+    import datasets
 
 CLOSED_ANSWERS = ("yes", "no")
 # Each ablation's (keep image, keep text).

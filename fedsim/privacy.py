@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
 import numpy as np
 import torch
 
 from fedsim.config import fail
 from fedsim.messages import NamedTensors
 from fedsim.seeding import derive_seed
+
+if TYPE_CHECKING:  # dp_accounting (with scipy) loads where a run accounts for privacy only
+    import dp_accounting
 
 # The RDP accountant warns (through absl's logger) for every order whose series does not converge and is left
 # out of the minimum over orders, dozens of lines a call; epsilon is still the library's.
@@ -148,6 +150,8 @@ class PrivacyAccountant:
 
     def event(self) -> dp_accounting.DpEvent:
         """The DpEvent of one aggregation step."""
+        import dp_accounting
+
         if self.sampling == "poisson":
             # Poisson sampling with q = K/N: the analysis of McMahan et al. 2018, and the standard
             # approximation for fixed-size cohorts (TensorFlow Federated, Flower). q = 1: full participation.
@@ -160,6 +164,8 @@ class PrivacyAccountant:
             self.population, self.sample_size, dp_accounting.GaussianDpEvent(self.noise_multiplier / 2))
 
     def _library_accountant(self) -> dp_accounting.PrivacyAccountant:
+        import dp_accounting
+
         if self.accountant == "pld":
             return dp_accounting.pld.PLDAccountant()
         relation = (dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE if self.sampling == "poisson"

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-import datasets
 import numpy as np
 from PIL import Image, ImageFilter
 
@@ -29,6 +28,9 @@ from fedsim.data import check_data_source
 from fedsim.data.languages import LANGUAGES, translate
 from fedsim.data.real import REAL_DATASETS
 from fedsim.seeding import rng_for
+
+if TYPE_CHECKING:  # imported where a dataset is built: the Ray driver imports this module but builds none (~95 MB)
+    import datasets
 
 STEPS: dict[str, type[Step]] = {}
 
@@ -67,6 +69,8 @@ class ModalityStep(Step):
 
     def apply(self, ds: datasets.Dataset, client_of: np.ndarray, num_clients: int, seed: int,
               stream: str) -> datasets.Dataset:
+        import datasets
+
         keep = self.keep(client_of, num_clients, seed, stream)
         keep[client_of < 0] = True
         raw = ds.cast_column("image", datasets.Image(decode=False))  # no decoding/re-encoding of images

@@ -33,7 +33,6 @@ see the same run directory (the same node, or a shared file system).
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -42,7 +41,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from fedsim.messages import NamedTensors, nbytes
+from fedsim.lru import BytesLRU
+from fedsim.messages import NamedTensors, WireTensors
 from fedsim.output import atomic_write_bytes, make_dirs
 
 STATES_DIR = "client_states"  # in the run directory
@@ -98,8 +98,7 @@ class ClientStateStore:
         self.generation = np.zeros(num_clients, dtype=np.uint32)  # of the client's current file; 0: no state
         self.kept = np.zeros(num_clients, dtype=np.uint32)  # the file the last written checkpoint refers to
         self.pinned: np.ndarray | None = None  # generations of a checkpoint being written
-        self.cache: OrderedDict[int, NamedTensors] = OrderedDict()  # least recently used first
-        self.cached_bytes = 0
+        self.cache = BytesLRU(cache_bytes)  # cache_bytes=0 caches nothing
         manifest = manifest or StateManifest()
         if len(manifest.clients) and not 0 <= manifest.clients.min() <= manifest.clients.max() < num_clients:
             raise ValueError(f"the checkpoint's client states name clients outside 0..{num_clients - 1}: "
@@ -147,17 +146,16 @@ class ClientStateStore:
         generation = int(self.generation[client])
         if not generation:
             return None
-        state = self.cache.get(client)
+        state = self.cache.lookup(client)
         if state is not None:
-            self.cache.move_to_end(client)
-            return state
+            return WireTensors(state)
         path = self.path(client, generation)
         try:
             state = load_file(str(path))
         except (OSError, SafetensorError) as err:
             raise StateStoreError(path, str(err)) from err
         self._cache(client, state)
-        return state
+        return WireTensors(state)
 
     def put(self, client: int, state: NamedTensors) -> None:
         old = int(self.generation[client])
@@ -174,17 +172,11 @@ class ClientStateStore:
         return generation == self.kept[client] or (self.pinned is not None and generation == self.pinned[client])
 
     def _cache(self, client: int, state: NamedTensors) -> None:
-        old = self.cache.pop(client, None)
-        if old is not None:
-            self.cached_bytes -= nbytes(old)
-        size = nbytes(state)
-        if size > self.cache_bytes:  # cache_bytes=0 caches nothing
-            return
-        self.cache[client] = state
-        self.cached_bytes += size
-        while self.cached_bytes > self.cache_bytes:
-            _, evicted = self.cache.popitem(last=False)
-            self.cached_bytes -= nbytes(evicted)
+        self.cache.keep(client, state)
+
+    @property
+    def cached_bytes(self) -> int:
+        return self.cache.bytes
 
     # ------------------------------------------------------------------------------- checkpoints
     def pin(self) -> StateManifest:

@@ -5,7 +5,8 @@ after its values, and ``sweep.csv`` with one row per point. Each run is a ``feds
 so runs are isolated, several can share a Ray cluster (``RAY_ADDRESS``) at once, and an interrupted sweep
 loses only the runs in flight: running the same command again skips finished runs, resumes those that
 left a checkpoint and restarts the rest (their directories set aside, never deleted). The runs die with the
-sweep, however it dies.
+sweep, however it dies. Runs on the Ray engine that would each start a local Ray instance (no ``RAY_ADDRESS``,
+no ``runtime.address``) join one that the sweep starts for them all instead, and stops when it ends.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 from fedsim.checkpoint import check_checkpoint
 from fedsim.cli import resume_overrides
@@ -156,8 +158,24 @@ class Sweep:
             return cli + [*self.configs, *self.tracker_overrides(), *self.overrides, *point.overrides(),
                           f"output.dir={run_dir}", "output.progress=never"]
         # --resume trusts some saved values only when told again: this sweep's own config tells it
-        point_cfg = load_config(self.configs, self.overrides + point.overrides())
-        return cli + ["--resume", str(run_dir), *resume_overrides(point_cfg)]
+        return cli + ["--resume", str(run_dir), *resume_overrides(self.point_config(point))]
+
+    def point_config(self, point: Point) -> ExperimentConfig:
+        return load_config(self.configs, self.overrides + point.overrides())
+
+    def shared_ray(self, points: Sequence[Point], parallel: int) -> ContextManager[Mapping[str, str] | None]:
+        """One local Ray instance for the runs of ``points`` that would each start their own (the Ray engine, no
+        ``runtime.address``, no RAY_ADDRESS), holding the CPUs ``parallel`` of the largest reserve at once: a
+        context yielding the environment of a run that joins it, None (this process's own) when no run needs it."""
+        if os.environ.get("RAY_ADDRESS"):
+            return nullcontext(None)
+        cfgs = [self.point_config(point) for point in points]
+        local = [cfg for cfg in cfgs if cfg.runtime.engine == "ray" and not cfg.runtime.address]
+        if not local:
+            return nullcontext(None)
+        from actors.local_ray import local_ray_for_other_processes  # imported only here: fedsim stays free of Ray
+
+        return local_ray_for_other_processes(min_cpus=cpus_at_once(local, parallel))
 
     def run(self, parallel: int = 1) -> list[Point]:
         """Run every unfinished point, ``parallel`` at a time; returns the points that failed."""
@@ -176,29 +194,30 @@ class Sweep:
                  len(self.points()) - len(todo), len(todo))
         running: dict[str, tuple[Point, subprocess.Popen]] = {}
         failed: list[Point] = []
-        try:
-            while todo or running:
-                while todo and len(running) < parallel:
-                    point = todo.pop(0)
-                    log_path = self.dir / f"{point.label}.log"
-                    with open(log_path, "a") as log_file:
-                        proc = subprocess.Popen(self.command(point), stdout=log_file, stderr=subprocess.STDOUT,
-                                                preexec_fn=die_with_parent())
-                    running[point.label] = (point, proc)
-                    log.info("started %s (log: %s)", point.label, log_path)
-                for label, (point, proc) in list(running.items()):
-                    if proc.poll() is None:
-                        continue
-                    del running[label]
-                    if proc.returncode == 0:
-                        log.info("finished %s", label)
-                    else:
-                        failed.append(point)
-                        log.error("%s failed (exit %d); see %s", label, proc.returncode, self.dir / f"{label}.log")
-                    self.write_table(failed)
-                time.sleep(0.2)
-        finally:  # interrupted: stop the runs in flight, they continue from their checkpoint next time
-            stop([proc for _, proc in running.values()])
+        with self.shared_ray(todo, parallel) as run_env:  # stopped after the runs, however the sweep ends
+            try:
+                while todo or running:
+                    while todo and len(running) < parallel:
+                        point = todo.pop(0)
+                        log_path = self.dir / f"{point.label}.log"
+                        with open(log_path, "a") as log_file:
+                            proc = subprocess.Popen(self.command(point), stdout=log_file, stderr=subprocess.STDOUT,
+                                                    env=run_env, preexec_fn=die_with_parent())
+                        running[point.label] = (point, proc)
+                        log.info("started %s (log: %s)", point.label, log_path)
+                    for label, (point, proc) in list(running.items()):
+                        if proc.poll() is None:
+                            continue
+                        del running[label]
+                        if proc.returncode == 0:
+                            log.info("finished %s", label)
+                        else:
+                            failed.append(point)
+                            log.error("%s failed (exit %d); see %s", label, proc.returncode, self.dir / f"{label}.log")
+                        self.write_table(failed)
+                    time.sleep(0.2)
+            finally:  # interrupted: stop the runs in flight, they continue from their checkpoint next time
+                stop([proc for _, proc in running.values()])
         self.write_table(failed)
         return failed
 
@@ -230,6 +249,13 @@ class Sweep:
         path = self.dir / TABLE
         atomic_write_text(path, text.getvalue())
         return path
+
+
+def cpus_at_once(cfgs: Sequence[ExperimentConfig], parallel: int) -> float:
+    """The CPUs that ``parallel`` runs (at most one per config) of the largest of ``cfgs`` reserve for their
+    workers at once (a run's driver and aggregator reserve none)."""
+    largest = max(cfg.runtime.num_workers * cfg.runtime.cpus_per_worker for cfg in cfgs)
+    return min(parallel, len(cfgs)) * largest
 
 
 def status(run_dir: Path) -> str:

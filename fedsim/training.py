@@ -107,7 +107,7 @@ def train_locally(
 
 @dataclass
 class LocalRun:
-    """One client's part of a multi-client training: its own LoRA tensors, mini-batches (lists of samples),
+    """One client's part of a multi-client training: its own LoRA tensors, mini-batches (lists of encoded samples),
     strategy and optimizer, and what it has done so far."""
 
     params: dict[str, torch.Tensor]

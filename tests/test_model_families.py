@@ -43,7 +43,7 @@ from transformers.utils import is_torchvision_available
 from fedsim.algorithms import LocalContext, build_client_strategy
 from fedsim.config import ClientAlgoConfig, EvalConfig, LoraConfig, ModelConfig, TrainingConfig
 from fedsim.data.collator import Collator, user_text
-from fedsim.data.schema import FEATURES
+from fedsim.data.schema import features
 from fedsim.data.synthetic import generate
 from fedsim.evaluation import Evaluator
 from fedsim.metrics import normalize_answer
@@ -311,7 +311,7 @@ def test_batched_greedy_answers_equal_each_question_generated_alone(family, mode
     assert collate(rows)["attention_mask"].sum(dim=1).unique().numel() > 1  # the batch is padded
     assert answers[0] != answers[1] and all(normalize_answer(answer) for answer in answers), answers
     test = datasets.Dataset.from_list([dict(row, answer=answer) for row, answer in zip(rows, answers)],
-                                      features=FEATURES)
+                                      features=features())
     evaluator = Evaluator(loaded.processor, test, EvalConfig(batch_size=5, max_new_tokens=4), 256,
                           loaded.device, seed=0)
     scores = evaluator.evaluate(loaded.model)

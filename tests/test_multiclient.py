@@ -8,6 +8,7 @@ import torch
 
 from fedsim.algorithms import LocalContext, build_client_strategy
 from fedsim.client import ClientTrainer
+from fedsim.clients_per_batch import auto_batch_size, cohort_size, engine_workers
 from fedsim.clientdata import load_client_data
 from fedsim.config import ClientAlgoConfig, ConfigError, ModelConfig, TrainingConfig
 from fedsim.data.collator import Collator
@@ -142,17 +143,39 @@ def test_a_clients_update_does_not_depend_on_its_batch_mates_weights(tiny):
     assert all(torch.equal(first[n], second[n]) for n in first)
 
 
+@pytest.mark.parametrize("cohort, workers, most, expected", [
+    (20, 2, 100, 10),  # one batch per worker: 10 and 10, not 8, 8 and 4
+    (20, 1, 100, 20),
+    (20, 2, 4, 4),  # 10 per worker in 3 batches of at most 4
+    (21, 2, 8, 6),  # 11 per worker in 2 batches: 6 and 5
+    (20, 2, 0, 1),  # not even one more client fits: one at a time
+    (3, 4, 10, 1),  # fewer clients than workers
+])
+def test_auto_splits_the_cohort_evenly_across_workers_within_memory(cohort, workers, most, expected):
+    assert auto_batch_size(cohort, workers, most) == expected
+
+
+def test_auto_sizes_the_cohort_it_runs(tmp_path):
+    assert cohort_size(small_config(tmp_path, "federation.clients_per_round=3", "scheduler.overcommit=1.5")) == 5
+    assert cohort_size(small_config(tmp_path, "algorithm.server.name=fedbuff", "scheduler.concurrency=5")) == 5
+    assert engine_workers(small_config(tmp_path, "runtime.num_workers=3")) == 3
+    assert engine_workers(small_config(tmp_path, "runtime.engine=sequential", "runtime.num_workers=3")) == 1
+
+
 def test_the_trainer_batches_and_measures_what_an_extra_client_costs(tmp_path, tiny):
-    cfg = small_config(tmp_path, "runtime.clients_per_batch=auto", "runtime.batch_memory_gb=0.1",
-                       "partition.scheme=quantity")
+    # 3 clients a round on 2 workers: 2 per batch, with the memory free here (no budget given)
+    cfg = small_config(tmp_path, "runtime.clients_per_batch=auto", "partition.scheme=quantity")
     data = load_client_data(cfg)
     trainer = ClientTrainer(cfg, tiny, data)
+    assert trainer.clients_per_batch == 2
     cost = trainer.extra_client_bytes
     adapter = sum(p.numel() * 4 for p in trainer.params.values())
     # weights, gradients, AdamW's two moments, and its step count (a float32 scalar per tensor)
     assert cost["adapter_and_optimizer"] == 4 * adapter + 4 * len(trainer.params)
     assert cost["activations"] > adapter
-    assert trainer.clients_per_batch == int(0.1 * 2**30 // (cost["activations"] + cost["adapter_and_optimizer"]))
+    one_client = 1.5 * sum(cost.values()) / 2**30  # a budget that holds one client, not two
+    assert ClientTrainer(small_config(tmp_path, "runtime.clients_per_batch=auto", f"runtime.batch_memory_gb={one_client}",
+                                      "partition.scheme=quantity"), tiny, data).clients_per_batch == 1
     weights = get_weights(tiny.model)
     tasks = [ClientTask(c, 1, 0, 0.01) for c in range(3)]
     batched = trainer.train_batch(tasks, weights, {}, [None] * 3)
@@ -162,10 +185,26 @@ def test_the_trainer_batches_and_measures_what_an_extra_client_costs(tmp_path, t
         assert all(torch.equal(update.delta[n], alone.delta[n]) for n in alone.delta)
 
 
+def test_a_client_trains_the_same_from_cached_samples(tmp_path, tiny):
+    """The second task of a client reads its samples from the cache: the update is the one a trainer that
+    encodes every batch afresh gives (the batch built from cached samples must not alter them)."""
+    updates, weights = {}, get_weights(tiny.model)  # train() leaves the resident adapter trained: start anew
+    for cache_mb in (0, 256):
+        cfg = small_config(tmp_path, f"runtime.sample_cache_mb={cache_mb}", "runtime.clients_per_batch=2")
+        trainer = ClientTrainer(cfg, tiny, load_client_data(cfg))
+        tasks = [ClientTask(c, 1, 0, 0.01) for c in (0, 1)]
+        for _ in range(2):  # the second time round, client 0 and 1's samples come from the cache
+            batched = trainer.train_batch(tasks, weights, {}, [None, None])
+            alone, _ = trainer.train(ClientTask(0, 2, 0, 0.01), weights, {}, None)
+        updates[cache_mb] = [u.delta for u, _ in batched] + [alone.delta]
+        assert bool(trainer.encoded.cache) == bool(cache_mb)
+    for fresh, cached in zip(updates[0], updates[256]):
+        assert all(torch.equal(fresh[n], cached[n]) for n in fresh)
+
+
 @pytest.mark.parametrize("override, message", [
     ("runtime.clients_per_batch=0", "an integer >= 1, or auto"),
     ("runtime.clients_per_batch=many", "an integer >= 1, or auto"),
-    ("runtime.clients_per_batch=auto", "runtime.batch_memory_gb"),
     ("model.lora.modules_to_save=[multi_modal_projector]", "modules_to_save"),
 ])
 def test_bad_batching_settings_are_refused_before_anything_loads(tmp_path, override, message):

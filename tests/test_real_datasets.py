@@ -24,7 +24,7 @@ from fedsim.data.real import REAL_DATASETS, RealDataset
 from fedsim.data.real import base as real_base
 from fedsim.data.real.crisismmd import OPTIONS as CRISIS_OPTIONS, class_index
 from fedsim.data.real.slake import Slake
-from fedsim.data.schema import FEATURES, OPTION_LETTERS
+from fedsim.data.schema import OPTION_LETTERS, features
 from fedsim.output import staged_dirs
 from real_fixtures import (COLOURS, CRISIS_ALL_TRAIN, CRISIS_TRAIN, SCIENCEQA_PROBLEMS, make_crisismmd,
                            make_crisismmd_all, make_hateful_memes, make_hateful_memes_test_seen, make_medalpaca,
@@ -96,7 +96,7 @@ def test_load_follows_the_schema(source):
     adapter.check_source(_cfg(name, root))
     splits = adapter.load(_cfg(name, root), seed=0)
 
-    assert splits.train.features == FEATURES and splits.test.features == FEATURES
+    assert splits.train.features == features() and splits.test.features == features()
     assert (len(splits.train), len(splits.test)) == (n_train, n_test)
     assert splits.task == adapter.task and splits.metric == adapter.metric
     assert splits.num_classes == num_classes
@@ -370,7 +370,7 @@ def test_hateful_memes_hub_mapping():
     rows = REAL_DATASETS["hateful_memes"].map_hub(ds)
     assert [(r["text"], r["answer"], r["label"]) for r in rows] == [("a", "A", 0), ("c", "B", 1)]
     out = _to_splits(rows)
-    assert out.features == FEATURES and _colour(out[1]["image"]) == 2
+    assert out.features == features() and _colour(out[1]["image"]) == 2
     with pytest.raises(ValueError, match="lacks columns"):
         REAL_DATASETS["hateful_memes"].map_hub(datasets.Dataset.from_dict({"img": ["img/1.png"], "text": ["a"],
                                                                            "label": [0]}))
@@ -403,7 +403,7 @@ def test_vqa_rad_hub_mapping_and_load_through_the_hub_path(monkeypatch):
     splits = REAL_DATASETS["vqa_rad"].load(_cfg("vqa_rad", hub="flaviagiammarino/vqa-rad"), seed=0)
     assert requested == [("flaviagiammarino/vqa-rad", None, ("train",), None),
                          ("flaviagiammarino/vqa-rad", None, ("test",), None)]
-    assert splits.train.features == FEATURES and splits.train["answer"] == ["no", "liver"]
+    assert splits.train.features == features() and splits.train["answer"] == ["no", "liver"]
     assert splits.num_classes == 2 and splits.test["label"] == [-1]
     assert _colour(splits.test[0]["image"]) == 2
 

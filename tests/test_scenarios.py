@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedsim.data.schema import FEATURES
+from fedsim.data.schema import features
 from fedsim.data.synthetic import generate
 from fedsim.scenarios import STEPS, apply_scenarios, modality_mix
 
@@ -24,9 +24,9 @@ def _flags(ds) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_consistent(ds) -> None:
     """Flags agree with the columns they describe, and the schema is unchanged."""
-    assert ds.features == FEATURES
+    assert ds.features == features()
     has_image, has_text = _flags(ds)
-    images = ds.cast_column("image", FEATURES["image"].__class__(decode=False))["image"]
+    images = ds.cast_column("image", features()["image"].__class__(decode=False))["image"]
     np.testing.assert_array_equal(has_image, [im is not None for im in images])
     np.testing.assert_array_equal(has_text, [tx is not None for tx in ds["text"]])
 
@@ -226,7 +226,7 @@ def test_multilingual_translates_each_client_into_one_language(shards):
 
     data = generate("vqa", N, "train", 0)
     out = apply_scenarios(data, shards, {"multilingual": {}}, seed=3)
-    assert out.features == FEATURES
+    assert out.features == features()
     english = set(data["question"])
     counts = {}
     for idx in shards:

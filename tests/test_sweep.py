@@ -8,11 +8,14 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 
 from fedsim.cli import main
@@ -21,6 +24,7 @@ from fedsim.runlock import DirectoryInUse, run_lock
 from fedsim.sweep import Sweep, parse_grid_arg
 
 from conftest import REPO
+from test_local_ray import client, gcs_of, is_loopback, listening_sockets, run_tree, wait_for_a_client_worker
 
 QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")
 TINY = ["data.num_train=120", "data.num_test=24", "federation.clients_per_round=2", "federation.rounds=2",
@@ -155,6 +159,8 @@ def test_a_sweep_killed_by_sigkill_takes_its_run_with_it(tmp_path):
         while not (run := children(proc.pid)) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert run, "the sweep started no run"
+        # its first child is its run: a sweep of sequential runs starts no Ray instance for them
+        assert "fedsim.cli\0run" in Path(f"/proc/{run[0]}/cmdline").read_text(), "not a run"
         proc.kill()  # no handler, no finally: only the kernel can stop its run now
         proc.wait()
         deadline = time.time() + 10
@@ -165,6 +171,160 @@ def test_a_sweep_killed_by_sigkill_takes_its_run_with_it(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the sweep's session
         proc.wait()
+
+
+@contextmanager
+def local_ray_recorded(monkeypatch):
+    """actors.local_ray's instance for other processes, stood in for by a record of each request (its min_cpus)."""
+    import actors.local_ray
+
+    requests = []
+
+    @contextmanager
+    def instance(min_cpus=0.0):
+        requests.append(min_cpus)
+        yield {"RAY_ADDRESS": "127.0.0.1:1"}
+
+    monkeypatch.setattr(actors.local_ray, "local_ray_for_other_processes", instance)
+    yield requests
+
+
+def test_a_sweep_starts_one_ray_only_for_runs_that_would_start_their_own(tmp_path, monkeypatch):
+    """The Ray engine without runtime.address or RAY_ADDRESS: one instance, with the CPUs of P runs of the
+    largest point at once; a sequential sweep or one that joins a cluster starts none."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    workers = ["runtime.num_workers=1,3", "runtime.cpus_per_worker=0.5"]
+    on_ray = Sweep.plan([QUICKSTART], [*TINY, "runtime.engine=ray"], workers, str(tmp_path))
+    with local_ray_recorded(monkeypatch) as requests:
+        for parallel in (1, 2, 5):  # the largest reserves 1.5 CPUs; 2 runs at most at once
+            with on_ray.shared_ray(on_ray.points(), parallel) as env:
+                assert env == {"RAY_ADDRESS": "127.0.0.1:1"}
+        assert requests == [1.5, 3.0, 3.0]
+        with on_ray.shared_ray(on_ray.points()[:1], 2):  # only the points still to run count
+            assert requests[-1] == 0.5
+        mixed = Sweep.plan([QUICKSTART], TINY, ["runtime.engine=sequential,ray"], str(tmp_path))
+        with mixed.shared_ray(mixed.points(), 2):
+            assert requests[-1] == 2.0  # one run on Ray: the quickstart's 2 workers of 1 CPU
+        requests.clear()
+        sequential = Sweep.plan([QUICKSTART], TINY, ["seed=1,2"], str(tmp_path))
+        joining = Sweep.plan([QUICKSTART], [*TINY, "runtime.engine=ray", "runtime.address=10.0.0.1:6379"],
+                             ["seed=1,2"], str(tmp_path))
+        for sweep in (sequential, joining):
+            with sweep.shared_ray(sweep.points(), 2) as env:
+                assert env is None  # the runs inherit the sweep's environment
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+        with on_ray.shared_ray(on_ray.points(), 2) as env:
+            assert env is None
+        assert requests == []
+
+
+def refused(address: str) -> bool:
+    try:
+        socket.create_connection(address.rsplit(":", 1), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.slow  # two real sweeps on Ray (~60 s on 2 cores)
+def test_a_sweep_runs_on_one_loopback_ray_that_ends_with_it_even_when_terminated(tmp_path):
+    """A sweep of 2 runs on the Ray engine, stopped by SIGTERM while its first run is joined to its instance,
+    leaves no process of it and its GCS port closed; run again, 2 at once, both runs join one instance (one GCS,
+    one node) listening on loopback only and refusing a client without the token, gone when the sweep ends, and
+    the runs' adapters are those of standalone runs (the sequential engine's, which Ray's match bit for bit)."""
+    sweep_dir = tmp_path / "sweep"
+    ray_run = [*TINY, "runtime.engine=ray", "runtime.num_workers=1", "federation.rounds=1", "eval.zero_shot=false",
+               "partition.num_clients=4"]
+    args = ["sweep", QUICKSTART, "--grid", "seed=1,2", *ray_run, "--out", str(sweep_dir)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
+    log_path = tmp_path / "sweep.log"
+
+    def start(parallel: int) -> subprocess.Popen:
+        with open(log_path, "w") as log:
+            return subprocess.Popen([sys.executable, "-m", "fedsim.cli", *args, "--parallel", str(parallel)],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+    proc = start(parallel=1)
+    try:
+        deadline = time.time() + 180
+        while not re.search("Connected to Ray cluster|Started a local Ray", read_if_any(sweep_dir / "seed=1.log")):
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        procs = run_tree(proc.pid)
+        address, _ = gcs_of(procs)
+        proc.terminate()
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert not [p.pid for p in procs[1:] if alive_after(p.pid)], "the terminated sweep left processes behind"
+    assert refused(address)
+    assert [r["status"] for r in read_table(sweep_dir)] == ["pending", "pending"]
+
+    proc = start(parallel=2)
+    clients = []
+    try:
+        procs = wait_for_a_client_worker(proc, log_path)
+        assert [s for s in listening_sockets(procs) if not is_loopback(s[1])] == []
+        address, token = gcs_of(procs)
+        assert len(token) == 64
+        clients.append(client(address, tmp_path))
+        gcs_servers = gcs_servers_in(procs)
+        while proc.poll() is None:
+            with contextlib.suppress(psutil.Error):  # the sweep ended meanwhile
+                gcs_servers |= gcs_servers_in(run_tree(proc.pid))
+            time.sleep(0.3)
+        assert proc.returncode == 0, log_path.read_text()
+        refusal = clients[0].communicate(timeout=90)[0]
+    finally:
+        for p in [proc, *clients]:
+            p.kill()
+    assert clients[0].returncode != 0 and "AuthenticationError" in refusal, refusal
+    assert len(gcs_servers) == 1, gcs_servers
+    assert not alive_after(gcs_servers.pop()) and refused(address)
+
+    summaries = [json.loads((sweep_dir / f"seed={seed}" / "summary.json").read_text()) for seed in (1, 2)]
+    assert len({w["node_id"] for s in summaries for w in s["workers"]}) == 1
+    assert {w["node_ip"] for s in summaries for w in s["workers"]} == {"127.0.0.1"}
+    with torch_threads_kept():
+        for seed, summary in zip((1, 2), summaries):
+            standalone = tmp_path / f"standalone-{seed}"
+            assert main(["run", QUICKSTART, *ray_run, f"seed={seed}", "runtime.engine=sequential",
+                         f"output.dir={standalone}"]) == 0
+            assert summary["adapter_sha256"] == json.loads((standalone / "summary.json").read_text())["adapter_sha256"]
+
+
+def read_if_any(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def alive_after(pid: int, timeout_s: float = 30.0) -> bool:
+    """Whether ``pid`` is still alive after waiting up to ``timeout_s`` for it to end."""
+    deadline = time.time() + timeout_s
+    while alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    return alive(pid)
+
+
+def gcs_servers_in(procs: list[psutil.Process]) -> set[int]:
+    """The pids of the GCS servers among ``procs`` (those that ended meanwhile left out)."""
+    found = set()
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if proc.name() == "gcs_server":
+                found.add(proc.pid)
+    return found
+
+
+@contextmanager
+def torch_threads_kept():
+    """runtime.num_threads sets torch's thread count for the whole process: the next test gets it back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

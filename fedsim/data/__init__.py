@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from fedsim.data.real import REAL_DATASETS
-from fedsim.data.schema import FEATURES, DatasetSplits
+from fedsim.data.schema import DatasetSplits, features
 from fedsim.data.synthetic import TASK_NUM_CLASSES, Cues, load_synthetic
 
 
@@ -59,5 +59,5 @@ def load_dataset_splits(cfg, seed: int) -> DatasetSplits:
     return DATASETS[cfg.dataset](cfg, seed)
 
 
-__all__ = ["DATASETS", "DATA_KEYS", "FEATURES", "SYNTHETIC_TASKS", "DatasetSplits", "check_data_source",
+__all__ = ["DATASETS", "DATA_KEYS", "SYNTHETIC_TASKS", "DatasetSplits", "check_data_source", "features",
            "load_dataset_splits"]

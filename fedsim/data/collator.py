@@ -141,7 +141,10 @@ class Collator:
         return encoded
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        encoded = [self.encode(s) for s in samples]
+        return self.batch([self.encode(s) for s in samples])
+
+    def batch(self, encoded: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Encoded samples (``encode``'s) padded into one batch; new tensors, the encoded ones untouched."""
         width = max(e["input_ids"].numel() for e in encoded)
         batch: dict[str, torch.Tensor] = {}
         batch["input_ids"] = self._pad([e["input_ids"] for e in encoded], width, self.pad_id)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
+if TYPE_CHECKING:  # imported where a dataset is built: the Ray driver imports this module but builds none (~95 MB)
+    import datasets
 
-FEATURES = datasets.Features(
-    {
+
+@functools.cache
+def features() -> datasets.Features:
+    """The common schema, built on first use."""
+    import datasets
+
+    return datasets.Features({
         "image": datasets.Image(),  # None when the sample has no image
         "text": datasets.Value("string"),  # context text (caption, note, meme text); None when absent
         "question": datasets.Value("string"),  # the instruction; always present
@@ -18,8 +26,8 @@ FEATURES = datasets.Features(
         "has_text": datasets.Value("bool"),
         "task": datasets.Value("string"),  # "classification" | "vqa"
         "source": datasets.Value("string"),  # dataset name, so mixed-source clients stay traceable
-    }
-)
+    })
+
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -36,7 +44,7 @@ class DatasetSplits:
 
 
 def check_schema(ds: datasets.Dataset, name: str) -> None:
-    """Fail early when a dataset does not follow FEATURES."""
-    missing = set(FEATURES) - set(ds.column_names)
+    """Fail early when a dataset does not follow features()."""
+    missing = set(features()) - set(ds.column_names)
     if missing:
-        raise ValueError(f"dataset {name!r} lacks schema columns {sorted(missing)}; expected {list(FEATURES)}")
+        raise ValueError(f"dataset {name!r} lacks schema columns {sorted(missing)}; expected {list(features())}")

@@ -27,12 +27,15 @@ about all of it, as in real data, where modalities are partly redundant and part
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 from PIL import Image
 
-from fedsim.data.schema import FEATURES, OPTION_LETTERS, DatasetSplits
+from fedsim.data.schema import OPTION_LETTERS, DatasetSplits, features
+
+if TYPE_CHECKING:  # imported where a dataset is built: the Ray driver imports this module but builds none (~95 MB)
+    import datasets
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (214, 39, 40),
@@ -282,15 +285,17 @@ GENERATORS = {"classification": classification_sample, "vqa": vqa_sample, "pretr
 def generate(task: str, num_samples: int, split: str, seed: int, image_size: int = 32,
              cues: Cues = Cues()) -> datasets.Dataset:
     """``num_samples`` samples of ``task``; each split draws from its own seeded stream."""
+    import datasets
+
     if task not in GENERATORS:
         raise ValueError(f"unknown synthetic task {task!r}; expected one of {sorted(GENERATORS)}")
     if split not in SPLIT_STREAMS:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_STREAMS)}")
     rng = np.random.default_rng([seed, SPLIT_STREAMS[split], list(GENERATORS).index(task)])
     rows = [GENERATORS[task](rng, image_size, cues) for _ in range(num_samples)]
-    columns = {key: [row[key] for row in rows] for key in FEATURES}
+    columns = {key: [row[key] for row in rows] for key in features()}
     columns["source"] = [f"{SOURCE}/{task}"] * num_samples  # per task: mixed test splits are scored per source
-    return datasets.Dataset.from_dict(columns, features=FEATURES)
+    return datasets.Dataset.from_dict(columns, features=features())
 
 
 def client_sample(task: str, seed: int, client: int, row: int, image_size: int = 32, cues: Cues = Cues(),

@@ -6,11 +6,10 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedsim.client import ClientTrainer, split_state
 from fedsim.config import ExperimentConfig
 from fedsim.engine.batches import Batches
 from fedsim.engine.loop import ClientTaskFailed
@@ -19,12 +18,17 @@ from fedsim.messages import ClientTask, ClientUpdate, NamedTensors, Published
 from fedsim.models.adapter import adapter_files, set_weights, update_digest
 from fedsim.statestore import ClientStateStore, StateManifest
 
+if TYPE_CHECKING:  # the client side loads peft and transformers: not in the Ray driver or aggregator processes
+    from fedsim.client import ClientTrainer
+
 log = logging.getLogger(__name__)
 TASK_RETRIES = 1  # a client task that raises is run once more, alone (on Ray: on another worker), before it fails
 
 def personalized_digest(states: ClientStateStore) -> str:
     """The run's digest: ``adapter_sha256`` of every client's own adapter under ``client<id>/``, read one
     client at a time (clients in the order of those names: by the decimal string of their ids)."""
+    from fedsim.client import split_state
+
     clients = states.clients()
     digest = hashlib.sha256()
     for client in clients[np.argsort(np.char.add(clients.astype(str), "/"), kind="stable")].tolist():
@@ -138,6 +142,8 @@ class InProcessExecutor:
 
     def evaluate_personalized(self, clients: np.ndarray, fallback: Published) -> dict[str, float]:
         """Mean over the clients' own adapters; clients never trained hold the initial one."""
+        from fedsim.client import split_state
+
         fallback_metrics = None
         per_client = []
         for client in clients.tolist():

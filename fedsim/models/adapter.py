@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from fedsim.messages import NamedTensors
+from fedsim.messages import NamedTensors, WireTensors
 from fedsim.output import atomic_dir
 
 
@@ -20,7 +20,8 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 def get_weights(model: torch.nn.Module) -> NamedTensors:
     """A float32 CPU copy of every trainable tensor (LoRA and modules_to_save)."""
-    return {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in trainable_parameters(model).items()}
+    return WireTensors({name: p.detach().to("cpu", torch.float32, copy=True)
+                        for name, p in trainable_parameters(model).items()})
 
 
 def set_weights(model: torch.nn.Module, weights: NamedTensors) -> None:

@@ -17,16 +17,20 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
-from peft.tuners.lora import LoraLayer
+
+if TYPE_CHECKING:  # peft (with transformers and bitsandbytes) loads in the processes that hold a model only
+    from peft.tuners.lora import LoraLayer
 
 Params = dict[str, torch.Tensor]
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
     """The model's peft LoRA layers by module name."""
+    from peft.tuners.lora import LoraLayer
+
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 

@@ -1,6 +1,6 @@
 """What every real dataset adapter shares: source checks, file readers, row builders, subsampling, the registry.
 
-An adapter turns one published dataset into fedsim's common schema (``fedsim.data.schema.FEATURES``). It reads
+An adapter turns one published dataset into fedsim's common schema (``fedsim.data.schema.features()``). It reads
 either a local folder in the source's own format (``data.path``) or a Hugging Face hub dataset (``data.hub``,
 pinned to ``data.revision`` when set; a local folder ignores it, with a warning) and returns rows; this module
 subsamples them, gives VQA answers their labels and builds the ``datasets``. Local images are stored as file
@@ -21,13 +21,15 @@ import stat
 import sys
 import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
-import datasets
 import numpy as np
 
-from fedsim.data.schema import FEATURES, OPTION_LETTERS, DatasetSplits
+from fedsim.data.schema import OPTION_LETTERS, DatasetSplits, features
 from fedsim.output import atomic_dir
+
+if TYPE_CHECKING:  # imported where a dataset is built: the Ray driver imports this module but builds none (~95 MB)
+    import datasets
 
 log = logging.getLogger("fedsim.data")
 
@@ -207,6 +209,8 @@ def image_file(path: Path) -> str:
 
 def hub_images(ds: datasets.Dataset, column: str) -> list[Optional[dict]]:
     """The image column of a hub split as undecoded {"bytes", "path"} dicts (None where a row has no image)."""
+    import datasets
+
     return list(ds.cast_column(column, datasets.Image(decode=False))[column])
 
 
@@ -260,7 +264,9 @@ def assign_answer_labels(train: list[dict], test: list[dict]) -> int:
 
 
 def to_dataset(rows: list[dict]) -> datasets.Dataset:
-    return datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in FEATURES}, features=FEATURES)
+    import datasets
+
+    return datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in features()}, features=features())
 
 
 # -- files ------------------------------------------------------------------------------------------------
@@ -292,6 +298,8 @@ def read_tsv(path: Path) -> list[dict]:
 def load_hub_split(hub: str, config: Optional[str], candidates: tuple[str, ...],
                    revision: Optional[str] = None) -> datasets.Dataset:
     """The first of ``candidates`` that the hub dataset has at ``revision`` (None: the default branch)."""
+    import datasets
+
     available = datasets.get_dataset_split_names(hub, config, revision=revision)
     split = next((name for name in candidates if name in available), None)
     if split is None:
@@ -303,6 +311,7 @@ def load_hub_split(hub: str, config: Optional[str], candidates: tuple[str, ...],
 def unpack_hub_archive(hub: str, filename: str, revision: Optional[str] = None) -> Path:
     """Download a zip that a hub dataset ships beside its tables and unpack it once into the datasets cache
     (through ``unpack_archive``'s checks: a hub repository is someone else's files)."""
+    import datasets
     from huggingface_hub import hf_hub_download
 
     archive = Path(hf_hub_download(hub, filename, repo_type="dataset", revision=revision))

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from fedsim.data.real.base import (RealDataset, choice_row, hub_images, image_file, read_tsv,
                                    register, require_columns)
+
+if TYPE_CHECKING:  # imported where a dataset is built: the Ray driver imports this module but builds none (~95 MB)
+    import datasets
 
 SPLIT_DIR = "crisismmd_datasplit_agreed_label"
 SPLIT_FILES = {split: f"{SPLIT_DIR}/task_humanitarian_text_img_agreed_lab_{split}.tsv" for split in ("train", "test")}
@@ -79,6 +81,8 @@ class CrisisMMD(RealDataset):
                 for split, file in self.split_files.items()}
 
     def map_hub(self, ds: datasets.Dataset) -> list[dict]:
+        import datasets
+
         require_columns(ds, ("image", "tweet_text", "label"), self.name)
         labels = ds["label"]
         if isinstance(ds.features["label"], datasets.ClassLabel):

@@ -17,11 +17,13 @@ options ["not hateful", "hateful"], answer "A"/"B", label = the source label.
 from __future__ import annotations
 
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from fedsim.data.real.base import (RealDataset, choice_row, hub_images, image_file, read_jsonl,
                                    register, require_columns)
+
+if TYPE_CHECKING:  # imported where a dataset is built: the Ray driver imports this module but builds none (~95 MB)
+    import datasets
 
 QUESTION = "Is this meme hateful?"
 OPTIONS = ["not hateful", "hateful"]

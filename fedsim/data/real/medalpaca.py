@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
-
-import datasets
+from typing import TYPE_CHECKING, Optional
 
 from fedsim.data.real.base import (RealDataset, holdout, load_hub_split, open_row, read_json, register,
                                    require_columns)
+
+if TYPE_CHECKING:  # imported where a dataset is built: the Ray driver imports this module but builds none (~95 MB)
+    import datasets
 
 log = logging.getLogger("fedsim.data")
 

@@ -15,11 +15,13 @@ Each row: image, text = hint (None when empty), question, options = choices, ans
 from __future__ import annotations
 
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from fedsim.data.real.base import (RealDataset, choice_row, hub_images, image_file, read_json,
                                    register, require_columns)
+
+if TYPE_CHECKING:  # imported where a dataset is built: the Ray driver imports this module but builds none (~95 MB)
+    import datasets
 
 PROBLEMS_FILE = "problems.json"
 IMAGE_DIR = "images"

@@ -19,12 +19,13 @@ Each row: image, text None, question and answer as in the source.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
-import datasets
+from typing import TYPE_CHECKING, Optional
 
 from fedsim.data.real.base import (RealDataset, hub_images, image_file, load_hub_split, open_row,
                                    read_json, register, require_columns, unpack_hub_archive)
+
+if TYPE_CHECKING:  # imported where a dataset is built: the Ray driver imports this module but builds none (~95 MB)
+    import datasets
 
 IMAGE_DIR = "imgs"
 FIELDS = ("img_name", "question", "answer", "q_lang")

@@ -15,11 +15,13 @@ Each row: image, text None, question and answer as in the source (answer as a st
 from __future__ import annotations
 
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from fedsim.data.real.base import (RealDataset, hub_images, image_file, open_row, read_json, register,
                                    require_columns)
+
+if TYPE_CHECKING:  # imported where a dataset is built: the Ray driver imports this module but builds none (~95 MB)
+    import datasets
 
 QUESTIONS_FILE = "VQA_RAD Dataset Public.json"
 IMAGE_DIR = "VQA_RAD Image Folder"
