@@ -11,9 +11,10 @@ N can exceed any fixed split and every local step costs the same whatever N is. 
   (shared pages split among the processes) and as summed RSS, sampled twice a second.
 
 It prints a table (with each point's samples per second as a fraction of the compute floor: the backbone's
-forward and backward pass per sample, measured by ``bench_throughput.py``'s method, times the workers) and the ratios that should hold (s/round flat in N, linear in the cohort size K; memory
-growth per registered client well under 1 KB), and plots the curves. ``--scaffold N`` adds SCAFFOLD (per-client control variates in the
-disk-backed state store) at N beside FedAvg at N, then kills a SCAFFOLD run once its first checkpoint is
+forward and backward pass per sample, measured by ``bench_throughput.py``'s method, times the workers) and
+the ratios that should hold (s/round flat in N, linear in the cohort size K; memory growth per registered
+client well under 1 KB), and plots the curves. ``--scaffold N`` adds SCAFFOLD (per-client control variates
+in the disk-backed state store) at N beside FedAvg at N, then kills a SCAFFOLD run once its first checkpoint is
 written, resumes it and checks that it ends on the uninterrupted run's ``adapter_sha256``.
 
     python experiments/bench_scaling.py --out docs/figures/scaling.png --scaffold 100000

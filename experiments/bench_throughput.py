@@ -244,7 +244,8 @@ class Floor:
         from fedsim.training import samples_per_task
 
         cfg = self.cfg
-        per_task = samples_per_task(int(self.data.shard_sizes()[0]), cfg.training)
+        sizes = self.data.shard_sizes()
+        per_call = sum(samples_per_task(int(sizes[c]), cfg.training) for c in range(batch))  # shards may differ
         tasks = [ClientTask(c, 1, 0, cfg.training.lr) for c in range(batch)]
         stages = [(f"forward+backward, {batch * cfg.training.batch_size} samples a pass",
                    fwd_bwd_seconds_per_sample(self.loaded, self.trainer, workload_samples(
@@ -254,7 +255,7 @@ class Floor:
             trainer = ClientTrainer(replace(cfg, runtime=runtime), self.loaded, self.data)
             weights = get_weights(self.loaded.model)
             seconds = median_seconds(lambda: trainer.train_batch(tasks, weights, {}, [None] * batch))
-            stages.append((name, seconds / (batch * per_task)))
+            stages.append((name, seconds / per_call))
         return stages
 
 

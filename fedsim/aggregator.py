@@ -176,13 +176,15 @@ class Aggregator:
 
     def snapshot(self) -> tuple[int, Published]:
         """(version, (global weights, extras broadcast to clients))."""
-        return self.strategy.version, (WireTensors(self.strategy.global_weights), WireTensors(self.strategy.broadcast_extras()))
+        return self.strategy.version, (WireTensors(self.strategy.global_weights),
+                                       WireTensors(self.strategy.broadcast_extras()))
 
     def state(self) -> tuple[NamedTensors, dict[str, Any]]:
         """For a checkpoint (between rounds): the strategy's tensors and the counts, as JSON."""
         noise = self.strategy.noise
-        return WireTensors(self.strategy.state_dict()), {"outcomes": dict(self.outcomes), "rejected": dict(self.guard.rejected),
-                                            "clip": noise.state() if noise else {}}
+        counts = {"outcomes": dict(self.outcomes), "rejected": dict(self.guard.rejected),
+                  "clip": noise.state() if noise else {}}
+        return WireTensors(self.strategy.state_dict()), counts
 
     def restore(self, tensors: NamedTensors, counts: dict[str, Any]) -> None:
         """Continue from ``state()``'s output."""

@@ -296,7 +296,7 @@ class RuntimeConfig:
     # through its own client's LoRA weights (fedsim.models.multiclient); 1: one client at a time. ``auto``:
     # the clients trained at once (a round's dispatch, or the asynchronous concurrency) split evenly into one
     # batch per worker, or into more, as even, where their adapters, optimizer states and activations would
-    # not fit in batch_memory_gb (fedsim.engine.batches.auto_batch_size); summary.json records the B chosen.
+    # not fit in batch_memory_gb (fedsim.clients_per_batch.auto_batch_size); summary.json records the B chosen.
     clients_per_batch: Union[int, str] = 1
     # The memory budget of clients_per_batch=auto, GiB per worker; 0: half the memory free on the worker's
     # device once its model is loaded (on CPU, split among the run's workers).

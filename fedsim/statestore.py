@@ -147,14 +147,13 @@ class ClientStateStore:
         if not generation:
             return None
         state = self.cache.lookup(client)
-        if state is not None:
-            return WireTensors(state)
-        path = self.path(client, generation)
-        try:
-            state = load_file(str(path))
-        except (OSError, SafetensorError) as err:
-            raise StateStoreError(path, str(err)) from err
-        self._cache(client, state)
+        if state is None:
+            path = self.path(client, generation)
+            try:
+                state = load_file(str(path))
+            except (OSError, SafetensorError) as err:
+                raise StateStoreError(path, str(err)) from err
+            self.cache.keep(client, state)
         return WireTensors(state)
 
     def put(self, client: int, state: NamedTensors) -> None:
@@ -165,14 +164,11 @@ class ClientStateStore:
         self.generation[client] = old + 1
         if old and not self._referenced(client, old):
             self.path(client, old).unlink()
-        self._cache(client, state)
+        self.cache.keep(client, state)
 
     def _referenced(self, client: int, generation: int) -> bool:
         """Whether a checkpoint (written, or being written) refers to that file."""
         return generation == self.kept[client] or (self.pinned is not None and generation == self.pinned[client])
-
-    def _cache(self, client: int, state: NamedTensors) -> None:
-        self.cache.keep(client, state)
 
     @property
     def cached_bytes(self) -> int:

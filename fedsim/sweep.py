@@ -107,7 +107,7 @@ class Sweep:
         sweep = cls(list(configs), list(overrides), grid, Path(out) if out else Path("runs") / f"sweep-{base.name}")
         for point in sweep.points():
             try:
-                load_config(configs, overrides + point.overrides())
+                sweep.point_config(point)
             except ConfigError as err:
                 raise ConfigError(f"grid point {point.label}: {err}") from None
         return sweep
